@@ -1,0 +1,75 @@
+"""Every environment variable shardbalance reads, read here and nowhere else.
+
+    SHARDBALANCE_COORDINATOR   address of a standalone coordinator, e.g. tcp://10.0.0.5:5555
+    SHARDBALANCE_TOKEN         shared secret for a standalone coordinator (or ...)
+    SHARDBALANCE_TOKEN_FILE    ... a file holding it
+    SHARDBALANCE_BIND          endpoint the embedded coordinator binds (default: the interface
+                               that routes to MASTER_ADDR, on a free port)
+    SHARDBALANCE_LOG           journal path of the embedded coordinator
+    SHARDBALANCE_TIMEOUT       seconds to wait for the coordinator and for peers (default 30)
+    TORCHELASTIC_RESTART_COUNT torchrun's restart count: the plan generation
+    MASTER_ADDR, MASTER_PORT   torchrun's rendezvous address
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ._exceptions import ConfigError
+
+__all__ = ["Environment", "read_environment", "read_token"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Environment:
+    coordinator: str | None
+    token: bytes | None
+    bind: str | None
+    log_path: str | None
+    timeout_s: float
+    restart_count: int
+    master_addr: str | None
+    master_port: int | None
+
+
+def read_token(path: str) -> bytes:
+    """The secret in ``path`` (surrounding whitespace stripped); ConfigError if unusable."""
+    try:
+        with open(path, "rb") as fh:
+            token = fh.read().strip()
+    except OSError as exc:
+        raise ConfigError(f"Cannot read token file {path!r}: {exc}") from exc
+    if len(token) < 16:
+        raise ConfigError(f"Token in {path!r} is {len(token)} bytes; use at least 16 random bytes "
+                          "(e.g. `openssl rand -hex 32 > token`)")
+    return token
+
+
+def _number(name: str, default: float, cast=float):
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = cast(raw)
+    except ValueError:
+        raise ConfigError(f"Invalid {name}={raw!r}: expected a number") from None
+    if value < 0:
+        raise ConfigError(f"Invalid {name}={raw!r}: expected a number >= 0")
+    return value
+
+
+def read_environment() -> Environment:
+    token = os.environ.get("SHARDBALANCE_TOKEN") or None
+    token_file = os.environ.get("SHARDBALANCE_TOKEN_FILE")
+    port = _number("MASTER_PORT", None, int)
+    return Environment(
+        coordinator=os.environ.get("SHARDBALANCE_COORDINATOR") or None,
+        token=token.encode() if token else (read_token(token_file) if token_file else None),
+        bind=os.environ.get("SHARDBALANCE_BIND") or None,
+        log_path=os.environ.get("SHARDBALANCE_LOG") or None,
+        timeout_s=_number("SHARDBALANCE_TIMEOUT", 30.0),
+        restart_count=_number("TORCHELASTIC_RESTART_COUNT", 0, int),
+        master_addr=os.environ.get("MASTER_ADDR") or None,
+        master_port=port,
+    )

@@ -1,0 +1,67 @@
+"""The ``shardbalance`` command line.
+
+    shardbalance coordinator --bind tcp://127.0.0.1:5555 --log coord.jsonl [--token-file F]
+    shardbalance report coord.jsonl
+
+Imports are deferred to each command so a coordinator starts without importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["main"]
+
+
+def _coordinator(args: argparse.Namespace) -> int:
+    from ._env import read_environment, read_token
+    from .coordinator import serve
+
+    secret = read_token(args.token_file) if args.token_file else read_environment().token
+    return serve(args.bind, args.log, secret, args.parent_pid)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import summarize
+
+    print(summarize(args.journal, run=args.run))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shardbalance", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    coord = sub.add_parser("coordinator", help="run a standalone coordinator")
+    coord.add_argument("--bind", required=True,
+                       help="ZeroMQ endpoint to bind, e.g. tcp://10.0.0.5:5555 (port 0: any free)")
+    coord.add_argument("--log", default=None,
+                       help="JSONL journal: every decision, and what a restart resumes from")
+    coord.add_argument("--token-file", default=None,
+                       help="file with the shared secret (default: $SHARDBALANCE_TOKEN or "
+                            "$SHARDBALANCE_TOKEN_FILE; none: accept unsigned messages)")
+    coord.add_argument("--parent-pid", type=int, default=None,
+                       help="exit when this process is gone (used by the embedded coordinator)")
+    coord.set_defaults(func=_coordinator)
+
+    report = sub.add_parser("report", help="summarize a coordinator journal")
+    report.add_argument("journal", help="the coordinator's --log file")
+    report.add_argument("--run", default=None, help="only this run id")
+    report.set_defaults(func=_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from ._exceptions import ShardBalanceError
+
+    try:
+        return args.func(args)
+    except ShardBalanceError as exc:
+        print(f"shardbalance: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""The rank side of the wire: plan requests, the background stats sender, the embedded coordinator.
+
+Requests follow zguide's Lazy Pirate pattern: a DEALER socket, a bounded wait for the reply
+(matched by request id), and on timeout the socket is closed (linger 0), reopened and the
+request resent, a bounded number of times. A client that gives up raises
+:class:`CoordinatorUnavailable`; it never decides alone (the sampler falls back to the plan every
+rank already agreed on).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import os
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import zmq
+
+from . import protocol
+from ._exceptions import CoordinatorError, CoordinatorUnavailable, ProtocolError
+from .plan import Plan
+
+__all__ = ["CoordinatorClient", "StatsSender", "EmbeddedCoordinator", "routable_address"]
+
+log = logging.getLogger("shardbalance")
+
+
+class CoordinatorClient:
+    """Request/reply with a coordinator, bounded in time. Not thread-safe: one per thread.
+
+    Args:
+        address: the coordinator's endpoint, ``tcp://host:port``.
+        secret: the shared secret messages are signed with (None: unsigned).
+        timeout_s: how long to wait for each reply.
+        retries: how many times to send a request before giving up.
+    """
+
+    def __init__(self, address: str, secret: bytes | None = None, timeout_s: float = 5.0,
+                 retries: int = 3) -> None:
+        self.address = address
+        self.secret = secret
+        self.timeout_s = timeout_s
+        self.retries = max(1, retries)
+        self._ids = itertools.count(1)
+        self._context = zmq.Context()
+        self._socket: zmq.Socket | None = None
+
+    def _open(self) -> zmq.Socket:
+        if self._socket is None:
+            sock = self._context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES + 4096)
+            try:
+                sock.connect(self.address)
+            except zmq.ZMQError as exc:
+                sock.close(linger=0)
+                raise CoordinatorError(f"Invalid coordinator address {self.address!r}: {exc}") \
+                    from exc
+            self._socket = sock
+        return self._socket
+
+    def _reset(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+
+    def request(self, message: dict) -> dict:
+        """Send ``message`` and return the matching reply; CoordinatorError on an error reply."""
+        msg_id = next(self._ids)
+        frames = protocol.encode({**message, "id": msg_id}, self.secret)
+        for _ in range(self.retries):
+            sock = self._open()
+            try:
+                sock.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.ZMQError:
+                self._reset()
+                continue
+            deadline = time.monotonic() + self.timeout_s
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1, zmq.POLLIN):
+                    break
+                try:
+                    reply = protocol.decode(sock.recv_multipart(zmq.NOBLOCK), self.secret)
+                except zmq.Again:
+                    continue
+                except ProtocolError as exc:
+                    log.warning("ignoring an invalid reply from %s: %s", self.address, exc)
+                    continue
+                if reply["id"] != msg_id:
+                    continue  # a late reply to an earlier, abandoned attempt
+                if reply["type"] == "error":
+                    raise CoordinatorError(f"coordinator {self.address} refused "
+                                           f"{message.get('type')}: {reply.get('error')}")
+                return reply
+            self._reset()
+        raise CoordinatorUnavailable(
+            f"no reply from the coordinator at {self.address} after {self.retries} tries of "
+            f"{self.timeout_s:g} s; is it running and reachable from this host?")
+
+    def ping(self) -> None:
+        self.request({"type": "ping"})
+
+    def plan(self, **fields) -> Plan:
+        """Ask for the plan of ``(run, generation, epoch, window)``; see protocol.PlanRequest."""
+        reply = self.request({"type": "plan", **fields})
+        if reply.get("type") != "plan" or not isinstance(reply.get("plan"), dict):
+            raise CoordinatorError(f"unexpected reply to a plan request: {reply!r}")
+        plan = Plan.from_dict(reply["plan"])
+        expected = (fields["run"], fields["generation"], fields["epoch"], fields["window"],
+                    fields["world_size"], fields["global_batch_size"])
+        got = (plan.run_id, plan.generation, plan.epoch, plan.window, plan.world_size,
+               plan.global_batch_size)
+        if got != expected:
+            raise CoordinatorError(f"coordinator answered with plan {got}, asked for {expected}")
+        return plan
+
+    def close(self) -> None:
+        self._reset()
+        self._context.term()
+
+
+class StatsSender:
+    """Pushes busy-time records to the coordinator from a background thread.
+
+    :meth:`push` only appends to a deque, so it is safe to call from the autograd thread. The
+    thread sends batches every ``interval_s``; a batch the coordinator did not acknowledge is
+    kept and resent (records are keyed by step, so resending is harmless), up to
+    ``max_buffered`` records, beyond which the oldest are dropped and counted.
+    """
+
+    def __init__(self, address: str, secret: bytes | None, identity: dict, interval_s: float = 0.2,
+                 timeout_s: float = 2.0, max_buffered: int = 65536) -> None:
+        self.identity = identity
+        self.interval_s = interval_s
+        self.max_buffered = max_buffered
+        self.sent = 0
+        self.dropped = 0
+        self._queue: collections.deque = collections.deque()
+        self._client_args = (address, secret, timeout_s, 1)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._warned = False
+        self._thread = threading.Thread(target=self._run, name="shardbalance-stats", daemon=True)
+        self._thread.start()
+
+    def push(self, record: tuple[int, int, int, float]) -> None:
+        self._idle.clear()
+        self._queue.append(record)
+
+    def _run(self) -> None:
+        client = CoordinatorClient(*self._client_args)
+        pending: list = []
+        try:
+            while True:
+                self._wake.wait(self.interval_s)
+                self._wake.clear()
+                while self._queue and len(pending) < protocol.MAX_RECORDS_PER_MESSAGE:
+                    pending.append(self._queue.popleft())
+                if pending:
+                    try:
+                        client.request({"type": "stats", **self.identity,
+                                        "records": [list(r) for r in pending]})
+                        self.sent += len(pending)
+                        pending = []
+                        self._warned = False
+                    except CoordinatorUnavailable as exc:
+                        if not self._warned:
+                            log.warning("shardbalance: stats not delivered, will retry: %s", exc)
+                            self._warned = True
+                        overflow = len(pending) + len(self._queue) - self.max_buffered
+                        if overflow > 0:
+                            del pending[:overflow]
+                            self.dropped += overflow
+                    except CoordinatorError as exc:
+                        log.warning("shardbalance: coordinator refused %d stats records: %s",
+                                    len(pending), exc)
+                        self.dropped += len(pending)
+                        pending = []
+                if not pending and not self._queue:
+                    self._idle.set()
+                    if self._stop.is_set():
+                        return
+                elif self._stop.is_set() and self._stop_deadline < time.monotonic():
+                    self.dropped += len(pending) + len(self._queue)
+                    return
+        finally:
+            client.close()
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until every pushed record was acknowledged; False on timeout."""
+        self._wake.set()
+        return self._idle.wait(timeout_s)
+
+    def close(self, timeout_s: float = 2.0) -> None:
+        self._stop_deadline = time.monotonic() + timeout_s
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout_s + 1.0)
+
+
+def routable_address(peer_host: str | None, peer_port: int | None = None) -> str:
+    """The local IP address this host uses to reach ``peer_host`` (loopback if none)."""
+    if not peer_host:
+        return "127.0.0.1"
+    try:
+        infos = socket.getaddrinfo(peer_host, peer_port or 29500, type=socket.SOCK_DGRAM)
+    except socket.gaierror:
+        return "127.0.0.1"
+    family, _, _, _, sockaddr = infos[0]
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(sockaddr)  # UDP connect sends nothing; it only picks the route
+            return probe.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
+
+
+class EmbeddedCoordinator:
+    """A coordinator in a child process of global rank 0.
+
+    A process, not a thread, so a busy training loop cannot starve it through the GIL. It is
+    started before DataLoader workers fork, gets the secret through its environment (never the
+    command line), exits when this process dies, and is stopped by :meth:`stop` or at exit.
+    """
+
+    def __init__(self, bind: str, journal_path: str | None, secret: bytes | None,
+                 timeout_s: float = 30.0) -> None:
+        cmd = [sys.executable, "-m", "shardbalance", "coordinator", "--bind", bind,
+               "--parent-pid", str(os.getpid())]
+        if journal_path:
+            cmd += ["--log", journal_path]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDBALANCE_TOKEN")}
+        if secret:
+            env["SHARDBALANCE_TOKEN"] = secret.decode()
+        self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                        env=env)
+        self.endpoint = self._wait_ready(timeout_s)
+
+    def _wait_ready(self, timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
+        line = b""
+        while time.monotonic() < deadline and not line.endswith(b"\n"):
+            ready, _, _ = select.select([self.process.stdout], [], [], 0.1)
+            if ready:
+                chunk = os.read(self.process.stdout.fileno(), 4096)
+                if not chunk:
+                    break
+                line += chunk
+            elif self.process.poll() is not None:
+                break
+        text = line.decode(errors="replace").strip()
+        if not text.startswith("READY "):
+            self.stop()
+            raise CoordinatorUnavailable(
+                f"the embedded coordinator did not start within {timeout_s:g} s "
+                f"(exit code {self.process.returncode}, said {text!r}); see its stderr above")
+        return text.split(" ", 1)[1]
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout_s)
+        if self.process.stdout is not None:
+            self.process.stdout.close()

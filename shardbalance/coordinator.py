@@ -1,0 +1,432 @@
+"""The coordinator: one ZeroMQ ROUTER socket that decides and serves plans.
+
+Ranks push busy-time measurements and ask for the plan of each window. The first request for a
+``(run, generation, epoch, window)`` decides that plan from whatever measurements have arrived
+(it never waits for more) and every later request gets the very same plan. Every decision is
+appended to a JSONL journal, which is both the log a person reads and what a restarted
+coordinator resumes from; a one-line summary of each decision goes to stderr.
+
+Runs are isolated by run id, bounded in number, and forgotten when idle. The loop is a
+``poll(timeout)`` with housekeeping after every poll; replies are sent without blocking, so a
+dead or stalled rank can never stall the others.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zmq
+
+from . import protocol
+from ._exceptions import ConfigError, PlanError, ProtocolError, ShardBalanceError
+from .plan import Plan, apportion
+from .policies import POLICIES, PolicyInput, check_options, decide, fit_cost_model
+
+__all__ = ["Coordinator", "serve"]
+
+log = logging.getLogger("shardbalance.coordinator")
+
+#: Measurements kept per rank; older ones only slow the policy down.
+HISTORY_PER_RANK = 512
+#: Decided plans kept per run (requests for older windows are refused).
+PLANS_PER_RUN = 256
+MAX_RUNS = 256
+#: A run that sent nothing for this long is forgotten (its journal lines stay).
+RUN_IDLE_S = 6 * 3600.0
+#: At most one log line per this many seconds about rejected messages.
+REJECT_LOG_INTERVAL_S = 10.0
+
+
+@dataclass
+class RunState:
+    run_id: str
+    generation: int
+    world_size: int
+    global_batch_size: int
+    policy: str
+    min_sizes: tuple[int, ...]
+    max_sizes: tuple[int, ...]
+    quantum: int
+    initial_weights: tuple[float, ...] | None
+    options: dict[str, float]
+    last_seen: float = field(default_factory=time.monotonic)
+    history: list[OrderedDict] = field(default_factory=list)
+    plans: OrderedDict = field(default_factory=OrderedDict)
+    current: Plan | None = None
+
+    def __post_init__(self) -> None:
+        if not self.history:
+            self.history = [OrderedDict() for _ in range(self.world_size)]
+
+    @classmethod
+    def from_request(cls, req: protocol.PlanRequest) -> "RunState":
+        return cls(req.run, req.generation, req.world_size, req.global_batch_size, req.policy,
+                   req.min_sizes, req.max_sizes, req.quantum, req.initial_weights,
+                   dict(req.options))
+
+    def config(self) -> tuple:
+        return (self.world_size, self.global_batch_size, self.policy, self.min_sizes,
+                self.max_sizes, self.quantum, self.initial_weights,
+                tuple(sorted(self.options.items())))
+
+    def config_dict(self) -> dict[str, Any]:
+        return {"world_size": self.world_size, "global_batch_size": self.global_batch_size,
+                "policy": self.policy, "min_sizes": list(self.min_sizes),
+                "max_sizes": list(self.max_sizes), "quantum": self.quantum,
+                "initial_weights": (None if self.initial_weights is None
+                                    else list(self.initial_weights)),
+                "options": self.options}
+
+    def add(self, rank: int, records) -> None:
+        hist = self.history[rank]
+        for epoch, step, batch, busy in records:
+            # Keyed by step, so a resent report overwrites instead of counting twice.
+            hist[(epoch, step)] = (batch, busy)
+            hist.move_to_end((epoch, step))
+        while len(hist) > HISTORY_PER_RANK:
+            hist.popitem(last=False)
+
+    def observations(self) -> tuple[np.ndarray, ...]:
+        out = []
+        for hist in self.history:
+            keys = sorted(hist)
+            out.append(np.array([hist[k] for k in keys], dtype=np.float64).reshape(-1, 2))
+        return tuple(out)
+
+    def initial_plan(self, epoch: int, window: int) -> Plan:
+        weights = self.initial_weights or (1.0,) * self.world_size
+        sizes = apportion(weights, self.global_batch_size, self.min_sizes, self.max_sizes,
+                          self.quantum)
+        return Plan(self.run_id, self.generation, epoch, window, sizes, self.global_batch_size,
+                    self.policy)
+
+
+class Coordinator:
+    """A ZeroMQ ROUTER service deciding plans for any number of runs.
+
+    Args:
+        bind: the ZeroMQ endpoint to bind, e.g. ``tcp://10.0.0.5:5555``; port ``0`` or ``*``
+            picks a free port (see :attr:`endpoint`).
+        journal_path: the JSONL journal; an existing one is resumed from. ``None``: no journal.
+        secret: shared secret for message signatures; ``None`` accepts unsigned messages.
+        parent_pid: exit when this process is gone (the embedded coordinator's rank 0).
+    """
+
+    def __init__(self, bind: str, journal_path: str | None = None, secret: bytes | None = None,
+                 parent_pid: int | None = None) -> None:
+        self.secret = secret or None
+        self.parent_pid = parent_pid
+        self._parent_is_ppid = parent_pid == os.getppid()
+        self.runs: OrderedDict[str, RunState] = OrderedDict()
+        self.rejected = 0
+        self._rejected_logged = 0
+        self._last_reject_log = 0.0
+        self._stop = False
+        self.journal_path = journal_path
+        if journal_path:
+            self._resume(journal_path)
+        self._journal = open(journal_path, "a", encoding="utf-8") if journal_path else None
+        self.context = zmq.Context()
+        self.socket = self.context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES + 4096)
+        self.socket.setsockopt(zmq.SNDHWM, 10000)
+        self.socket.setsockopt(zmq.RCVHWM, 10000)
+        bind = bind.replace(":0", ":*") if bind.endswith(":0") else bind
+        try:
+            self.socket.bind(bind)
+        except zmq.ZMQError as exc:
+            self.close()
+            raise ConfigError(f"Cannot bind the coordinator to {bind!r}: {exc}") from exc
+        self.endpoint: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._write({"event": "start", "endpoint": self.endpoint, "pid": os.getpid(),
+                     "authenticated": self.secret is not None})
+
+    # -- journal -------------------------------------------------------------------------
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if self._journal is not None:
+            self._journal.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+            self._journal.flush()
+
+    def _resume(self, path: str) -> None:
+        """Rebuild runs and their decided plans from an existing journal."""
+        if not os.path.exists(path):
+            return
+        resumed = 0
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    rec = json.loads(line)
+                    if rec.get("event") == "run":
+                        cfg = rec["config"]
+                        state = RunState(
+                            rec["run"], int(rec["generation"]), int(cfg["world_size"]),
+                            int(cfg["global_batch_size"]), str(cfg["policy"]),
+                            tuple(cfg["min_sizes"]), tuple(cfg["max_sizes"]), int(cfg["quantum"]),
+                            None if cfg["initial_weights"] is None
+                            else tuple(cfg["initial_weights"]), dict(cfg["options"]))
+                        self.runs[state.run_id] = state
+                        self.runs.move_to_end(state.run_id)
+                    elif rec.get("event") == "plan":
+                        plan = Plan.from_dict(rec["plan"])
+                        state = self.runs.get(plan.run_id)
+                        if state is not None and state.generation == plan.generation:
+                            self._remember(state, plan)
+                            resumed += 1
+                except (ValueError, KeyError, TypeError, ShardBalanceError):
+                    continue  # a torn last line after a crash, or a foreign line
+        while len(self.runs) > MAX_RUNS:
+            self.runs.popitem(last=False)
+        if resumed:
+            log.info("resumed %d plans of %d runs from %s", resumed, len(self.runs), path)
+
+    # -- requests ------------------------------------------------------------------------
+
+    def handle(self, frames: list[bytes]) -> list[bytes] | None:
+        """Answer one request (without its routing frame). None: drop without a reply."""
+        msg_id = 0
+        try:
+            msg = protocol.decode(frames, self.secret)
+            msg_id = msg["id"]
+            req = protocol.parse_request(msg)
+            if isinstance(req, protocol.Ping):
+                return protocol.encode({"type": "pong", "id": msg_id}, self.secret)
+            if isinstance(req, protocol.PlanRequest):
+                plan = self._plan(req)
+                return protocol.encode({"type": "plan", "id": msg_id, "plan": plan.to_dict()},
+                                       self.secret)
+            return protocol.encode({"type": "ack", "id": msg_id,
+                                    "accepted": self._stats(req)}, self.secret)
+        except ShardBalanceError as exc:
+            self._reject(exc)
+            return protocol.encode({"type": "error", "id": msg_id, "error": str(exc)}, self.secret)
+
+    def _reject(self, exc: Exception) -> None:
+        self.rejected += 1
+        now = time.monotonic()
+        if now - self._last_reject_log >= REJECT_LOG_INTERVAL_S:
+            count = self.rejected - self._rejected_logged
+            log.warning("rejected %d message(s), latest: %s", count, exc)
+            self._write({"event": "rejected", "count": count, "latest": str(exc)})
+            self._rejected_logged = self.rejected
+            self._last_reject_log = now
+
+    def _state(self, run: str, generation: int, req: protocol.PlanRequest | None) -> RunState:
+        state = self.runs.get(run)
+        if state is not None and generation < state.generation:
+            raise ProtocolError(f"run {run} generation {generation} is stale: the run restarted "
+                                f"as generation {state.generation}")
+        if state is None or generation > state.generation:
+            if req is None:
+                raise ProtocolError(f"unknown run {run!r} generation {generation}: ask for a "
+                                    "plan first")
+            if req.policy not in POLICIES:
+                raise ConfigError(f"unknown policy {req.policy!r}; choose one of {sorted(POLICIES)}")
+            check_options(dict(req.options))
+            state = RunState.from_request(req)
+            state.initial_plan(0, 0)  # raises if the bounds cannot hold the batch
+            self.runs[run] = state
+            self._write({"event": "run", "run": run, "generation": generation,
+                         "config": state.config_dict()})
+            log.info("run %s generation %d: %d ranks, global batch %d, policy %s", run,
+                     generation, state.world_size, state.global_batch_size, state.policy)
+            while len(self.runs) > MAX_RUNS:
+                self.runs.popitem(last=False)
+        elif req is not None and req.config() != state.config():
+            raise ConfigError(f"rank {req.rank} of run {run} asks with a configuration that "
+                              f"differs from the one the run started with: {state.config_dict()}")
+        state.last_seen = time.monotonic()
+        self.runs.move_to_end(run)
+        return state
+
+    def _stats(self, report: protocol.StatsReport) -> int:
+        state = self._state(report.run, report.generation, None)
+        if report.world_size != state.world_size:
+            raise ProtocolError(f"world_size {report.world_size} differs from the run's "
+                                f"{state.world_size}")
+        for rec in report.records:
+            if rec[2] > state.global_batch_size:
+                raise ProtocolError(f"batch size {rec[2]} exceeds the global batch "
+                                    f"{state.global_batch_size}")
+        state.add(report.rank, report.records)
+        return len(report.records)
+
+    def _remember(self, state: RunState, plan: Plan) -> None:
+        state.plans[(plan.epoch, plan.window)] = plan
+        while len(state.plans) > PLANS_PER_RUN:
+            state.plans.popitem(last=False)
+        if state.current is None or (plan.epoch, plan.window) >= (state.current.epoch,
+                                                                   state.current.window):
+            state.current = plan
+
+    def _plan(self, req: protocol.PlanRequest) -> Plan:
+        state = self._state(req.run, req.generation, req)
+        key = (req.epoch, req.window)
+        if key in state.plans:
+            return state.plans[key]
+        if state.plans and key < next(iter(state.plans)):
+            raise PlanError(f"window {key} of run {req.run} is older than every plan kept")
+        previous = state.current or state.initial_plan(req.epoch, req.window)
+        history = state.observations()
+        inp = PolicyInput(global_batch_size=state.global_batch_size, current=previous.batch_sizes,
+                          min_sizes=state.min_sizes, max_sizes=state.max_sizes,
+                          quantum=state.quantum, history=history,
+                          static_weights=state.initial_weights,
+                          options=check_options(state.options))
+        if state.current is None and state.initial_weights is not None:
+            sizes, reason, model = previous.batch_sizes, "initial weights", None
+        else:
+            sizes, decision = decide(state.policy, inp)
+            reason, model = decision.reason, decision.model
+        if model is None:
+            model = fit_cost_model(history, inp.options)
+        predicted = model.step_seconds(sizes) if model is not None else None
+        plan = Plan(state.run_id, state.generation, req.epoch, req.window, sizes,
+                    state.global_batch_size, state.policy, predicted)
+        self._remember(state, plan)
+        self._announce(state, plan, previous, history, model, reason)
+        return plan
+
+    def _announce(self, state: RunState, plan: Plan, previous: Plan, history, model,
+                  reason: str) -> None:
+        busy_ms = [round(float(np.median(h[-32:, 1])) * 1e3, 2) if len(h) else None
+                   for h in history]
+        measured = [b for b in busy_ms if b is not None]
+        imbalance = (max(measured) / (sum(measured) / len(measured))
+                     if len(measured) == len(busy_ms) and measured else None)
+        record: dict[str, Any] = {
+            "event": "plan", "run": state.run_id, "generation": state.generation,
+            "epoch": plan.epoch, "window": plan.window, "batch_sizes": list(plan.batch_sizes),
+            "previous": list(previous.batch_sizes), "policy": state.policy, "reason": reason,
+            "busy_ms": busy_ms, "imbalance": None if imbalance is None else round(imbalance, 4),
+            "plan": plan.to_dict(),
+        }
+        line = (f"run {state.run_id} gen {state.generation} epoch {plan.epoch} "
+                f"step {plan.window}: plan {list(plan.batch_sizes)} ({state.policy}: {reason})")
+        if imbalance is not None:
+            line += f" | busy ms/step {busy_ms} | imbalance {imbalance:.2f}"
+        if model is not None:
+            equal = apportion([1.0] * state.world_size, state.global_batch_size, state.min_sizes,
+                              state.max_sizes, state.quantum)
+            predicted_ms = model.step_seconds(plan.batch_sizes) * 1e3
+            equal_ms = model.step_seconds(equal) * 1e3
+            record.update(predicted_step_ms=round(predicted_ms, 3), equal_step_ms=round(equal_ms, 3),
+                          speedup_vs_equal=round(equal_ms / predicted_ms, 4),
+                          alpha_ms=[round(a * 1e3, 3) for a in model.alphas],
+                          beta_ms=[round(b * 1e3, 5) for b in model.betas])
+            line += (f" | predicted {predicted_ms:.1f} ms/step, {equal_ms / predicted_ms:.2f}x "
+                     "vs equal split")
+        self._write(record)
+        log.info("%s", line)
+
+    # -- loop ----------------------------------------------------------------------------
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        for run in [r for r, s in self.runs.items() if now - s.last_seen > RUN_IDLE_S]:
+            del self.runs[run]
+        if self.parent_pid is not None and not _alive(self.parent_pid, self._parent_is_ppid):
+            log.info("parent process %d is gone; stopping", self.parent_pid)
+            self._stop = True
+
+    def serve_forever(self, poll_ms: int = 200, max_seconds: float | None = None) -> None:
+        """Serve until :meth:`stop`, a signal, the parent's death, or ``max_seconds``."""
+        deadline = None if max_seconds is None else time.monotonic() + max_seconds
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        while not self._stop and (deadline is None or time.monotonic() < deadline):
+            if poller.poll(poll_ms):
+                for _ in range(1000):  # bounded burst, then housekeeping
+                    try:
+                        frames = self.socket.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    except zmq.ZMQError:
+                        continue
+                    if len(frames) < 2:
+                        continue
+                    reply = self.handle(frames[1:])
+                    if reply is not None:
+                        try:
+                            self.socket.send_multipart([frames[0], *reply], zmq.NOBLOCK)
+                        except zmq.ZMQError:
+                            pass  # the peer is gone or not reading: never block on it
+            self._housekeeping()
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def close(self) -> None:
+        if getattr(self, "socket", None) is not None:
+            self.socket.close(linger=0)
+        if getattr(self, "context", None) is not None:
+            self.context.term()
+        if getattr(self, "_journal", None) is not None:
+            self._journal.close()
+            self._journal = None
+
+
+def _alive(pid: int, is_parent: bool) -> bool:
+    if is_parent:
+        # Once the parent dies we are re-parented; its pid may linger as a zombie for a while.
+        return os.getppid() == pid
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM us when the parent dies (belt and braces with the poll check)."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
+def serve(bind: str, journal_path: str | None = None, secret: bytes | None = None,
+          parent_pid: int | None = None, ready_file=None) -> int:
+    """Run a coordinator in this process until stopped; the CLI and embedded mode call this.
+
+    Prints ``READY <endpoint>`` on ``ready_file`` (stdout by default) once bound.
+    """
+    if not logging.getLogger().handlers and not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[shardbalance coordinator] %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    if parent_pid is not None:
+        _die_with_parent()
+    coordinator = Coordinator(bind, journal_path, secret, parent_pid)
+
+    def _on_signal(signum, frame):
+        coordinator.stop()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    out = ready_file or sys.stdout
+    print(f"READY {coordinator.endpoint}", file=out, flush=True)
+    log.info("listening on %s%s (journal: %s)", coordinator.endpoint,
+             ", messages authenticated" if coordinator.secret else "", journal_path or "none")
+    try:
+        coordinator.serve_forever()
+    finally:
+        coordinator.close()
+    return 0

@@ -1,0 +1,215 @@
+"""The wire format between ranks and the coordinator. Nothing else builds or parses frames.
+
+A message is two ZeroMQ frames: a UTF-8 JSON object and its HMAC-SHA256 (hex) under the run's
+shared secret (an empty frame when no secret is configured). Every JSON object carries the
+protocol version ``v``, a ``type`` and a request ``id`` that the reply echoes. Requests are
+validated field by field here, before any of them can touch coordinator state.
+
+Requests (rank -> coordinator):
+    plan   {run, generation, rank, world_size, epoch, window, global_batch_size, policy,
+            min_sizes, max_sizes, quantum, initial_weights, options}
+    stats  {run, generation, rank, world_size, records: [[epoch, step, batch_size, busy_s], ...]}
+    ping   {}
+Replies (coordinator -> rank):
+    plan   {plan: Plan.to_dict()}
+    ack    {accepted: n}
+    pong   {}
+    error  {error: "what was wrong"}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from ._exceptions import AuthenticationError, ProtocolError
+
+__all__ = [
+    "PROTOCOL_VERSION", "MAX_MESSAGE_BYTES", "MAX_WORLD_SIZE", "MAX_RECORDS_PER_MESSAGE",
+    "encode", "decode", "parse_request", "PlanRequest", "StatsReport", "Ping",
+]
+
+PROTOCOL_VERSION = 1
+#: Larger messages are refused by the socket itself (ZMQ_MAXMSGSIZE).
+MAX_MESSAGE_BYTES = 1 << 20
+MAX_WORLD_SIZE = 65536
+MAX_RECORDS_PER_MESSAGE = 4096
+MAX_BATCH_SIZE = 1 << 31
+#: Longest believable busy time of one step; anything longer is a broken clock.
+MAX_BUSY_SECONDS = 86400.0
+_MAX_COUNTER = 1 << 53
+_RUN_ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
+_POLICY = re.compile(r"^[a-z_]{1,32}$")
+
+
+def _mac(secret: bytes | None, body: bytes) -> bytes:
+    if not secret:
+        return b""
+    return hmac.new(secret, body, hashlib.sha256).hexdigest().encode()
+
+
+def encode(message: dict[str, Any], secret: bytes | None) -> list[bytes]:
+    """Frames for ``message`` (the version is added), signed with ``secret``."""
+    body = json.dumps({"v": PROTOCOL_VERSION, **message}, separators=(",", ":"),
+                      allow_nan=False).encode()
+    return [body, _mac(secret, body)]
+
+
+def decode(frames: list[bytes], secret: bytes | None) -> dict[str, Any]:
+    """Check the signature and the envelope of a message; return its JSON object."""
+    if len(frames) != 2:
+        raise ProtocolError(f"expected 2 frames (body, signature), got {len(frames)}")
+    body, mac = frames
+    if len(body) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {len(body)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    if not hmac.compare_digest(_mac(secret, body), bytes(mac)):
+        raise AuthenticationError("bad or missing signature: the sender does not hold this "
+                                  "run's secret (check SHARDBALANCE_TOKEN / --token-file)")
+    try:
+        msg = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"message is not valid JSON: {exc}") from exc
+    if not isinstance(msg, dict):
+        raise ProtocolError(f"message must be a JSON object, got {type(msg).__name__}")
+    if msg.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(f"unsupported protocol version {msg.get('v')!r}, this side speaks "
+                            f"{PROTOCOL_VERSION}; upgrade shardbalance on both sides")
+    if not isinstance(msg.get("type"), str):
+        raise ProtocolError("message has no string 'type'")
+    if not _is_int(msg.get("id"), 0, _MAX_COUNTER):
+        raise ProtocolError(f"message id must be an integer in [0, 2^53], got {msg.get('id')!r}")
+    return msg
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not allowed")
+
+
+def _is_int(value, lo: int, hi: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+
+
+def _int(msg: dict, key: str, lo: int, hi: int) -> int:
+    value = msg.get(key)
+    if not _is_int(value, lo, hi):
+        raise ProtocolError(f"field {key!r} must be an integer in [{lo}, {hi}], got {value!r}")
+    return value
+
+
+def _str(msg: dict, key: str, pattern: re.Pattern) -> str:
+    value = msg.get(key)
+    if not isinstance(value, str) or not pattern.match(value):
+        raise ProtocolError(f"field {key!r} must match {pattern.pattern}, got {value!r}")
+    return value
+
+
+def _int_list(msg: dict, key: str, length: int, lo: int, hi: int) -> tuple[int, ...]:
+    value = msg.get(key)
+    if not isinstance(value, list) or len(value) != length or \
+            not all(_is_int(v, lo, hi) for v in value):
+        raise ProtocolError(f"field {key!r} must be a list of {length} integers in [{lo}, {hi}]")
+    return tuple(value)
+
+
+def _number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+@dataclass(frozen=True)
+class Ping:
+    id: int
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    id: int
+    run: str
+    generation: int
+    rank: int
+    world_size: int
+    epoch: int
+    window: int
+    global_batch_size: int
+    policy: str
+    min_sizes: tuple[int, ...]
+    max_sizes: tuple[int, ...]
+    quantum: int
+    initial_weights: tuple[float, ...] | None
+    options: tuple[tuple[str, float], ...]
+
+    def config(self) -> tuple:
+        """What every rank of one (run, generation) must agree on."""
+        return (self.world_size, self.global_batch_size, self.policy, self.min_sizes,
+                self.max_sizes, self.quantum, self.initial_weights, self.options)
+
+
+@dataclass(frozen=True)
+class StatsReport:
+    id: int
+    run: str
+    generation: int
+    rank: int
+    world_size: int
+    #: (epoch, step, batch_size, busy_seconds) per trained step.
+    records: tuple[tuple[int, int, int, float], ...]
+
+
+def _common(msg: dict) -> tuple[str, int, int, int]:
+    world = _int(msg, "world_size", 1, MAX_WORLD_SIZE)
+    return (_str(msg, "run", _RUN_ID), _int(msg, "generation", 0, 1 << 31),
+            _int(msg, "rank", 0, world - 1), world)
+
+
+def parse_request(msg: dict[str, Any]) -> Ping | PlanRequest | StatsReport:
+    """Validate a decoded request; ProtocolError says which field is wrong."""
+    kind = msg["type"]
+    if kind == "ping":
+        return Ping(msg["id"])
+    if kind == "plan":
+        run, generation, rank, world = _common(msg)
+        batch = _int(msg, "global_batch_size", 1, MAX_BATCH_SIZE)
+        weights = msg.get("initial_weights")
+        if weights is not None:
+            if not isinstance(weights, list) or len(weights) != world or \
+                    not all(_number(w) and w > 0 for w in weights):
+                raise ProtocolError(f"field 'initial_weights' must be null or {world} finite "
+                                    "numbers > 0")
+            weights = tuple(float(w) for w in weights)
+        options = msg.get("options", {})
+        if not isinstance(options, dict) or len(options) > 16 or \
+                not all(isinstance(k, str) and len(k) <= 64 and _number(v) and v >= 0
+                        for k, v in options.items()):
+            raise ProtocolError("field 'options' must be an object of at most 16 "
+                                "name: non-negative number pairs")
+        return PlanRequest(
+            id=msg["id"], run=run, generation=generation, rank=rank, world_size=world,
+            epoch=_int(msg, "epoch", 0, _MAX_COUNTER), window=_int(msg, "window", 0, _MAX_COUNTER),
+            global_batch_size=batch, policy=_str(msg, "policy", _POLICY),
+            min_sizes=_int_list(msg, "min_sizes", world, 1, batch),
+            max_sizes=_int_list(msg, "max_sizes", world, 1, batch),
+            quantum=_int(msg, "quantum", 1, batch), initial_weights=weights,
+            options=tuple(sorted((k, float(v)) for k, v in options.items())),
+        )
+    if kind == "stats":
+        run, generation, rank, world = _common(msg)
+        records = msg.get("records")
+        if not isinstance(records, list) or len(records) > MAX_RECORDS_PER_MESSAGE:
+            raise ProtocolError(f"field 'records' must be a list of at most "
+                                f"{MAX_RECORDS_PER_MESSAGE} records")
+        clean = []
+        for rec in records:
+            if not (isinstance(rec, list) and len(rec) == 4
+                    and _is_int(rec[0], 0, _MAX_COUNTER) and _is_int(rec[1], 0, _MAX_COUNTER)
+                    and _is_int(rec[2], 1, MAX_BATCH_SIZE)
+                    and _number(rec[3]) and 0 < rec[3] <= MAX_BUSY_SECONDS):
+                raise ProtocolError(f"bad stats record {rec!r}: expected [epoch, step, "
+                                    f"batch_size >= 1, 0 < busy_s <= {MAX_BUSY_SECONDS:g}]")
+            clean.append((rec[0], rec[1], rec[2], float(rec[3])))
+        return StatsReport(msg["id"], run, generation, rank, world, tuple(clean))
+    raise ProtocolError(f"unknown message type {kind!r}; expected plan, stats or ping")

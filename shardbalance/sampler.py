@@ -1,0 +1,480 @@
+"""The drop-in sampler: each rank's share of every global batch, from a plan all ranks agree on."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import secrets
+import uuid
+import warnings
+import weakref
+from collections import OrderedDict
+from datetime import timedelta
+from typing import Any, Iterator, Sequence, Sized
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+from ._env import read_environment
+from ._exceptions import ConfigError, CoordinatorError, PlanError
+from .client import CoordinatorClient, EmbeddedCoordinator, StatsSender, routable_address
+from .order import EpochOrder
+from .plan import Plan, apportion, check_weights, normalize_bounds
+from .policies import ADAPTIVE_POLICIES, POLICIES, check_options
+from .timing import LedgerEntry, StepLedger, WeightedCommHook, attach_hook
+
+__all__ = ["WeightedDistributedSampler"]
+
+log = logging.getLogger("shardbalance")
+
+#: Positions evaluated per pass of the order (bounds the sampler's memory).
+_CHUNK_POSITIONS = 1 << 16
+#: Plans remembered by digest, for ``batch_sizes`` of steps still in flight.
+_PLANS_KEPT = 64
+_instances = itertools.count()
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ConfigError(f"Invalid {name} {value!r}, it should be an integer >= {minimum}")
+    return int(value)
+
+
+class WeightedDistributedSampler(Sampler[list[int]]):
+    r"""Batch sampler that splits a fixed global batch unevenly, by measured rank speed.
+
+    Every step consumes ``global_batch_size`` (B) consecutive positions of one epoch-wide
+    pseudo-random order of the dataset; rank ``i`` takes its slice of ``b_i`` of them, with
+    ``Σ b_i = B``. The split (the *plan*) comes from a coordinator that measures how long each
+    rank is busy per step, so fast GPUs take more samples and all ranks finish together. Each
+    epoch covers the dataset exactly once on every plan, and every rank runs ``len(sampler)``
+    steps. Pass it as ``batch_sampler`` to a :class:`~torch.utils.data.DataLoader`, and call
+    :meth:`attach` on the DDP model so gradients are weighted by each rank's share.
+
+    Args:
+        dataset: any Sized; N = ``len(dataset)``.
+        global_batch_size (int): B, samples per optimizer step summed over all ranks.
+        num_replicas (int, optional): number of ranks. Default: the torch.distributed world size.
+        rank (int, optional): this rank. Default: the torch.distributed rank.
+        shuffle (bool, optional): shuffle the order each epoch. Default: ``True``.
+        seed (int, optional): seed of the order; must be the same on every rank. Default: ``0``.
+        drop_last (bool, optional): drop the last incomplete global batch. If ``False`` it is
+            padded to B with samples from the start of the order. Default: ``False``.
+        coordinator (str, optional): ``tcp://host:port`` of a standalone coordinator. Default:
+            ``$SHARDBALANCE_COORDINATOR``, else global rank 0 starts one as a child process.
+        policy (str, optional): ``"equal"``, ``"static"``, ``"proportional"``, ``"seed"`` or
+            ``"affine"``. ``equal`` and ``static`` are computed locally, without a coordinator.
+            Default: ``"affine"``.
+        initial_weights (sequence of float, optional): relative per-rank weights of the first
+            plan (and the fixed weights of ``static``). Default: equal.
+        min_batch_size (int or sequence, optional): per-rank lower bound. Default: ``1``.
+        max_batch_size (int or sequence, optional): per-rank upper bound (memory). Default: B.
+        rebalance_every (int, optional): re-plan every this many steps inside an epoch.
+            Default: ``None``, one plan per epoch.
+        batch_size_multiple (int, optional): every per-rank batch size is a multiple of this.
+            Default: ``1``.
+        coordinator_log (str, optional): journal path of the embedded coordinator. Default:
+            ``$SHARDBALANCE_LOG``, else ``shardbalance_logs/<run id>.jsonl``.
+        options (dict, optional): policy tunables, see ``policies.DEFAULT_OPTIONS``.
+        timeout_s (float, optional): bound on every wait for the coordinator or the peers.
+            Default: ``$SHARDBALANCE_TIMEOUT`` or 30.
+
+    .. warning::
+        Call :meth:`set_epoch` at the start of each epoch, before creating the DataLoader
+        iterator, as with DistributedSampler; otherwise every epoch uses the same order.
+
+    Example::
+
+        >>> sampler = WeightedDistributedSampler(dataset, global_batch_size=256)
+        >>> loader = DataLoader(dataset, batch_sampler=sampler, num_workers=2)
+        >>> model = DDP(model)
+        >>> sampler.attach(model)
+        >>> for epoch in range(epochs):
+        ...     sampler.set_epoch(epoch)
+        ...     for x, y in loader:
+        ...         loss = loss_fn(model(x), y)   # mean over the local batch
+        ...         loss.backward(); opt.step(); opt.zero_grad()
+    """
+
+    def __init__(
+        self,
+        dataset: Sized,
+        global_batch_size: int,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        coordinator: str | None = None,
+        policy: str = "affine",
+        initial_weights: Sequence[float] | None = None,
+        min_batch_size: int | Sequence[int] = 1,
+        max_batch_size: int | Sequence[int] | None = None,
+        *,
+        rebalance_every: int | None = None,
+        batch_size_multiple: int = 1,
+        coordinator_log: str | None = None,
+        options: dict[str, float] | None = None,
+        timeout_s: float | None = None,
+    ) -> None:
+        try:
+            num_samples = len(dataset)
+        except TypeError:
+            raise ConfigError(f"dataset must have a length, got {type(dataset).__name__}") from None
+        self.num_samples = _check_int("dataset length", num_samples, 1)
+        self.global_batch_size = _check_int("global_batch_size", global_batch_size, 1)
+        distributed = dist.is_available() and dist.is_initialized()
+        if num_replicas is None:
+            if not distributed:
+                raise ConfigError("num_replicas is None and torch.distributed is not initialized; "
+                                  "call init_process_group() first or pass num_replicas and rank")
+            num_replicas = dist.get_world_size()
+        if rank is None:
+            if not distributed:
+                raise ConfigError("rank is None and torch.distributed is not initialized; "
+                                  "call init_process_group() first or pass num_replicas and rank")
+            rank = dist.get_rank()
+        self.num_replicas = _check_int("num_replicas", num_replicas, 1)
+        if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or \
+                not 0 <= rank < self.num_replicas:
+            raise ConfigError(f"Invalid rank {rank}, rank should be in the interval "
+                              f"[0, {self.num_replicas - 1}]")
+        self.rank = int(rank)
+        self.shuffle = bool(shuffle)
+        self.seed = _check_int("seed", seed, 0)
+        self.drop_last = bool(drop_last)
+        if policy not in POLICIES:
+            raise ConfigError(f"Invalid policy {policy!r}, choose one of {sorted(POLICIES)}")
+        self.policy = policy
+        self.quantum = _check_int("batch_size_multiple", batch_size_multiple, 1)
+        self.min_sizes, self.max_sizes = normalize_bounds(
+            self.num_replicas, self.global_batch_size, min_batch_size, max_batch_size, self.quantum)
+        self.initial_weights = (None if initial_weights is None
+                                else check_weights(initial_weights, self.num_replicas))
+        if rebalance_every is not None:
+            rebalance_every = _check_int("rebalance_every", rebalance_every, 1)
+        self.rebalance_every = rebalance_every
+        self.options = check_options(options)
+        self._user_options = dict(options or {})
+        env = read_environment()
+        self.timeout_s = float(env.timeout_s if timeout_s is None else timeout_s)
+        if not self.timeout_s > 0:
+            raise ConfigError(f"Invalid timeout_s {timeout_s!r}, it should be > 0")
+        self.generation = env.restart_count
+        self.epoch = 0
+        self.ledger = StepLedger()
+        self.recent_busy: list[tuple[int, int, int, float]] = []
+        self._plans: OrderedDict[str, Plan] = OrderedDict()
+        self._serial = 0
+        self._iterated_epoch: int | None = None
+        self._resume: tuple[int, int] | None = None
+        self._hook: WeightedCommHook | None = None
+        self._client: CoordinatorClient | None = None
+        self._sender: StatsSender | None = None
+        self._embedded: EmbeddedCoordinator | None = None
+        self._group = None
+        self.coordinator_address: str | None = None
+        self.run_id = "local"
+        initial = Plan("local", self.generation, 0, 0,
+                       apportion(self.initial_weights or (1.0,) * self.num_replicas,
+                                 self.global_batch_size, self.min_sizes, self.max_sizes,
+                                 self.quantum), self.global_batch_size, self.policy)
+        self._agreed = initial
+        self._remember(initial)
+        if self.adaptive:
+            self._connect(coordinator or env.coordinator, env, coordinator_log, distributed)
+        self._finalizer = weakref.finalize(self, _shutdown, self._sender, self._client,
+                                           self._embedded)
+
+    # -- setup ---------------------------------------------------------------------------
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether plans come from a coordinator (False for ``equal`` and ``static``)."""
+        return self.policy in ADAPTIVE_POLICIES
+
+    def _connect(self, address: str | None, env, coordinator_log: str | None,
+                 distributed: bool) -> None:
+        if self.num_replicas > 1 and not distributed:
+            raise ConfigError(f"policy {self.policy!r} with {self.num_replicas} ranks needs "
+                              "torch.distributed (ranks must agree on every plan); initialize "
+                              "the process group first, or use policy='equal' or 'static'")
+        instance = next(_instances)
+        store = _default_store() if distributed else None
+        prefix = f"shardbalance/g{self.generation}/s{instance}/"
+        leader = (dist.get_rank() == 0) if distributed else True
+        if leader:
+            run_id = uuid.uuid4().hex[:12]
+            secret = env.token
+            if address is None:
+                secret = secrets.token_hex(32).encode()
+                bind = env.bind or f"tcp://{routable_address(env.master_addr, env.master_port)}:0"
+                journal = coordinator_log or env.log_path or f"shardbalance_logs/{run_id}.jsonl"
+                _ensure_parent(journal)
+                self._embedded = EmbeddedCoordinator(bind, journal, secret, self.timeout_s)
+                address = self._embedded.endpoint
+                if "0.0.0.0" in address or "*" in address:
+                    host = routable_address(env.master_addr, env.master_port)
+                    address = address.replace("0.0.0.0", host).replace("*", host)
+                log.info("shardbalance: embedded coordinator at %s (pid %d), journal %s",
+                         address, self._embedded.pid, journal)
+            if store is not None:
+                store.set(prefix + "run", run_id)
+                store.set(prefix + "address", address)
+                store.set(prefix + "secret", (secret or b"").decode())
+        else:
+            keys = [prefix + k for k in ("run", "address", "secret")]
+            try:
+                store.wait(keys, timedelta(seconds=self.timeout_s))
+            except Exception as exc:  # the store raises its own timeout types
+                raise CoordinatorError(
+                    f"rank {self.rank} waited {self.timeout_s:g} s for rank 0 to publish the "
+                    f"coordinator address: {exc}") from exc
+            run_id, address, secret = (store.get(k).decode() for k in keys)
+            secret = secret.encode() or None
+        self.run_id = run_id
+        self.coordinator_address = address
+        self._client = CoordinatorClient(address, secret, timeout_s=min(5.0, self.timeout_s),
+                                         retries=max(1, int(self.timeout_s // 5)))
+        self._sender = StatsSender(address, secret, {
+            "run": run_id, "generation": self.generation, "rank": self.rank,
+            "world_size": self.num_replicas})
+        if distributed and dist.get_world_size() > 1:
+            self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout_s))
+
+    # -- DistributedSampler-like API -------------------------------------------------------
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch: the order and the plan key. Call it before each epoch's iterator."""
+        self.epoch = _check_int("epoch", epoch, 0)
+
+    def _start_position(self, epoch: int) -> int:
+        if self._resume is not None and self._resume[0] == epoch:
+            return self._resume[1]
+        return 0
+
+    def _steps(self, start: int) -> int:
+        remaining = self.num_samples - start
+        if remaining <= 0:
+            return 0
+        if self.drop_last:
+            return remaining // self.global_batch_size
+        return math.ceil(remaining / self.global_batch_size)
+
+    def __len__(self) -> int:
+        """Optimizer steps in the current epoch: the same on every rank, whatever the plan."""
+        return self._steps(self._start_position(self.epoch))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch = self.epoch
+        if self._iterated_epoch == epoch:
+            warnings.warn(f"iterating epoch {epoch} again without set_epoch(): the order and "
+                          "the samples will repeat. Call sampler.set_epoch(epoch) before each "
+                          "epoch", UserWarning, stacklevel=2)
+        self._serial += 1
+        self.ledger.drop_untrained()
+        start = self._start_position(epoch)
+        self._resume = None
+        return self._batches(epoch, start, self._serial)
+
+    def _batches(self, epoch: int, start: int, serial: int) -> Iterator[list[int]]:
+        order = EpochOrder(self.num_samples, self.seed, epoch, self.shuffle)
+        steps = self._steps(start)
+        window = self.rebalance_every or max(steps, 1)
+        big_b = self.global_batch_size
+        self._iterated_epoch = epoch
+        for first in range(0, steps, window):
+            plan = self._plan_for(epoch, first)
+            b = plan.batch_sizes[self.rank]
+            offset = plan.offset(self.rank)
+            last = min(first + window, steps)
+            per_chunk = max(1, _CHUNK_POSITIONS // max(b, 1))
+            lane = np.arange(b, dtype=np.int64)
+            for c0 in range(first, last, per_chunk):
+                c1 = min(c0 + per_chunk, last)
+                step_ids = np.arange(c0, c1, dtype=np.int64)
+                positions = (start + offset + step_ids * big_b)[:, None] + lane[None, :]
+                rows = order.indices(positions).tolist()
+                for j, row in enumerate(rows):
+                    step = c0 + j
+                    self.ledger.append(LedgerEntry(serial, epoch, step, b, plan.digest,
+                                                   start + (step + 1) * big_b))
+                    yield row
+
+    # -- plans -----------------------------------------------------------------------------
+
+    def _remember(self, plan: Plan) -> None:
+        self._plans[plan.digest] = plan
+        self._plans.move_to_end(plan.digest)
+        while len(self._plans) > _PLANS_KEPT:
+            self._plans.popitem(last=False)
+
+    def _plan_for(self, epoch: int, window: int) -> Plan:
+        """The plan of ``(epoch, window)``: fetched, then adopted only if every rank holds it."""
+        if not self.adaptive:
+            plan = self._agreed.moved_to(epoch, window)
+            self._remember(plan)
+            return plan
+        if self._sender is not None:
+            self._sender.flush(min(1.0, self.timeout_s))
+        if self._group is not None:
+            # Every rank's measurements so far are in before anyone asks for the next plan.
+            dist.barrier(group=self._group)
+        candidate: Plan | None = None
+        try:
+            candidate = self._client.plan(
+                run=self.run_id, generation=self.generation, rank=self.rank,
+                world_size=self.num_replicas, epoch=epoch, window=window,
+                global_batch_size=self.global_batch_size, policy=self.policy,
+                min_sizes=list(self.min_sizes), max_sizes=list(self.max_sizes),
+                quantum=self.quantum,
+                initial_weights=None if self.initial_weights is None else list(self.initial_weights),
+                options=self._user_options)
+            self._check_plan(candidate)
+        except (CoordinatorError, PlanError) as exc:
+            warnings.warn(f"shardbalance: no plan for epoch {epoch} step {window} ({exc}); "
+                          "keeping the plan all ranks agreed on last", RuntimeWarning)
+            candidate = None
+        if self._agree(candidate):
+            self._agreed = candidate
+            plan = candidate
+        else:
+            if candidate is not None:
+                warnings.warn(f"shardbalance: ranks disagree on the plan for epoch {epoch} step "
+                              f"{window}; keeping the last agreed plan", RuntimeWarning)
+            plan = self._agreed.moved_to(epoch, window)
+        self._remember(plan)
+        return plan
+
+    def _check_plan(self, plan: Plan) -> None:
+        for rank, (b, lo, hi) in enumerate(zip(plan.batch_sizes, self.min_sizes, self.max_sizes)):
+            if not lo <= b <= hi or b % self.quantum:
+                raise PlanError(f"plan {list(plan.batch_sizes)} gives rank {rank} {b} samples, "
+                                f"outside [{lo}, {hi}] or not a multiple of {self.quantum}")
+
+    def _agree(self, candidate: Plan | None) -> bool:
+        """True iff every rank holds ``candidate`` (one all-reduce of its digest)."""
+        digest = candidate.digest_int if candidate is not None else 0
+        if self._group is None:
+            return candidate is not None
+        both = torch.tensor([digest, -digest], dtype=torch.int64)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self._group)
+        return digest != 0 and int(both[0]) == digest and -int(both[1]) == digest
+
+    @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        """The plan of the last trained step (of the newest plan before any step trained).
+
+        Identical on every rank; sums to ``global_batch_size``.
+        """
+        entry = self.ledger.last_trained if self._hook is not None else self.ledger.last_yielded
+        if entry is not None and entry.digest in self._plans:
+            return self._plans[entry.digest].batch_sizes
+        return self._agreed.batch_sizes
+
+    @property
+    def plan(self) -> Plan:
+        """The newest plan all ranks agreed on."""
+        return self._agreed
+
+    # -- training side ------------------------------------------------------------------
+
+    def attach(self, model: torch.nn.Module, comm_hook=None, comm_state: Any = None) -> None:
+        """Register the comm hook that weights each rank's gradient by ``b_i/B``.
+
+        The hook pre-scales each gradient bucket by ``k·b_i/B`` and hands it to ``comm_hook``
+        (default: all-reduce mean; e.g. ``default_hooks.bf16_compress_hook`` with
+        ``comm_state=process_group``), so the averaged gradient is the global-batch mean. It
+        also measures this rank's busy time per step. The model must be a
+        DistributedDataParallel without a comm hook of its own.
+        """
+        if self._hook is not None:
+            raise ConfigError("attach() was already called on this sampler")
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        world = model.process_group.size() if hasattr(model, "process_group") \
+            else self.num_replicas
+        if world != self.num_replicas:
+            raise ConfigError(f"the DDP model spans {world} ranks but the sampler "
+                              f"num_replicas={self.num_replicas}")
+        hook = WeightedCommHook(self.ledger, self.global_batch_size, self.num_replicas,
+                                self._on_busy, device, comm_hook, comm_state)
+        attach_hook(model, hook)
+        self._hook = hook
+
+    def _on_busy(self, entry: LedgerEntry, busy_s: float) -> None:
+        record = (entry.epoch, entry.step, entry.batch_size, busy_s)
+        self.recent_busy.append(record)
+        if len(self.recent_busy) > 4096:
+            del self.recent_busy[:2048]
+        if self._sender is not None:
+            self._sender.push(record)
+
+    def loss_scale(self, local_batch_size: int) -> float:
+        """``k·b/B``: multiply a local mean loss by this when not using :meth:`attach` (no DDP)."""
+        return self.num_replicas * local_batch_size / self.global_batch_size
+
+    # -- resume ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The run's position: the epoch and the samples of it already trained.
+
+        With :meth:`attach` it counts steps actually trained; without, a batch counts as
+        trained once the sampler yielded it. Plain JSON-serialisable data.
+        """
+        entry = self.ledger.last_trained if self._hook is not None else self.ledger.last_yielded
+        if entry is not None and entry.epoch == self.epoch:
+            position = entry.position_after
+        else:
+            position = self._start_position(self.epoch)
+        return {"version": 1, "epoch": self.epoch, "position": int(position),
+                "seed": self.seed, "shuffle": self.shuffle, "num_samples": self.num_samples,
+                "global_batch_size": self.global_batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at a position from :meth:`state_dict` (world size, plan and B may differ)."""
+        try:
+            epoch, position = int(state["epoch"]), int(state["position"])
+            same = (int(state["seed"]), bool(state["shuffle"]), int(state["num_samples"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"Invalid sampler state {state!r}: {exc}") from exc
+        if same != (self.seed, self.shuffle, self.num_samples):
+            raise ConfigError(f"Sampler state was saved with (seed, shuffle, num_samples)={same}, "
+                              f"this sampler has {(self.seed, self.shuffle, self.num_samples)}")
+        if epoch < 0 or position < 0:
+            raise ConfigError(f"Invalid sampler state: epoch {epoch}, position {position}")
+        self.epoch = epoch
+        self._resume = (epoch, position)
+        self._iterated_epoch = None
+
+    def close(self) -> None:
+        """Stop the stats sender and the embedded coordinator (also done at exit)."""
+        self._finalizer()
+
+
+def _shutdown(sender: StatsSender | None, client: CoordinatorClient | None,
+              embedded: EmbeddedCoordinator | None) -> None:
+    if sender is not None:
+        sender.flush(1.0)
+        sender.close()
+    if client is not None:
+        client.close()
+    if embedded is not None:
+        embedded.stop()
+
+
+def _default_store():
+    """The store torch.distributed rendezvoused with (no public accessor exists)."""
+    from torch.distributed import distributed_c10d
+
+    return distributed_c10d._get_default_store()
+
+
+def _ensure_parent(path: str) -> None:
+    import os
+
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, exist_ok=True)

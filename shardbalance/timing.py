@@ -1,0 +1,204 @@
+"""Per-step bookkeeping on the training side: the step ledger, busy time, and the comm hook.
+
+The sampler runs ahead of training (DataLoader prefetch), so each batch it yields is written to
+a :class:`StepLedger` and the comm hook takes one entry per optimizer step: the gradient weight,
+the busy-time record and the resume position all come from the step actually being trained.
+
+Busy time of step s is the time from the moment step s−1's all-reduce completed to the moment
+step s's last gradient bucket is ready: wall time minus waiting for peers. On CUDA it is taken
+with CUDA events that are read a step or more later (never a synchronize); on CPU with a
+monotonic clock. The hook runs on the autograd thread: it only appends to buffers.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from ._exceptions import ConfigError, PlanError
+
+__all__ = ["LedgerEntry", "StepLedger", "BusyClock", "WeightedCommHook", "weighted_comm_hook",
+           "attach_hook"]
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One batch the sampler yielded: which iterator, which step, how many samples, which plan."""
+
+    serial: int
+    epoch: int
+    step: int
+    batch_size: int
+    digest: str
+    #: The epoch's sample position once this step is trained (the resume point).
+    position_after: int
+
+
+class StepLedger:
+    """FIFO of yielded-but-not-yet-trained steps (append on the sampler, pop in the hook)."""
+
+    def __init__(self) -> None:
+        self._entries: collections.deque[LedgerEntry] = collections.deque()
+        self.last_yielded: LedgerEntry | None = None
+        self.last_trained: LedgerEntry | None = None
+
+    def append(self, entry: LedgerEntry) -> None:
+        self._entries.append(entry)
+        self.last_yielded = entry
+
+    def pop(self) -> LedgerEntry:
+        try:
+            entry = self._entries.popleft()
+        except IndexError:
+            raise PlanError(
+                "the step ledger is empty: a backward pass ran for a batch the sampler did not "
+                "yield. Every optimizer step of an attached model must train one batch from "
+                "this sampler's DataLoader") from None
+        self.last_trained = entry
+        return entry
+
+    def drop_untrained(self) -> None:
+        """Forget prefetched steps that will never be trained (a new iterator started)."""
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class BusyClock:
+    """Marks of 'last bucket ready' and 'all-reduce done'; turns them into busy seconds.
+
+    CPU: ``time.monotonic``. CUDA: events recorded on the current stream, resolved later with
+    ``Event.query()`` so the training loop never waits for the device.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._pending: collections.deque = collections.deque()
+
+    def now(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.monotonic()
+
+    def measure(self, start: Any, end: Any, payload: Any) -> None:
+        self._pending.append((start, end, payload))
+
+    def ready(self) -> list[tuple[Any, float]]:
+        """``(payload, busy_seconds)`` for every measurement whose marks are resolved."""
+        out = []
+        while self._pending:
+            start, end, payload = self._pending[0]
+            if self.cuda:
+                if not end.query():
+                    break
+                seconds = start.elapsed_time(end) / 1e3
+            else:
+                seconds = end - start
+            self._pending.popleft()
+            if seconds > 0:
+                out.append((payload, seconds))
+        return out
+
+
+HookFn = Callable[[Any, dist.GradBucket], torch.futures.Future]
+
+
+class WeightedCommHook:
+    """DDP comm hook: weight each rank's gradient by its share of the global batch.
+
+    Each bucket is pre-scaled by ``k·b_i/B`` (in fp32 for 16-bit buckets) and handed to an
+    averaging hook (default: all-reduce mean), giving ``Σ_i (b_i/B)·g_i``: the gradient of the
+    mean loss over the whole global batch. The step's ``b_i`` comes from the ledger. The last
+    bucket of each step also marks the end of the rank's busy time.
+    """
+
+    def __init__(self, ledger: StepLedger, global_batch_size: int, world_size: int,
+                 on_busy: Callable[[LedgerEntry, float], None], device: torch.device,
+                 inner_hook: HookFn | None = None, inner_state: Any = None) -> None:
+        if inner_hook is None:
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+            inner_hook = allreduce_hook
+        self.ledger = ledger
+        self.global_batch_size = global_batch_size
+        self.world_size = world_size
+        self.on_busy = on_busy
+        self.inner_hook = inner_hook
+        self.inner_state = inner_state
+        self.clock = BusyClock(device)
+        self.entry: LedgerEntry | None = None
+        self.scale = 1.0
+        self.steps = 0
+        self._previous: LedgerEntry | None = None
+        self._previous_done: Any = None
+        self._lock = threading.Lock()
+
+    def on_bucket(self, bucket: dist.GradBucket) -> torch.futures.Future:
+        if bucket.index() == 0:
+            self._begin_step()
+        last = bucket.is_last()
+        if last:
+            self._mark_ready()
+        buffer = bucket.buffer()
+        if buffer.dtype in (torch.float16, torch.bfloat16):
+            buffer.copy_(buffer.float().mul_(self.scale))
+        else:
+            buffer.mul_(self.scale)
+        fut = self.inner_hook(self.inner_state, bucket)
+        if last:
+            fut = fut.then(self._mark_done)
+        return fut
+
+    def _begin_step(self) -> None:
+        self.entry = self.ledger.pop()
+        self.scale = self.world_size * self.entry.batch_size / self.global_batch_size
+        self.steps += 1
+
+    def _mark_ready(self) -> None:
+        entry, previous = self.entry, self._previous
+        ready = self.clock.now()
+        # Discarded: DDP's first iteration, an iterator's first step, a step after a shape change.
+        if (previous is not None and self._previous_done is not None and self.steps > 1
+                and previous.serial == entry.serial and previous.batch_size == entry.batch_size):
+            self.clock.measure(self._previous_done, ready, entry)
+        for done_entry, seconds in self.clock.ready():
+            self.on_busy(done_entry, seconds)
+        self._previous, self._previous_done = entry, None
+
+    def _mark_done(self, fut: torch.futures.Future) -> Any:
+        self._previous_done = self.clock.now()
+        return fut.value()
+
+
+def weighted_comm_hook(state, bucket):
+    """The function DDP calls; ``state`` is the :class:`WeightedCommHook`.
+
+    (DDP wants a plain function with parameters named ``state`` and ``bucket``.)
+    """
+    return state.on_bucket(bucket)
+
+
+def attach_hook(model: torch.nn.Module, hook: WeightedCommHook) -> None:
+    """Register ``hook`` on a DDP model, refusing one that already has a comm hook."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not isinstance(model, DistributedDataParallel):
+        raise ConfigError(
+            f"attach() needs a DistributedDataParallel model, got {type(model).__name__}. "
+            "Without DDP, multiply the mean loss by sampler.loss_scale(len(batch)) instead")
+    if getattr(model, "_comm_hooks", None):
+        raise ConfigError("this DDP model already has a comm hook; pass it to "
+                          "attach(model, comm_hook=...) instead so shardbalance can wrap it")
+    try:
+        model.register_comm_hook(hook, weighted_comm_hook)
+    except RuntimeError as exc:
+        raise ConfigError(f"cannot register the shardbalance comm hook: {exc}") from exc

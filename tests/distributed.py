@@ -1,0 +1,98 @@
+"""Run a function on real gloo ranks (forked processes on 127.0.0.1, a free port each time).
+
+Every launch has a hang timeout; a rank that does not finish in time is killed by PID and the
+test fails with what each rank said. Ranks delete their DDP objects and ``barrier()`` before
+``destroy_process_group()``, which keeps gloo teardown from aborting now and then.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import signal
+import socket
+import traceback
+from datetime import timedelta
+from typing import Any, Callable
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _context():
+    # Not plain fork: once this process has run torch ops, OpenMP's thread pool does not
+    # survive a fork and a child can hang in its first parallel op. A fork server that has
+    # imported torch (and run nothing) forks fast and safely.
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "shardbalance.sampler"])
+    return ctx
+
+
+def _entry(fn, rank, world_size, port, env, queue, args):
+    os.environ.update(env)
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                       "RANK": str(rank), "WORLD_SIZE": str(world_size),
+                       "LOCAL_RANK": str(rank)})
+    import torch.distributed as dist
+
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world_size, timeout=timedelta(seconds=60))
+        result = fn(rank, world_size, *args)
+        dist.barrier()
+        dist.destroy_process_group()
+        # Plain pickle bytes: tensors would otherwise travel as shared-memory handles that die
+        # with this process.
+        queue.put((rank, "ok", pickle.dumps(result)))
+    except BaseException:  # report everything, including assertion errors, to the parent
+        queue.put((rank, "error", traceback.format_exc()))
+
+
+def run_ranks(fn: Callable[..., Any], world_size: int, *args, timeout_s: float = 90.0,
+              env: dict[str, str] | None = None) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return each result."""
+    ctx = _context()
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, env or {}, queue, args),
+                         daemon=False) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, tuple[str, Any]] = {}
+    try:
+        import queue as queue_mod
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while len(results) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                rank, status, value = queue.get(timeout=min(remaining, 1.0))
+            except queue_mod.Empty:
+                if any(p.exitcode not in (None, 0) for p in procs):
+                    time.sleep(0.5)  # let the others report what they saw
+                    while not queue.empty():
+                        rank, status, value = queue.get_nowait()
+                        results[rank] = (status, value)
+                    break
+                continue
+            results[rank] = (status, value)
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGKILL)
+                p.join(timeout=5)
+    errors = {r: v for r, (s, v) in results.items() if s == "error"}
+    missing = [r for r in range(world_size) if r not in results]
+    if errors or missing:
+        detail = "\n".join(f"--- rank {r} ---\n{v}" for r, v in sorted(errors.items()))
+        raise AssertionError(f"ranks failed: {sorted(errors)}, no answer (hung or died): "
+                             f"{missing} within {timeout_s:g} s\n{detail}")
+    return [pickle.loads(results[r][1]) for r in range(world_size)]
