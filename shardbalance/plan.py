@@ -168,15 +168,19 @@ def water_fill(slopes: Sequence[float], intercepts: Sequence[float], lo: Sequenc
     hi_ = np.asarray(hi, dtype=np.float64)
     if not (np.all(np.isfinite(a)) and np.all(np.isfinite(c)) and np.all(a >= 0)):
         raise PlanError(f"water_fill needs finite non-negative slopes, got {a.tolist()}")
-    if lo_.sum() > total + 1e-9 or hi_.sum() < total - 1e-9:
-        raise PlanError(f"Cannot split {total} within bounds summing to [{lo_.sum()}, {hi_.sum()}]")
+    live = a > 0
+    # A rank with slope 0 is pinned at its clamped intercept whatever the level.
+    pinned = np.clip(c, lo_, hi_)
+    floor_sum = np.where(live, lo_, pinned).sum()
+    ceil_sum = np.where(live, hi_, pinned).sum()
+    if floor_sum > total + 1e-9 or ceil_sum < total - 1e-9:
+        raise PlanError(f"Cannot split {total} within bounds summing to [{floor_sum}, {ceil_sum}]")
 
     def shares(level: float) -> np.ndarray:
         return np.clip(a * level + c, lo_, hi_)
 
-    live = a > 0
     if not live.any():
-        return np.clip(c, lo_, hi_), 0.0
+        return pinned, 0.0
     breaks = np.unique(np.concatenate([(lo_[live] - c[live]) / a[live],
                                        (hi_[live] - c[live]) / a[live]]))
     # S(level) is non-decreasing and piecewise linear with kinks only at `breaks`.
@@ -227,7 +231,10 @@ def apportion(weights: Sequence[float], total: int, min_sizes: Sequence[int],
     lo = np.asarray(min_sizes, dtype=np.int64) // quantum
     hi = np.asarray(max_sizes, dtype=np.int64) // quantum
     units = total // quantum
-    shares, _ = water_fill(w / w.sum(), np.zeros(k), lo, hi, units)
+    share = w / w.sum()
+    # A zero weight still takes what capped ranks cannot: the total must be met.
+    share[share == 0] = 1e-12
+    shares, _ = water_fill(share, np.zeros(k), lo, hi, units)
     base = np.clip(np.floor(shares + 1e-9).astype(np.int64), lo, hi)
     frac = shares - base
     remainder = int(units - base.sum())

@@ -15,6 +15,8 @@ the coordinator, the simulator and the tests all run exactly the same code.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -40,17 +42,30 @@ DEFAULT_OPTIONS: Mapping[str, float] = {
 }
 
 
+#: Options that must be strictly positive (the others may be 0).
+_POSITIVE_OPTIONS = frozenset({"half_life_segments"})
+#: Measurements of one batch size are split into segments of at most this many steps, so a
+#: rank that slows down at an unchanged plan shows up as a new segment that disagrees.
+SEGMENT_STEPS = 16
+
+
 def check_options(options: Mapping[str, float] | None) -> dict[str, float]:
     """Defaults overlaid with ``options``; ConfigError names an unknown or bad option."""
     merged = dict(DEFAULT_OPTIONS)
     for key, value in (options or {}).items():
         if key not in DEFAULT_OPTIONS:
             raise ConfigError(f"Unknown policy option {key!r}; known: {sorted(DEFAULT_OPTIONS)}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) \
-                or value < 0:
-            raise ConfigError(f"Invalid policy option {key}={value!r}: expected a finite number >= 0")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or \
+                not math.isfinite(value) or value < 0 or (key in _POSITIVE_OPTIONS and value == 0):
+            bound = "> 0" if key in _POSITIVE_OPTIONS else ">= 0"
+            raise ConfigError(f"Invalid policy option {key}={value!r}: expected a finite number "
+                              f"{bound}")
         merged[key] = float(value)
     return merged
+
+
+def _options(options: Mapping[str, float] | None) -> dict[str, float]:
+    return {**DEFAULT_OPTIONS, **(options or {})}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,6 +97,8 @@ class CostModel:
 
     alphas: np.ndarray
     betas: np.ndarray
+    #: Relative standard error of each rank's newest busy-time estimate (0 if unknown).
+    noise: np.ndarray | None = None
 
     def busy_seconds(self, batch_sizes) -> np.ndarray:
         return self.alphas + self.betas * np.asarray(batch_sizes, dtype=np.float64)
@@ -99,31 +116,48 @@ class Decision:
 
 
 def _segments(obs: np.ndarray) -> list[tuple[float, float, int]]:
-    """Consecutive runs of one batch size as ``(batch_size, median busy s, count)``, oldest first."""
+    """Consecutive runs of one batch size as ``(batch_size, median busy s, count)``, oldest first.
+
+    Long runs are cut into segments of at most :data:`SEGMENT_STEPS` steps (the newest segment
+    ends at the newest step), so a change of speed at an unchanged batch size is visible.
+    """
     if len(obs) == 0:
         return []
-    b = obs[:, 0]
-    cuts = np.flatnonzero(np.diff(b)) + 1
-    return [(float(part[0, 0]), float(np.median(part[:, 1])), len(part))
-            for part in np.split(obs, cuts)]
+    cuts = np.flatnonzero(np.diff(obs[:, 0])) + 1
+    segments = []
+    for run in np.split(obs, cuts):
+        for end in range(len(run), 0, -SEGMENT_STEPS)[::-1]:
+            part = run[max(0, end - SEGMENT_STEPS):end]
+            segments.append((float(part[0, 0]), float(np.median(part[:, 1])), len(part)))
+    return segments
 
 
 def _fit_line(segs, half_life: float) -> tuple[float, float] | None:
-    """Weighted least squares of busy time on batch size over segment medians (newest last)."""
-    if len({s[0] for s in segs}) < 2:
+    """Weighted least squares of busy time on batch size (None without two distinct sizes).
+
+    Segments are pooled by batch size first (each size's newest segments, count-weighted), and
+    a size's weight halves every ``half_life`` newer sizes: old plans fade, but a long stay at
+    one plan does not erase what the earlier plans taught about α.
+    """
+    groups: dict[float, list] = {}
+    for b, t, n in segs:
+        groups.setdefault(b, []).append((t, n))
+        groups[b] = groups[b][-4:]
+    if len(groups) < 2:
         return None
-    b = np.array([s[0] for s in segs])
-    t = np.array([s[1] for s in segs])
-    age = np.arange(len(segs))[::-1]
-    w = np.array([s[2] for s in segs], dtype=np.float64) * 0.5 ** (age / max(half_life, 1e-9))
+    newest_first = sorted(groups, key=lambda size: max(
+        i for i, seg in enumerate(segs) if seg[0] == size), reverse=True)
+    b = np.array(newest_first)
+    t = np.array([np.average([x for x, _ in groups[size]], weights=[n for _, n in groups[size]])
+                  for size in newest_first])
+    counts = np.array([sum(n for _, n in groups[size]) for size in newest_first], dtype=float)
+    w = counts * 0.5 ** (np.arange(len(b)) / half_life)
     bm, tm = np.average(b, weights=w), np.average(t, weights=w)
     var = np.average((b - bm) ** 2, weights=w)
     beta = np.average((b - bm) * (t - tm), weights=w) / var
     alpha = tm - beta * bm
-    if beta <= 0:
+    if beta <= 0 or alpha < 0:
         # Noise swamped the slope: fall back to busy time proportional to batch size.
-        return 0.0, float(np.average(t / b, weights=w))
-    if alpha < 0:
         return 0.0, float(np.average(t / b, weights=w))
     return float(alpha), float(beta)
 
@@ -136,14 +170,17 @@ def fit_cost_model(history: tuple[np.ndarray, ...], options: Mapping[str, float]
     disagree with them (a throttling or newly shared GPU), and when a rank has only one batch
     size to go on (α unidentified) borrows α from its own older fit or the other ranks' fits.
     """
-    opts = dict(DEFAULT_OPTIONS) if options is None else options
+    opts = _options(options)
     if not history or any(len(h) == 0 for h in history):
         return None
     fits: list[tuple[float, float] | None] = []
     latest: list[tuple[float, float]] = []
     priors: list[float | None] = []
+    noise: list[float] = []
     for obs in history:
-        segs = _segments(np.asarray(obs, dtype=np.float64))
+        obs = np.asarray(obs, dtype=np.float64)
+        noise.append(_relative_error(obs))
+        segs = _segments(obs)
         newest = segs[-1]
         older_fit = _fit_line(segs[:-1], opts["half_life_segments"])
         prior = older_fit[0] if older_fit else None
@@ -152,7 +189,8 @@ def fit_cost_model(history: tuple[np.ndarray, ...], options: Mapping[str, float]
             if abs(predicted - newest[1]) > opts["drift_tolerance"] * newest[1]:
                 segs = [newest]
         elif len(segs) > 1:
-            # One older batch size only: compare throughputs, the best we can do without α.
+            # One older batch size only: compare throughputs, the best we can do without α
+            # (exact when the size did not change).
             old = segs[-2]
             if abs(old[1] / old[0] * newest[0] - newest[1]) > opts["drift_tolerance"] * newest[1]:
                 segs = [newest]
@@ -168,7 +206,18 @@ def fit_cost_model(history: tuple[np.ndarray, ...], options: Mapping[str, float]
             fit = (alpha, (t - alpha) / b)
         alphas.append(fit[0])
         betas.append(max(fit[1], 1e-12))
-    return CostModel(np.array(alphas), np.array(betas))
+    return CostModel(np.array(alphas), np.array(betas), np.array(noise))
+
+
+def _relative_error(obs: np.ndarray) -> float:
+    """Standard error of the newest batch size's median busy time, relative (robust, MAD)."""
+    recent = obs[-4 * SEGMENT_STEPS:]
+    t = recent[recent[:, 0] == obs[-1, 0], 1]
+    if len(t) < 3:
+        return 0.0
+    median = float(np.median(t))
+    mad = float(np.median(np.abs(t - median)))
+    return 1.4826 * mad / np.sqrt(len(t)) / median
 
 
 def _throughputs(history: tuple[np.ndarray, ...]) -> np.ndarray:
@@ -209,8 +258,9 @@ def seed(inp: PolicyInput) -> Decision:
     thr = _throughputs(inp.history)
     capacity = thr / thr.sum()
     load = np.asarray(inp.current, dtype=np.float64) / inp.global_batch_size
-    weights = np.maximum(load + inp.options["seed_beta"] * (capacity - load), 1e-9)
-    return Decision(tuple(weights), model, f"W += {inp.options['seed_beta']:g}·(R − L)")
+    beta = _options(inp.options)["seed_beta"]
+    weights = np.maximum(load + beta * (capacity - load), 1e-9)
+    return Decision(tuple(weights), model, f"W += {beta:g}·(R − L)")
 
 
 def affine(inp: PolicyInput) -> Decision:
@@ -221,9 +271,14 @@ def affine(inp: PolicyInput) -> Decision:
     targets, finish = water_fill(1.0 / model.betas, -model.alphas / model.betas,
                                  inp.min_sizes, inp.max_sizes, inp.global_batch_size)
     sizes = apportion(targets, inp.global_batch_size, inp.min_sizes, inp.max_sizes, inp.quantum)
+    band = _options(inp.options)["band"]
+    if model.noise is not None and len(model.noise):
+        # The slowest of k noisy estimates overstates the current step by about
+        # sqrt(2 ln k) standard errors: a gain smaller than that is noise, not imbalance.
+        band += (1.0 + np.sqrt(2.0 * np.log(max(inp.world_size, 2)))) * float(model.noise.max())
     current_s, new_s = model.step_seconds(inp.current), model.step_seconds(sizes)
-    if current_s <= new_s * (1.0 + inp.options["band"]):
-        return _keep(inp, model, f"within the {inp.options['band']:.0%} no-change band")
+    if current_s <= new_s * (1.0 + band):
+        return _keep(inp, model, f"within the {band:.1%} no-change band")
     return Decision(tuple(float(b) for b in sizes), model,
                     f"equal finish at {finish * 1e3:.1f} ms")
 

@@ -1,0 +1,246 @@
+"""The coordinator on a real ZeroMQ socket: round trips, one plan per window, hostile input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import zmq
+
+from shardbalance import protocol
+from shardbalance._exceptions import (AuthenticationError, CoordinatorError,
+                                      CoordinatorUnavailable)
+from shardbalance.client import CoordinatorClient, EmbeddedCoordinator
+from shardbalance.coordinator import Coordinator
+
+SECRET = b"0123456789abcdef0123456789abcdef"
+
+
+class Running:
+    """A coordinator serving on a free loopback port in a background thread."""
+
+    def __init__(self, journal=None, secret=SECRET):
+        self.coordinator = Coordinator("tcp://127.0.0.1:0", journal, secret)
+        self.endpoint = self.coordinator.endpoint
+        self.thread = threading.Thread(target=self.coordinator.serve_forever,
+                                       kwargs={"poll_ms": 20, "max_seconds": 120}, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.coordinator.stop()
+        self.thread.join(5)
+        assert not self.thread.is_alive()
+        self.coordinator.close()
+
+
+@pytest.fixture
+def running(tmp_path):
+    r = Running(str(tmp_path / "journal.jsonl"))
+    yield r
+    r.stop()
+
+
+def plan_fields(rank=0, world=3, epoch=0, window=0, run="run-a", generation=0, **extra):
+    fields = dict(run=run, generation=generation, rank=rank, world_size=world, epoch=epoch,
+                  window=window, global_batch_size=96, policy="affine",
+                  min_sizes=[1] * world, max_sizes=[96] * world, quantum=1,
+                  initial_weights=None, options={})
+    fields.update(extra)
+    return fields
+
+
+def stats(client, rank, records, world=3, run="run-a", generation=0):
+    return client.request({"type": "stats", "run": run, "generation": generation, "rank": rank,
+                           "world_size": world, "records": records})
+
+
+def test_every_rank_gets_the_same_plan_decided_once(running):
+    clients = [CoordinatorClient(running.endpoint, SECRET, timeout_s=2) for _ in range(3)]
+    try:
+        first = [c.plan(**plan_fields(rank=r)) for r, c in enumerate(clients)]
+        assert len({p.digest for p in first}) == 1
+        assert first[0].batch_sizes == (32, 32, 32)
+        # Measurements: rank 2 is four times as fast as rank 0.
+        for rank, per_sample in enumerate([0.004, 0.002, 0.001]):
+            ack = stats(clients[rank], rank, [[0, s, 32, 0.001 + 32 * per_sample]
+                                              for s in range(1, 8)])
+            assert ack["accepted"] == 7
+        second = clients[1].plan(**plan_fields(rank=1, epoch=1))
+        assert second.batch_sizes[2] > second.batch_sizes[1] > second.batch_sizes[0]
+        assert sum(second.batch_sizes) == 96
+        # More measurements do not change a plan already decided.
+        stats(clients[0], 0, [[1, s, 10, 5.0] for s in range(1, 8)])
+        again = [c.plan(**plan_fields(rank=r, epoch=1)) for r, c in enumerate(clients)]
+        assert {p.digest for p in again} == {second.digest}
+    finally:
+        for c in clients:
+            c.close()
+
+
+def raw_request(endpoint, frames, timeout_ms=2000):
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    try:
+        sock.send_multipart(frames)
+        if not sock.poll(timeout_ms):
+            return None
+        return protocol.decode(sock.recv_multipart(), SECRET)
+    finally:
+        sock.close()
+
+
+def signed(body: bytes):
+    return protocol.encode({}, SECRET)[:0] + [body, protocol._mac(SECRET, body)]
+
+
+BAD_MESSAGES = {
+    "one frame": [b"hello"],
+    "three frames": [b"{}", b"", b""],
+    "not json": signed(b"not json"),
+    "json array": signed(b"[1, 2]"),
+    "wrong version": signed(b'{"v": 99, "type": "ping", "id": 1}'),
+    "no id": signed(b'{"v": 1, "type": "ping"}'),
+    "unknown type": signed(b'{"v": 1, "type": "drop_tables", "id": 1}'),
+    "NaN busy": signed(b'{"v":1,"type":"stats","id":1,"run":"run-a","generation":0,"rank":0,'
+                       b'"world_size":3,"records":[[0,1,32,NaN]]}'),
+    "negative busy": signed(b'{"v":1,"type":"stats","id":1,"run":"run-a","generation":0,'
+                            b'"rank":0,"world_size":3,"records":[[0,1,32,-1.0]]}'),
+    "rank out of range": signed(b'{"v":1,"type":"stats","id":1,"run":"run-a","generation":0,'
+                                b'"rank":7,"world_size":3,"records":[]}'),
+    "absurd world": signed(json.dumps({"v": 1, "type": "plan", "id": 1,
+                                       **plan_fields(), "world_size": 10**9}).encode()),
+    "wrong secret": [b'{"v":1,"type":"ping","id":1}', b"00" * 32],
+    "unsigned": [b'{"v":1,"type":"ping","id":1}', b""],
+    "batch above B": signed(b'{"v":1,"type":"stats","id":1,"run":"run-a","generation":0,'
+                            b'"rank":0,"world_size":3,"records":[[0,1,97,0.1]]}'),
+    "config mismatch": signed(json.dumps({"v": 1, "type": "plan", "id": 1,
+                                          **plan_fields(global_batch_size=64)}).encode()),
+    "stale generation": signed(json.dumps({"v": 1, "type": "plan", "id": 1,
+                                           **plan_fields(generation=0, run="run-b")}).encode()),
+}
+
+
+def test_bad_messages_get_an_error_reply_and_change_nothing(running):
+    client = CoordinatorClient(running.endpoint, SECRET, timeout_s=2)
+    try:
+        client.plan(**plan_fields(run="run-b", generation=2))
+        before = client.plan(**plan_fields())
+        stats(client, 0, [[0, 1, 32, 0.1]])
+        state = running.coordinator.runs["run-a"]
+        history_before = [dict(h) for h in state.history]
+        for name, frames in BAD_MESSAGES.items():
+            reply = raw_request(running.endpoint, frames)
+            if reply is not None:
+                assert reply["type"] == "error", name
+        assert running.coordinator.rejected >= len(BAD_MESSAGES) - 2  # 1 and 3 frames: dropped
+        assert [dict(h) for h in state.history] == history_before
+        assert client.plan(**plan_fields()).digest == before.digest
+        assert running.coordinator.runs["run-b"].generation == 2
+    finally:
+        client.close()
+
+
+def test_oversized_message_is_refused_by_the_socket(running):
+    huge = b"x" * (protocol.MAX_MESSAGE_BYTES + 10_000)
+    assert raw_request(running.endpoint, [huge, b""], timeout_ms=500) is None
+    client = CoordinatorClient(running.endpoint, SECRET, timeout_s=2)
+    try:
+        client.ping()
+    finally:
+        client.close()
+
+
+def test_error_reply_raises_coordinator_error_and_wrong_secret_is_rejected(running):
+    client = CoordinatorClient(running.endpoint, SECRET, timeout_s=2)
+    try:
+        with pytest.raises(CoordinatorError, match="unknown run"):
+            stats(client, 0, [[0, 1, 1, 0.1]], run="nobody")
+    finally:
+        client.close()
+    intruder = CoordinatorClient(running.endpoint, b"not-the-secret-at-all-0000000000",
+                                 timeout_s=0.5, retries=1)
+    try:
+        # The reply is signed with the real secret, which the intruder cannot verify.
+        with pytest.raises(CoordinatorUnavailable):
+            intruder.ping()
+    finally:
+        intruder.close()
+    assert "run-nobody" not in running.coordinator.runs
+
+
+def test_unreachable_coordinator_times_out_quickly():
+    client = CoordinatorClient("tcp://127.0.0.1:1", SECRET, timeout_s=0.2, retries=2)
+    start = time.monotonic()
+    try:
+        with pytest.raises(CoordinatorUnavailable, match="no reply"):
+            client.ping()
+    finally:
+        client.close()
+    assert time.monotonic() - start < 5
+
+
+def test_restarted_coordinator_serves_the_same_plans_from_its_journal(tmp_path):
+    journal = str(tmp_path / "j.jsonl")
+    first = Running(journal)
+    client = CoordinatorClient(first.endpoint, SECRET, timeout_s=2)
+    client.plan(**plan_fields())
+    for rank, per_sample in enumerate([0.004, 0.002, 0.001]):
+        stats(client, rank, [[0, s, 32, 32 * per_sample] for s in range(1, 6)])
+    decided = client.plan(**plan_fields(epoch=1))
+    client.close()
+    first.stop()
+    second = Running(journal)
+    client = CoordinatorClient(second.endpoint, SECRET, timeout_s=2)
+    try:
+        assert client.plan(**plan_fields(rank=2, epoch=1)) == decided
+    finally:
+        client.close()
+        second.stop()
+    lines = [json.loads(line) for line in open(journal)]
+    plans = [r for r in lines if r["event"] == "plan" and r["epoch"] == 1]
+    assert len(plans) == 1 and plans[0]["batch_sizes"] == list(decided.batch_sizes)
+
+
+def test_cli_coordinator_runs_and_stops_on_sigterm(tmp_path):
+    token = tmp_path / "token"
+    token.write_text(SECRET.decode())
+    proc = subprocess.Popen([sys.executable, "-m", "shardbalance", "coordinator", "--bind",
+                             "tcp://127.0.0.1:0", "--log", str(tmp_path / "c.jsonl"),
+                             "--token-file", str(token)], stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("READY tcp://127.0.0.1:")
+        client = CoordinatorClient(line.split()[1], SECRET, timeout_s=5)
+        client.ping()
+        client.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+
+
+def test_embedded_coordinator_exits_when_its_parent_dies(tmp_path):
+    script = ("import sys, time\n"
+              "from shardbalance.client import EmbeddedCoordinator\n"
+              "c = EmbeddedCoordinator('tcp://127.0.0.1:0', None, b'x' * 32)\n"
+              "print(c.pid, flush=True)\n"
+              "time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait(10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the embedded coordinator outlived its parent")
