@@ -36,6 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--samples", type=int, default=6144, help="dataset size N")
     p.add_argument("--global-batch-size", type=int, default=192)
+    p.add_argument("--initial-weights", default=None,
+                   help="comma-separated per-rank weights of the first plan (fixed for --policy static)")
     p.add_argument("--rebalance-every", type=int, default=None, help="steps per plan window")
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--lr", type=float, default=0.05)
@@ -73,6 +75,8 @@ def main(argv=None) -> None:
         sampler = WeightedDistributedSampler(
             dataset, global_batch_size=args.global_batch_size, seed=args.seed,
             policy=args.policy, rebalance_every=args.rebalance_every,
+            initial_weights=([float(w) for w in args.initial_weights.split(",")]
+                             if args.initial_weights else None),
             coordinator_log=args.coordinator_log)
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers)
     else:
