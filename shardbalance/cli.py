@@ -1,7 +1,7 @@
 """The ``shardbalance`` command line.
 
     shardbalance coordinator --bind tcp://127.0.0.1:5555 --log coord.jsonl [--token-file F]
-    shardbalance report coord.jsonl
+    shardbalance report coord.jsonl [--plot plans.png]
 
 Imports are deferred to each command so a coordinator starts without importing torch.
 """
@@ -23,9 +23,12 @@ def _coordinator(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report import summarize
+    from .report import plot, summarize
 
     print(summarize(args.journal, run=args.run))
+    if args.plot:
+        plot(args.journal, args.plot, run=args.run)
+        print(f"plot written to {args.plot}")
     return 0
 
 
@@ -48,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="summarize a coordinator journal")
     report.add_argument("journal", help="the coordinator's --log file")
     report.add_argument("--run", default=None, help="only this run id")
+    report.add_argument("--plot", default=None, help="also plot the plans to this PNG "
+                        "(needs matplotlib)")
     report.set_defaults(func=_report)
     return parser
 

@@ -173,7 +173,7 @@ class StatsSender:
                         pending = []
                         self._warned = False
                     except CoordinatorUnavailable as exc:
-                        if not self._warned:
+                        if not self._warned and not self._stop.is_set():
                             log.warning("shardbalance: stats not delivered, will retry: %s", exc)
                             self._warned = True
                         overflow = len(pending) + len(self._queue) - self.max_buffered

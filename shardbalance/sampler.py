@@ -450,7 +450,17 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         self._iterated_epoch = None
 
     def close(self) -> None:
-        """Stop the stats sender and the embedded coordinator (also done at exit)."""
+        """Flush measurements, then stop the stats sender and the embedded coordinator.
+
+        Call it on every rank at the end of training (it waits for all ranks, so rank 0 does
+        not stop the coordinator under the others). Also done, without waiting, at exit.
+        """
+        if not self._finalizer.alive:
+            return
+        if self._sender is not None:
+            self._sender.flush(min(2.0, self.timeout_s))
+        if self._group is not None and dist.is_initialized():
+            dist.barrier(group=self._group)
         self._finalizer()
 
 

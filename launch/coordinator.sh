@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# A standalone coordinator, for clusters where several jobs share one, or where it should
+# outlive the jobs. Ranks find it through SHARDBALANCE_COORDINATOR and authenticate with the
+# same token:
+#   BIND=tcp://10.0.0.5:5555 launch/coordinator.sh
+#   export SHARDBALANCE_COORDINATOR=tcp://10.0.0.5:5555 SHARDBALANCE_TOKEN_FILE=$PWD/shardbalance.token
+# The token file is created (mode 600) if it does not exist. A restart with the same LOG
+# resumes from the journal.
+set -euo pipefail
+
+BIND=${BIND:-tcp://127.0.0.1:5555}
+LOG=${LOG:-shardbalance-coordinator.jsonl}
+TOKEN_FILE=${TOKEN_FILE:-shardbalance.token}
+
+if [ ! -s "$TOKEN_FILE" ]; then
+    (umask 077; python -c 'import secrets; print(secrets.token_hex(32))' > "$TOKEN_FILE")
+    echo "created token file $TOKEN_FILE; give it to the ranks (SHARDBALANCE_TOKEN_FILE)" >&2
+fi
+
+exec shardbalance coordinator --bind "$BIND" --log "$LOG" --token-file "$TOKEN_FILE" "$@"

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Several nodes: run this on every node with the same RDZV_ENDPOINT (host:port of node 0).
+#   NNODES=2 NODE_RANK=0 RDZV_ENDPOINT=node0:29500 launch/multi_node.sh
+#   NNODES=2 NODE_RANK=1 RDZV_ENDPOINT=node0:29500 launch/multi_node.sh
+# Global rank 0 starts the coordinator and binds the interface that routes to the rendezvous
+# host; set SHARDBALANCE_BIND=tcp://IP:PORT to choose, or SHARDBALANCE_COORDINATOR to use a
+# standalone one (launch/coordinator.sh). Extra arguments go to the training script.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+: "${RDZV_ENDPOINT:?set RDZV_ENDPOINT=host:port of node 0}"
+NNODES=${NNODES:-2}
+NPROC=${NPROC:-$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')}
+MAX_RESTARTS=${MAX_RESTARTS:-0}
+RDZV_ID=${RDZV_ID:-shardbalance-$(date +%Y%m%d)}
+SCRIPT=${SCRIPT:-examples/train.py}
+
+exec torchrun --nnodes="$NNODES" --nproc_per_node="$NPROC" --max-restarts="$MAX_RESTARTS" \
+    --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="$RDZV_ID" \
+    "$SCRIPT" "$@"

@@ -1,0 +1,37 @@
+"""The public surface: exported names, the console script, the exception tree."""
+
+import subprocess
+import sys
+
+import shardbalance
+from shardbalance import _exceptions as exc
+
+
+def test_all_lists_exactly_the_public_names():
+    for name in shardbalance.__all__:
+        assert getattr(shardbalance, name) is not None, name
+    assert "WeightedDistributedSampler" in shardbalance.__all__
+    assert set(shardbalance.__all__) == set(dir(shardbalance))
+
+
+def test_exception_tree():
+    assert issubclass(exc.ConfigError, ValueError)
+    for name in ("ConfigError", "PlanError", "ProtocolError", "CoordinatorError"):
+        assert issubclass(getattr(exc, name), exc.ShardBalanceError)
+    assert issubclass(exc.AuthenticationError, exc.ProtocolError)
+    assert issubclass(exc.CoordinatorUnavailable, exc.CoordinatorError)
+
+
+def test_coordinator_cli_starts_without_importing_torch():
+    code = ("import sys, shardbalance.cli, shardbalance.coordinator; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout.strip()
+    assert out == "False"
+
+
+def test_cli_reports_a_bad_bind_address_clearly():
+    proc = subprocess.run([sys.executable, "-m", "shardbalance", "coordinator", "--bind",
+                           "nonsense://x"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "Cannot bind the coordinator to 'nonsense://x'" in proc.stderr

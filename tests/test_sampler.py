@@ -1,0 +1,206 @@
+"""The sampler in-process: exact coverage for any plan, equal step counts, bad arguments."""
+
+import json
+import warnings
+from collections import Counter
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from shardbalance import WeightedDistributedSampler
+from shardbalance._exceptions import ConfigError
+from shardbalance.order import EpochOrder
+from shardbalance.plan import Plan, apportion
+
+
+class ScriptedPlans(WeightedDistributedSampler):
+    """A sampler whose plans come from a script, the same on every rank (as the coordinator's are)."""
+
+    def __init__(self, *args, plan_weights=None, **kwargs):
+        super().__init__(*args, policy="static", **kwargs)
+        self.plan_weights = plan_weights
+
+    def _plan_for(self, epoch, window):
+        weights = self.plan_weights(epoch, window)
+        sizes = apportion(weights, self.global_batch_size, self.min_sizes, self.max_sizes,
+                          self.quantum)
+        plan = Plan("scripted", 0, epoch, window, sizes, self.global_batch_size, "static")
+        self._remember(plan)
+        return plan
+
+
+@st.composite
+def setups(draw):
+    k = draw(st.integers(1, 5))
+    B = draw(st.integers(k, 48))
+    N = draw(st.integers(1, 260))
+    seed = draw(st.integers(0, 2**16))
+    table = draw(st.lists(st.lists(st.floats(0.05, 20.0), min_size=k, max_size=k),
+                          min_size=1, max_size=6))
+    return dict(k=k, B=B, N=N, seed=seed, table=table,
+                window=draw(st.one_of(st.none(), st.integers(1, 5))),
+                drop_last=draw(st.booleans()), epoch=draw(st.integers(0, 3)),
+                start=draw(st.integers(0, N)))
+
+
+def run_epoch(setup):
+    """Every rank's batches of one epoch, and the per-step plan each used."""
+    table = setup["table"]
+
+    def weights(epoch, window):
+        return table[(window + epoch) % len(table)]
+
+    per_rank, lengths = [], []
+    for rank in range(setup["k"]):
+        sampler = ScriptedPlans(range(setup["N"]), setup["B"], num_replicas=setup["k"],
+                                rank=rank, seed=setup["seed"], drop_last=setup["drop_last"],
+                                rebalance_every=setup["window"], plan_weights=weights)
+        sampler.set_epoch(setup["epoch"])
+        if setup["start"]:
+            sampler.load_state_dict({**sampler.state_dict(), "position": setup["start"]})
+        lengths.append(len(sampler))
+        per_rank.append(list(sampler))
+    return per_rank, lengths
+
+
+@settings(max_examples=300, deadline=None)
+@given(setups())
+def test_each_epoch_covers_the_dataset_exactly_once_for_any_plan(setup):
+    per_rank, lengths = run_epoch(setup)
+    N, B, start = setup["N"], setup["B"], setup["start"]
+    # Every rank runs the same number of steps, and that number is len(sampler).
+    assert len(set(lengths)) == 1
+    assert all(len(batches) == lengths[0] for batches in per_rank)
+    steps = lengths[0]
+    remaining = N - start
+    assert steps == (remaining // B if setup["drop_last"] else -(-remaining // B))
+    # Each step's slices add up to one global batch of B.
+    for s in range(steps):
+        assert sum(len(batches[s]) for batches in per_rank) == B
+        assert all(len(batches[s]) >= 1 for batches in per_rank)
+    # Together the ranks read positions [start, start + steps*B) of the epoch order, once each.
+    got = Counter(i for batches in per_rank for batch in batches for i in batch)
+    order = EpochOrder(N, setup["seed"], setup["epoch"])
+    want = Counter(order.indices_range(start, start + steps * B).tolist())
+    assert got == want
+    if not setup["drop_last"]:
+        # Nothing left out: every sample not trained before the resume point is read.
+        assert set(range(N)) - set(order.indices_range(0, start).tolist()) <= set(got)
+    else:
+        assert max(got.values(), default=1) == 1
+
+
+@settings(max_examples=100, deadline=None)
+@given(setups())
+def test_rank_slices_follow_the_plan_in_rank_order(setup):
+    per_rank, lengths = run_epoch(setup)
+    order = EpochOrder(setup["N"], setup["seed"], setup["epoch"])
+    B, start = setup["B"], setup["start"]
+    for s in range(lengths[0]):
+        step = [i for batches in per_rank for i in batches[s]]
+        assert step == order.indices_range(start + s * B, start + (s + 1) * B).tolist()
+
+
+def test_padding_wraps_positions_onto_the_start_of_the_order():
+    sampler = WeightedDistributedSampler(range(10), 4, num_replicas=2, rank=1, policy="equal",
+                                         shuffle=False)
+    assert list(sampler) == [[2, 3], [6, 7], [0, 1]]  # positions 10, 11 wrap to 0, 1
+
+
+def test_equal_policy_is_the_distributed_sampler_split_and_starts_no_coordinator():
+    samplers = [WeightedDistributedSampler(range(100), 30, num_replicas=4, rank=r,
+                                           policy="equal") for r in range(4)]
+    assert all(s.batch_sizes == (8, 8, 7, 7) for s in samplers)
+    assert all(s.coordinator_address is None and s._embedded is None for s in samplers)
+    assert len(samplers[0]) == 4
+
+
+def test_static_weights_set_the_split():
+    sampler = WeightedDistributedSampler(range(100), 70, num_replicas=3, rank=0,
+                                         policy="static", initial_weights=[1, 2, 4])
+    assert sampler.batch_sizes == (10, 20, 40)
+    assert [len(b) for b in sampler] == [10, 10]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(global_batch_size=2, num_replicas=3, rank=0), "global_batch_size=2 is smaller"),
+    (dict(global_batch_size=8, num_replicas=3, rank=3), r"Invalid rank 3, rank should be in "
+                                                        r"the interval \[0, 2\]"),
+    (dict(global_batch_size=8, num_replicas=2, rank=0, initial_weights=[1, 2, 3]),
+     "initial_weights has 3 entries"),
+    (dict(global_batch_size=8, num_replicas=2, rank=0, initial_weights=[1, 0]),
+     r"initial_weights\[1\] = 0.0"),
+    (dict(global_batch_size=8, num_replicas=2, rank=0, initial_weights=[1, float("nan")]),
+     r"initial_weights\[1\] = nan"),
+    (dict(global_batch_size=8, num_replicas=2, rank=0, policy="fastest"), "'fastest'"),
+    (dict(global_batch_size=0, num_replicas=2, rank=0), "global_batch_size 0"),
+    (dict(global_batch_size=8, num_replicas=2, rank=0, max_batch_size=3), "larger than the sum"),
+    (dict(global_batch_size=8, num_replicas=2, rank=0, min_batch_size=[1, 0]),
+     "min_batch_size 0 for rank 1"),
+    (dict(global_batch_size=9, num_replicas=2, rank=0, batch_size_multiple=2),
+     "not a multiple of batch_size_multiple=2"),
+    (dict(global_batch_size=8, num_replicas=2, rank=0, rebalance_every=0), "rebalance_every 0"),
+    (dict(global_batch_size=8, num_replicas=2, rank=0, options={"bandwidth": 1}),
+     "'bandwidth'"),
+    (dict(global_batch_size=8), "torch.distributed is not initialized"),
+])
+def test_bad_arguments_raise_value_error_naming_the_value(kwargs, match):
+    kwargs.setdefault("policy", "equal")
+    with pytest.raises(ValueError, match=match):
+        WeightedDistributedSampler(range(50), **kwargs)
+
+
+def test_empty_dataset_is_refused():
+    with pytest.raises(ConfigError, match="dataset length 0"):
+        WeightedDistributedSampler([], 4, num_replicas=1, rank=0, policy="equal")
+
+
+def test_adaptive_policy_across_processes_needs_torch_distributed():
+    with pytest.raises(ConfigError, match="needs torch.distributed"):
+        WeightedDistributedSampler(range(50), 8, num_replicas=2, rank=0, policy="affine")
+
+
+def test_iterating_an_epoch_twice_without_set_epoch_warns():
+    sampler = WeightedDistributedSampler(range(20), 4, num_replicas=1, rank=0, policy="equal")
+    first = list(sampler)
+    with pytest.warns(UserWarning, match="without set_epoch"):
+        second = list(sampler)
+    assert first == second
+    sampler.set_epoch(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        third = list(sampler)
+    assert third != first
+
+
+def test_state_dict_is_json_and_resumes_where_yielding_stopped():
+    sampler = WeightedDistributedSampler(range(50), 8, num_replicas=1, rank=0, policy="equal",
+                                         seed=5)
+    sampler.set_epoch(2)
+    it = iter(sampler)
+    seen = [next(it) for _ in range(3)]
+    state = json.loads(json.dumps(sampler.state_dict()))
+    assert state["epoch"] == 2 and state["position"] == 24
+    fresh = WeightedDistributedSampler(range(50), 8, num_replicas=1, rank=0, policy="equal",
+                                       seed=5)
+    fresh.load_state_dict(state)
+    assert len(fresh) == 4  # ceil((50 - 24) / 8) steps left in epoch 2
+    rest = list(fresh)
+    assert len(rest) == 4
+    everything = [i for b in seen + rest for i in b]
+    assert sorted(set(everything)) == list(range(50))
+    assert len(everything) == 56  # 7 steps of 8, the last padded with 6 wrapped samples
+
+
+def test_state_of_another_dataset_or_seed_is_refused():
+    a = WeightedDistributedSampler(range(50), 8, num_replicas=1, rank=0, policy="equal", seed=1)
+    b = WeightedDistributedSampler(range(50), 8, num_replicas=1, rank=0, policy="equal", seed=2)
+    with pytest.raises(ConfigError, match="seed, shuffle, num_samples"):
+        b.load_state_dict(a.state_dict())
+
+
+def test_loss_scale_is_the_share_times_world_size():
+    sampler = WeightedDistributedSampler(range(50), 16, num_replicas=2, rank=0, policy="equal")
+    assert sampler.loss_scale(4) == pytest.approx(0.5)
+    assert sampler.loss_scale(12) == pytest.approx(1.5)
