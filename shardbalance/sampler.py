@@ -208,6 +208,10 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         leader = (dist.get_rank() == 0) if distributed else True
         if leader:
             run_id = uuid.uuid4().hex[:12]
+            if store is not None:
+                # One run id for the whole job: an elastic restart keeps it (the rendezvous
+                # store outlives the workers) and only the generation moves on.
+                run_id = store.compare_set(f"shardbalance/run/s{instance}", "", run_id).decode()
             secret = env.token
             if address is None:
                 secret = secrets.token_hex(32).encode()
@@ -411,6 +415,32 @@ class WeightedDistributedSampler(Sampler[list[int]]):
             del self.recent_busy[:2048]
         if self._sender is not None:
             self._sender.push(record)
+
+    def set_step_weight(self, count: float) -> None:
+        """Weight this step's gradient by ``count`` instead of the local batch size.
+
+        For losses normalised by something other than the local sample count, e.g. a
+        token-mean loss: pass this rank's token count for the step, before ``backward()``.
+        The global total comes from one scalar all-reduce, and the comm hook then weights this
+        rank's gradient by ``count / total``, so the result is the gradient of the loss
+        normalised over all tokens of the global batch. Call it on every rank at every step
+        (or at none).
+        """
+        if self._hook is None:
+            raise ConfigError("set_step_weight() needs attach(model) first")
+        value = float(count)
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"Invalid step weight {count!r}, it should be a finite number >= 0")
+        total = torch.tensor([value], dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            if self._group is None:
+                self._group = dist.new_group(backend="gloo",
+                                             timeout=timedelta(seconds=self.timeout_s))
+            dist.all_reduce(total, group=self._group)
+        if not total.item() > 0:
+            raise ConfigError(f"The step weights sum to {total.item()} over all ranks; at least "
+                              "one rank must have a positive weight")
+        self._hook.next_weight = (value, float(total.item()))
 
     def loss_scale(self, local_batch_size: int) -> float:
         """``k·b/B``: multiply a local mean loss by this when not using :meth:`attach` (no DDP)."""

@@ -137,6 +137,8 @@ class WeightedCommHook:
         self.clock = BusyClock(device)
         self.entry: LedgerEntry | None = None
         self.scale = 1.0
+        #: ``(count, global total)`` for the next step, set by ``set_step_weight``.
+        self.next_weight: tuple[float, float] | None = None
         self.steps = 0
         self._previous: LedgerEntry | None = None
         self._previous_done: Any = None
@@ -160,7 +162,12 @@ class WeightedCommHook:
 
     def _begin_step(self) -> None:
         self.entry = self.ledger.pop()
-        self.scale = self.world_size * self.entry.batch_size / self.global_batch_size
+        if self.next_weight is not None:
+            count, total = self.next_weight
+            self.next_weight = None
+            self.scale = self.world_size * count / total
+        else:
+            self.scale = self.world_size * self.entry.batch_size / self.global_batch_size
         self.steps += 1
 
     def _mark_ready(self) -> None:

@@ -1,0 +1,114 @@
+"""CUDA paths: busy time from CUDA events, the comm hook on nccl, the example on a GPU.
+
+Skipped without CUDA (CI has none); run on a GPU machine with ``python -m pytest tests/test_gpu.py``.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+
+from distributed import free_port
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_busy_clock_reads_cuda_events_without_waiting():
+    from shardbalance.timing import BusyClock
+
+    clock = BusyClock(torch.device("cuda"))
+    a = torch.randn(4096, 4096, device="cuda")
+    torch.cuda.synchronize()
+    start = clock.now()
+    for _ in range(20):
+        a = (a @ a).tanh_()
+    end = clock.now()
+    clock.measure(start, end, "work")
+    # Right after enqueueing, the end event is usually still pending: nothing is read yet and
+    # nothing waited for the device.
+    early = clock.ready()
+    torch.cuda.synchronize()
+    late = early or clock.ready()
+    assert len(late) == 1 and late[0][0] == "work"
+    assert 0 < late[0][1] < 5.0
+
+
+@pytest.fixture
+def nccl_world_of_one():
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                            world_size=1, timeout=timedelta(seconds=60))
+    yield
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_comm_hook_on_nccl_gives_the_reference_gradient_and_cuda_busy_times(
+        nccl_world_of_one, tmp_path, dtype):
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from shardbalance import WeightedDistributedSampler
+
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(512, 64, generator=gen), torch.randint(0, 4, (512,),
+                                                                              generator=gen))
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(),
+                              torch.nn.Linear(256, 4)).cuda().to(dtype)
+    reference = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(),
+                                    torch.nn.Linear(256, 4)).cuda().to(dtype)
+    reference.load_state_dict(net.state_dict())
+    sampler = WeightedDistributedSampler(data, global_batch_size=64, policy="affine",
+                                         coordinator_log=str(tmp_path / "c.jsonl"))
+    model = DDP(net, device_ids=[0])
+    sampler.attach(model)
+    loader = DataLoader(data, batch_sampler=sampler)
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        for step, (x, y) in enumerate(loader):
+            x, y = x.cuda().to(dtype), y.cuda()
+            model.zero_grad()
+            F.cross_entropy(model(x).float(), y).backward()
+            if epoch == 0 and step == 0:
+                reference.zero_grad()
+                F.cross_entropy(reference(x).float(), y).backward()
+                tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else \
+                    dict(rtol=1e-2, atol=1e-3)
+                for got, want in zip(net.parameters(), reference.parameters()):
+                    torch.testing.assert_close(got.grad, want.grad, **tol)
+    torch.cuda.synchronize()
+    time.sleep(0.1)
+    busy = sampler.recent_busy
+    # Each epoch's first step and DDP's first iteration are discarded; the rest were timed
+    # with CUDA events and read back without a synchronize in the hook.
+    assert len(busy) >= 2 * len(sampler) - 4
+    assert all(0 < rec[3] < 5.0 and rec[2] == 64 for rec in busy)
+    del model
+    sampler.close()
+
+
+def test_example_trains_on_a_gpu_without_flags(tmp_path):
+    metrics = tmp_path / "m.jsonl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+           str(ROOT / "examples" / "train.py"), "--epochs", "2", "--metrics-out", str(metrics),
+           "--coordinator-log", str(tmp_path / "c.jsonl"), "--num-workers", "0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    epochs = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert len(epochs) == 2 and epochs[-1]["loss"] < epochs[0]["loss"] * 1.5
