@@ -1,0 +1,220 @@
+"""Faults with real processes: the coordinator killed and restarted mid-run, hostile traffic."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+import zmq
+
+from distributed import free_port, run_ranks
+from shardbalance import WeightedDistributedSampler, protocol
+from shardbalance.order import EpochOrder
+
+SECRET = "fault-test-secret-0123456789abcdef"
+N, B = 96, 16
+
+
+def start_coordinator(port, journal):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shardbalance", "coordinator", "--bind",
+         f"tcp://127.0.0.1:{port}", "--log", journal], stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "SHARDBALANCE_TOKEN": SECRET})
+    assert proc.stdout.readline().startswith("READY")
+    return proc
+
+
+def _train_through_outage(rank, world, address):
+    sampler = WeightedDistributedSampler(range(N), B, coordinator=address, rebalance_every=2,
+                                         timeout_s=2, seed=4)
+    steps, indices = [], []
+    for epoch in range(4):
+        sampler.set_epoch(epoch)
+        epoch_indices = []
+        for step, batch in enumerate(sampler):
+            entry = sampler.ledger.last_yielded
+            steps.append((epoch, step, len(batch), entry.digest))
+            epoch_indices.extend(batch)
+            # Pretend to train: rank 1 is twice as fast; busy times go to the coordinator.
+            busy = 0.002 * len(batch) / (1 + rank)
+            time.sleep(busy)
+            sampler._on_busy(entry, busy)
+        indices.append(epoch_indices)
+    dist.barrier()
+    sampler.close()
+    return steps, indices
+
+
+def test_coordinator_killed_and_restarted_mid_run(tmp_path):
+    port, journal = free_port(), str(tmp_path / "coordinator.jsonl")
+    procs = [start_coordinator(port, journal)]
+
+    def outage():
+        # Kill the coordinator once it has decided a few plans, keep it down for a while
+        # (ranks keep their agreed plan), then restart it on the same address and journal.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if os.path.exists(journal) and open(journal).read().count('"event": "plan"') >= 3:
+                break
+            time.sleep(0.05)
+        procs[0].send_signal(signal.SIGKILL)
+        procs[0].wait(10)
+        time.sleep(3)
+        procs.append(start_coordinator(port, journal))
+
+    killer = threading.Thread(target=outage)
+    killer.start()
+    try:
+        results = run_ranks(_train_through_outage, 2, f"tcp://127.0.0.1:{port}",
+                            env={"SHARDBALANCE_TOKEN": SECRET}, timeout_s=150)
+    finally:
+        killer.join(70)
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(10)
+    (steps0, idx0), (steps1, idx1) = results
+    # Both ranks used the same plan at every step.
+    assert [(e, s, d) for e, s, _, d in steps0] == [(e, s, d) for e, s, _, d in steps1]
+    # Every epoch still covered the dataset exactly once.
+    for epoch in range(4):
+        assert sorted(idx0[epoch] + idx1[epoch]) == list(range(N))
+        assert idx0[epoch] + idx1[epoch] != [] and len(idx0[epoch]) + len(idx1[epoch]) == N
+    records = [json.loads(line) for line in open(journal)]
+    starts = [r for r in records if r["event"] == "start"]
+    plans = [r for r in records if r["event"] == "plan"]
+    assert len(starts) == 2
+    # Plans were decided before the kill and again after the restart (the ranks reconnected).
+    first_start_after = records.index(starts[1])
+    assert any(r["event"] == "plan" for r in records[:first_start_after])
+    assert any(r["event"] == "plan" for r in records[first_start_after:])
+    # Each (epoch, window) was decided at most once across both lives of the coordinator.
+    keys = [(p["epoch"], p["window"]) for p in plans]
+    assert len(keys) == len(set(keys))
+
+
+def _fuzz_frames(rng: random.Random, secret: bytes):
+    kind = rng.randrange(8)
+    if kind == 0:
+        return [rng.randbytes(rng.randrange(0, 64)) for _ in range(rng.randrange(1, 4))]
+    body = {"v": rng.choice([1, 1, 1, 2, None, "1"]), "id": rng.choice([1, -1, 2**60, "x"]),
+            "type": rng.choice(["plan", "stats", "ping", "nope", 5]),
+            "run": rng.choice(["fuzz", "target", "", "x" * 300, 7]),
+            "generation": rng.choice([0, 1, -1, 2**40]),
+            "rank": rng.choice([0, 1, 5, -3, 10**9]), "world_size": rng.choice([1, 2, 0, 10**8]),
+            "epoch": rng.choice([0, 1, -1]), "window": rng.choice([0, 3]),
+            "global_batch_size": rng.choice([16, 0, -5, 10**12]),
+            "policy": rng.choice(["affine", "equal", "DROP", None]),
+            "min_sizes": rng.choice([[1, 1], [1], [0, 0], "x"]),
+            "max_sizes": rng.choice([[16, 16], [99, 99], None]),
+            "quantum": rng.choice([1, 0, 3]), "initial_weights": rng.choice([None, [1, 2], [0, 1]]),
+            "options": rng.choice([{}, {"band": -1}, {"nope": 1}, []]),
+            "records": rng.choice([[], [[0, 1, 8, 0.1]], [[0, 1, 8, -0.1]], [[0, 1, 8, 1e9]],
+                                   [[0, 1, 99, 0.1]], [["a"]], "x"])}
+    for key in rng.sample(sorted(body), rng.randrange(0, 4)):
+        del body[key]
+    raw = json.dumps(body).encode()
+    if kind == 1:
+        raw = raw.replace(b"0.1", b"NaN")
+    if kind == 2:
+        return [raw, b""]  # unsigned
+    return [raw, protocol._mac(secret if kind != 3 else b"wrong-secret", raw)]
+
+
+def test_randomized_hostile_traffic_changes_nothing_while_a_sampler_gets_plans(tmp_path):
+    secret = SECRET.encode()
+    port = free_port()
+    proc = start_coordinator(port, str(tmp_path / "c.jsonl"))
+    address = f"tcp://127.0.0.1:{port}"
+    os.environ["SHARDBALANCE_TOKEN"] = SECRET
+    try:
+        sampler = WeightedDistributedSampler(range(N), B, num_replicas=1, rank=0,
+                                             coordinator=address, rebalance_every=1, timeout_s=5)
+        stop = threading.Event()
+        sent = [0]
+
+        def fuzz():
+            rng = random.Random(1)
+            ctx = zmq.Context()
+            socks = [ctx.socket(zmq.DEALER) for _ in range(4)]
+            for s in socks:
+                s.setsockopt(zmq.LINGER, 0)
+                s.setsockopt(zmq.SNDHWM, 1000)
+                s.connect(address)
+            while not stop.is_set() and sent[0] < 30000:
+                sock = socks[sent[0] % len(socks)]
+                try:
+                    sock.send_multipart(_fuzz_frames(rng, secret), zmq.NOBLOCK)
+                    sent[0] += 1
+                except zmq.Again:
+                    time.sleep(0.001)
+                for s in socks:  # drain replies so nothing piles up on our side
+                    while s.poll(0):
+                        s.recv_multipart()
+            for s in socks:
+                s.close()
+            ctx.term()
+
+        fuzzer = threading.Thread(target=fuzz)
+        fuzzer.start()
+        got = []
+        deadline = time.monotonic() + 60
+        epoch = 0
+        while fuzzer.is_alive() and time.monotonic() < deadline:
+            sampler.set_epoch(epoch)
+            got.append([i for batch in sampler for i in batch])
+            epoch += 1
+        stop.set()
+        fuzzer.join(30)
+        assert sent[0] >= 10000
+        # The real run kept getting plans from the coordinator and covering its data.
+        order = [sorted(g) for g in got]
+        assert all(o == list(range(N)) for o in order)
+        assert sampler.plan.run_id == sampler.run_id
+        # The coordinator is alive, still answers, and its memory stayed bounded.
+        assert proc.poll() is None
+        rss_kib = int([line for line in open(f"/proc/{proc.pid}/status")
+                       if line.startswith("VmRSS")][0].split()[1])
+        assert rss_kib < 300 * 1024
+        sampler.close()
+    finally:
+        os.environ.pop("SHARDBALANCE_TOKEN", None)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+
+
+def test_a_peer_that_never_reads_replies_does_not_stall_the_others(tmp_path):
+    port = free_port()
+    proc = start_coordinator(port, str(tmp_path / "c.jsonl"))
+    address = f"tcp://127.0.0.1:{port}"
+    ctx = zmq.Context()
+    stalled = ctx.socket(zmq.DEALER)
+    stalled.setsockopt(zmq.LINGER, 0)
+    stalled.setsockopt(zmq.RCVHWM, 1)
+    stalled.setsockopt(zmq.RCVBUF, 4096)
+    stalled.connect(address)
+    try:
+        ping = protocol.encode({"type": "ping", "id": 1}, SECRET.encode())
+        for _ in range(20000):
+            try:
+                stalled.send_multipart(ping, zmq.NOBLOCK)
+            except zmq.Again:
+                break
+        from shardbalance.client import CoordinatorClient
+
+        client = CoordinatorClient(address, SECRET.encode(), timeout_s=2, retries=1)
+        start = time.monotonic()
+        client.ping()
+        client.close()
+        assert time.monotonic() - start < 2
+    finally:
+        stalled.close()
+        ctx.term()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
