@@ -7,6 +7,10 @@
     # GPUs: one rank per GPU, no flags needed
     torchrun --nproc_per_node=8 examples/train.py
 
+    # checkpoint every 4 steps and resume after a crash (torchrun restarts the ranks)
+    torchrun --nproc_per_node=2 --max-restarts=1 examples/train.py --emulate-speeds 1,3 \
+        --checkpoint ckpt.pt --checkpoint-every 4 --simulate-failure 10
+
 The data is generated (a fixed random teacher network labels Gaussian inputs), so the script
 needs no download. Rank 0 prints one line per epoch: time, throughput, loss and the plan.
 ``--metrics-out FILE`` also writes those lines as JSON for benchmarks.
@@ -49,7 +53,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overhead-ms", type=float, default=5.0, help="emulated fixed cost per step")
     p.add_argument("--metrics-out", default=None, help="rank 0 appends one JSON line per epoch")
     p.add_argument("--coordinator-log", default=None, help="journal of the embedded coordinator")
+    p.add_argument("--checkpoint", default=None,
+                   help="save model, optimizer and sampler here; resume from it if it exists")
+    p.add_argument("--checkpoint-every", type=int, default=0,
+                   help="also checkpoint every this many steps inside an epoch")
+    p.add_argument("--simulate-failure", type=int, default=None, metavar="STEP",
+                   help="the last rank dies at this global step of the first attempt "
+                        "(to try torchrun --max-restarts)")
     return p.parse_args(argv)
+
+
+def save_checkpoint(path: str, model, opt, sampler, epoch: int) -> None:
+    """Rank 0 writes atomically; the sampler state is the run's position (epoch, sample)."""
+    state = {"model": model.module.state_dict(), "opt": opt.state_dict(), "epoch": epoch,
+             "sampler": sampler.state_dict() if hasattr(sampler, "state_dict") else None}
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 def make_dataset(num_samples: int, dim: int = 32, classes: int = 10) -> TensorDataset:
@@ -97,7 +116,22 @@ def main(argv=None) -> None:
         sampler.attach(model)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
 
-    for epoch in range(args.epochs):
+    first_epoch = 0
+    if args.checkpoint and os.path.exists(args.checkpoint):
+        state = torch.load(args.checkpoint, map_location=device)
+        model.module.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        first_epoch = state["epoch"]
+        if state["sampler"] is not None and args.sampler == "weighted":
+            sampler.load_state_dict(state["sampler"])
+            first_epoch = state["sampler"]["epoch"]
+        if rank == 0:
+            print(f"resumed from {args.checkpoint} at epoch {first_epoch} "
+                  f"(restart {os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')})", flush=True)
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    global_step = 0
+
+    for epoch in range(first_epoch, args.epochs):
         sampler.set_epoch(epoch)
         dist.barrier()
         start = time.perf_counter()
@@ -110,6 +144,14 @@ def main(argv=None) -> None:
             opt.step()
             total_loss += loss.detach() * len(y)
             seen += len(y)
+            global_step += 1
+            if args.checkpoint and args.checkpoint_every and global_step % args.checkpoint_every == 0:
+                if rank == 0:
+                    save_checkpoint(args.checkpoint, model, opt, sampler, epoch)
+                dist.barrier()
+            if args.simulate_failure == global_step and first_attempt and rank == world - 1:
+                print(f"rank {rank}: simulated failure at step {global_step}", flush=True)
+                os._exit(1)
         dist.barrier()
         elapsed = time.perf_counter() - start
         stats = torch.tensor([total_loss.item(), float(seen)], dtype=torch.float64, device=device)
@@ -126,6 +168,9 @@ def main(argv=None) -> None:
             if args.metrics_out:
                 with open(args.metrics_out, "a", encoding="utf-8") as fh:
                     fh.write(json.dumps(record) + "\n")
+        if args.checkpoint and rank == 0:
+            # The sampler's position is the end of this epoch: resuming starts the next one.
+            save_checkpoint(args.checkpoint, model, opt, sampler, epoch + 1)
 
     dist.barrier()
     del model

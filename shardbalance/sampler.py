@@ -455,11 +455,14 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         trained once the sampler yielded it. Plain JSON-serialisable data.
         """
         entry = self.ledger.last_trained if self._hook is not None else self.ledger.last_yielded
-        if entry is not None and entry.epoch == self.epoch:
+        epoch = self.epoch
+        if entry is not None and entry.epoch == epoch:
             position = entry.position_after
         else:
-            position = self._start_position(self.epoch)
-        return {"version": 1, "epoch": self.epoch, "position": int(position),
+            position = self._start_position(epoch)
+        if position > 0 and self._steps(position) == 0:
+            epoch, position = epoch + 1, 0  # the epoch is complete: resume at the next one
+        return {"version": 1, "epoch": epoch, "position": int(position),
                 "seed": self.seed, "shuffle": self.shuffle, "num_samples": self.num_samples,
                 "global_batch_size": self.global_batch_size}
 

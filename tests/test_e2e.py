@@ -13,10 +13,10 @@ from shardbalance.report import summarize
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def torchrun(nproc, *args, timeout_s=150):
+def torchrun(nproc, *args, timeout_s=150, launcher_args=None):
+    rendezvous = launcher_args or ["--master_addr=127.0.0.1", f"--master_port={free_port()}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-           str(ROOT / "examples" / "train.py"), *args]
+           *rendezvous, str(ROOT / "examples" / "train.py"), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
@@ -50,3 +50,26 @@ def test_the_fast_rank_ends_with_the_larger_batch(tmp_path):
     summary = summarize(str(journal))
     assert "2 ranks, global batch 64, policy affine" in summary
     assert str(final) in summary
+
+
+def test_elastic_restart_resumes_from_the_checkpoint_as_a_new_generation(tmp_path):
+    metrics, journal = tmp_path / "metrics.jsonl", tmp_path / "coordinator.jsonl"
+    out = torchrun(2, "--emulate-speeds", "1,3", "--epochs", "3",
+                   "--samples", "512", "--global-batch-size", "64", "--num-workers", "0",
+                   "--checkpoint", str(tmp_path / "ckpt.pt"), "--checkpoint-every", "4",
+                   "--simulate-failure", "10", "--metrics-out", str(metrics),
+                   "--coordinator-log", str(journal),
+                   # Restarts need a rendezvous that knows rounds (the static one reuses keys).
+                   launcher_args=["--max-restarts=1", "--rdzv-backend=c10d",
+                                  f"--rdzv-endpoint=127.0.0.1:{free_port()}"])
+    assert "simulated failure at step 10" in out
+    assert "resumed from" in out and "at epoch 1 (restart 1)" in out
+    epochs = [json.loads(line) for line in metrics.read_text().splitlines()]
+    # Epoch 0 completed before the crash (step 10 is in epoch 1); after the restart epoch 1
+    # resumed mid-way (from the step-8 checkpoint) and epoch 2 ran whole.
+    assert [e["epoch"] for e in epochs] == [0, 1, 2]
+    assert epochs[1]["steps"] == 8 - 0 and epochs[2]["steps"] == 8
+    runs = [json.loads(line) for line in journal.read_text().splitlines()]
+    generations = {(r["run"], r["generation"]) for r in runs if r["event"] == "run"}
+    assert len({run for run, _ in generations}) == 1, generations  # one run id for the job
+    assert {g for _, g in generations} == {0, 1}

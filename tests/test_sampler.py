@@ -204,3 +204,28 @@ def test_loss_scale_is_the_share_times_world_size():
     sampler = WeightedDistributedSampler(range(50), 16, num_replicas=2, rank=0, policy="equal")
     assert sampler.loss_scale(4) == pytest.approx(0.5)
     assert sampler.loss_scale(12) == pytest.approx(1.5)
+
+
+def test_two_ranks_checkpoint_at_step_7_and_three_ranks_resume_with_another_batch():
+    N, seed, epoch = 300, 11, 1
+    old = [ScriptedPlans(range(N), 24, num_replicas=2, rank=r, seed=seed,
+                         plan_weights=lambda e, w: [1, 3]) for r in range(2)]
+    trained = []
+    for sampler in old:
+        sampler.set_epoch(epoch)
+        batches = iter(sampler)
+        trained += [i for _ in range(7) for i in next(batches)]
+    states = [s.state_dict() for s in old]
+    assert states[0] == states[1] and states[0]["position"] == 7 * 24
+    state = json.loads(json.dumps(states[0]))
+    new = [ScriptedPlans(range(N), 30, num_replicas=3, rank=r, seed=seed, rebalance_every=2,
+                         plan_weights=lambda e, w: [1 + w, 2, 3]) for r in range(3)]
+    rest = []
+    for sampler in new:
+        sampler.load_state_dict(state)
+        assert sampler.epoch == epoch and len(sampler) == -(-(N - 7 * 24) // 30)
+        rest += [i for batch in sampler for i in batch]
+    # Exactly the samples not yet trained, plus the padding of the last global batch.
+    assert sorted(set(trained + rest)) == list(range(N))
+    assert len(trained) + len(rest) == 7 * 24 + 5 * 30
+    assert len(set(trained) & set(rest)) == len(trained) + len(rest) - N

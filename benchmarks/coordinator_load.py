@@ -1,0 +1,526 @@
+"""Load on one standalone coordinator: many simulated ranks reporting stats and asking for plans.
+
+    python benchmarks/coordinator_load.py [--ranks 256 --windows 50 --steps-per-window 10
+                                          --workers 4 --json-out FILE]
+
+RESULTS_PLACEHOLDER
+
+What runs: ONE real coordinator (``python -m shardbalance coordinator --bind tcp://127.0.0.1:0
+--log <tmp>/coord.jsonl``, secret in ``SHARDBALANCE_TOKEN``), and ``--workers`` forked worker
+processes that own the ``--ranks`` simulated ranks of one run (policy ``affine``, global batch
+32 per rank, bounds [1, 128]), one DEALER socket per rank, messages built and checked with
+``shardbalance.protocol.encode/decode`` (signed). The ranks move in lockstep as the sampler does
+(stats flushed, barrier, then the plan request):
+
+    plan(window 0); then per window w: stats(w: steps-per-window records, batch size from the
+    plan of w) -> all acks -> barrier -> plan(w+1) -> all plans -> barrier
+
+Within a worker a phase is pipelined: every rank's request is sent, then replies are collected
+with a poller and matched by id; each request's latency is send -> its reply as seen by the
+worker (so it includes queueing behind the other ranks of the burst and the worker's own
+decoding). Busy times are deterministic: ``(4 ms + beta_i * b) * (1 + 3% noise)`` with every
+fourth rank twice as slow, so the affine policy has something to rebalance.
+
+Checks: every rank of a window gets the same plan digest (and ``Plan.from_dict`` re-verifies the
+digest), lost reports = records sent - sum of the acks' ``accepted`` (missing replies count as
+lost), plans decided = ``plan`` events in the journal. Coordinator RSS is VmRSS of its
+/proc/<pid>/status right after READY, after every rank connected, and at the end (VmHWM too);
+its CPU time is utime+stime from /proc/<pid>/stat over the load phase.
+
+Breakdown (``--no-breakdown`` skips it): after the coordinator is stopped, the same message
+sequence is replayed in this process through ``Coordinator.handle`` (no sockets, same secret,
+journal and a log file like the CLI's), timing each call, and timing the decision's parts
+(``RunState.observations``, ``policies.decide``, ``Coordinator._announce``) by wrapping them in
+this process only. The replay decides from the same measurements, so its digests must equal the
+live run's. Its per-window sum of handle times is the coordinator's pure Python cost, to compare
+with the live per-window wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import multiprocessing as mp
+import os
+import secrets
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections import Counter, defaultdict
+
+import numpy as np
+
+from shardbalance import protocol
+from shardbalance.plan import Plan
+
+RUN_ID = "bench-load"
+PER_RANK_BATCH = 32
+MAX_PER_RANK = 128
+ALPHA_S = 0.004
+BETA_S = 0.0005
+NOISE = 0.03
+SEED = 1234
+
+
+# ---------------------------------------------------------------------------------------------
+# The simulated run (shared by the workers and the in-process replay)
+
+class Sim:
+    def __init__(self, ranks: int, steps: int) -> None:
+        self.ranks = ranks
+        self.steps = steps
+        self.global_batch = PER_RANK_BATCH * ranks
+        self.min_sizes = [1] * ranks
+        self.max_sizes = [MAX_PER_RANK] * ranks
+        jitter = np.random.default_rng(SEED).uniform(0.9, 1.1, ranks)
+        self.betas = BETA_S * jitter * np.where(np.arange(ranks) % 4 == 3, 2.0, 1.0)
+
+    def window_start(self, w: int) -> int:
+        return w * self.steps
+
+    def plan_msg(self, rank: int, w: int) -> dict:
+        return {"type": "plan", "run": RUN_ID, "generation": 0, "rank": rank,
+                "world_size": self.ranks, "epoch": 0, "window": self.window_start(w),
+                "global_batch_size": self.global_batch, "policy": "affine",
+                "min_sizes": self.min_sizes, "max_sizes": self.max_sizes, "quantum": 1,
+                "initial_weights": None, "options": {}}
+
+    def records(self, rank: int, w: int, b: int) -> list[list]:
+        noise = np.random.default_rng([SEED, rank, w]).normal(0.0, NOISE, self.steps)
+        busy = (ALPHA_S + self.betas[rank] * b) * np.maximum(1.0 + noise, 0.5)
+        first = self.window_start(w)
+        return [[0, first + i, b, float(t)] for i, t in enumerate(busy)]
+
+    def stats_msg(self, rank: int, w: int, b: int) -> dict:
+        return {"type": "stats", "run": RUN_ID, "generation": 0, "rank": rank,
+                "world_size": self.ranks, "records": self.records(rank, w, b)}
+
+
+def schedule(windows: int) -> list[tuple[str, int]]:
+    phases = [("plan", 0)]
+    for w in range(windows):
+        phases += [("stats", w), ("plan", w + 1)]
+    return phases
+
+
+def check_plan(reply: dict, sim: Sim, w: int) -> Plan:
+    if reply.get("type") != "plan":
+        raise ValueError(f"expected a plan, got {reply!r:.300}")
+    plan = Plan.from_dict(reply["plan"])  # re-verifies the digest
+    if (plan.run_id, plan.window, plan.world_size, plan.global_batch_size) != \
+            (RUN_ID, sim.window_start(w), sim.ranks, sim.global_batch):
+        raise ValueError(f"plan for the wrong window/run: {reply['plan']!r:.300}")
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker processes
+
+def worker(wid: int, my_ranks: list[int], args, endpoint: str, secret: bytes, barrier,
+           results) -> None:
+    import zmq
+
+    out = {"worker": wid, "stats_ms": [], "plan_ms": [], "records_sent": 0, "accepted": 0,
+           "missing_replies": 0, "errors": [], "digests": defaultdict(dict), "cpu_s": 0.0}
+    ctx = zmq.Context()
+    ctx.set(zmq.MAX_SOCKETS, len(my_ranks) + 64)
+    socks: dict[int, zmq.Socket] = {}
+    try:
+        sim = Sim(args.ranks, args.steps_per_window)
+        poller = zmq.Poller()
+        for r in my_ranks:
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES + 4096)
+            s.connect(endpoint)
+            socks[r] = s
+            poller.register(s, zmq.POLLIN)
+        ids = itertools.count(1)
+        sizes = {}  # rank -> batch size of the window in force
+
+        def phase(kind: str, w: int, measure: bool) -> None:
+            pending = {}
+            for r in my_ranks:
+                if kind == "stats":
+                    msg = sim.stats_msg(r, w, sizes[r])
+                    out["records_sent"] += len(msg["records"])
+                elif kind == "plan":
+                    msg = sim.plan_msg(r, w)
+                else:
+                    msg = {"type": "ping"}
+                i = next(ids)
+                frames = protocol.encode({**msg, "id": i}, secret)
+                pending[i] = (r, time.perf_counter())
+                try:
+                    socks[r].send_multipart(frames, zmq.NOBLOCK)
+                except zmq.ZMQError as exc:
+                    out["errors"].append(f"{kind} {w} rank {r}: send failed: {exc}")
+                    del pending[i]
+            deadline = time.monotonic() + args.reply_timeout
+            while pending:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                for s, _ in poller.poll(int(remaining * 1000) + 1):
+                    while True:
+                        try:
+                            frames = s.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        t1 = time.perf_counter()
+                        reply = protocol.decode(frames, secret)
+                        entry = pending.pop(reply["id"], None)
+                        if entry is None:
+                            out["errors"].append(f"unexpected reply id {reply['id']}")
+                            continue
+                        r, t0 = entry
+                        if reply["type"] == "error":
+                            out["errors"].append(f"{kind} {w} rank {r}: {reply.get('error')}")
+                            continue
+                        if measure:
+                            out[f"{kind}_ms"].append((t1 - t0) * 1e3)
+                        if kind == "stats":
+                            out["accepted"] += int(reply.get("accepted", 0))
+                        elif kind == "plan":
+                            plan = check_plan(reply, sim, w)
+                            sizes[r] = plan.batch_sizes[r]
+                            out["digests"][w][r] = plan.digest
+            if pending:
+                out["missing_replies"] += len(pending)
+                out["errors"].append(f"{kind} {w}: {len(pending)} replies missing after "
+                                     f"{args.reply_timeout:g} s")
+
+        phase("ping", -1, measure=False)  # every socket connected and served once
+        barrier.wait(args.reply_timeout)
+        cpu0 = time.process_time()
+        for kind, w in schedule(args.windows):
+            phase(kind, w, measure=True)
+            barrier.wait(args.reply_timeout)
+        out["cpu_s"] = time.process_time() - cpu0
+    except Exception:
+        out["errors"].append(traceback.format_exc())
+        barrier.abort()
+    finally:
+        for s in socks.values():
+            s.close(linger=0)
+        ctx.term()
+        out["digests"] = {w: d for w, d in out["digests"].items()}
+        results.put(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# The coordinator process
+
+def proc_rss_kib(pid: int) -> dict[str, int]:
+    out = {}
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, value = line.split(":", 1)
+                out[key] = int(value.split()[0])
+    return out
+
+
+def proc_cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def start_coordinator(tmp: str, secret: bytes, timeout_s: float) -> tuple[subprocess.Popen, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDBALANCE_")}
+    env["SHARDBALANCE_TOKEN"] = secret.decode()
+    stderr = open(os.path.join(tmp, "coord.stderr"), "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shardbalance", "coordinator", "--bind", "tcp://127.0.0.1:0",
+         "--log", os.path.join(tmp, "coord.jsonl")],
+        stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL, env=env)
+    stderr.close()
+    deadline = time.monotonic() + timeout_s
+    line = b""
+    while time.monotonic() < deadline and not line.endswith(b"\n"):
+        ready, _, _ = select.select([proc.stdout], [], [], 0.1)
+        if ready:
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            if not chunk:
+                break
+            line += chunk
+        elif proc.poll() is not None:
+            break
+    text = line.decode(errors="replace").strip()
+    if not text.startswith("READY "):
+        stop_process(proc)
+        raise RuntimeError(f"coordinator did not start within {timeout_s:g} s (said {text!r}, "
+                           f"exit {proc.returncode})")
+    return proc, text.split(" ", 1)[1]
+
+
+def stop_process(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout_s)
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# In-process replay: where the coordinator's time goes
+
+def replay(args, secret: bytes, tmp: str) -> dict:
+    import shardbalance.coordinator as cm
+
+    timers: dict[str, list[float]] = defaultdict(list)
+
+    def timed(name, fn):
+        def wrapper(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                timers[name].append(time.perf_counter() - t0)
+        return wrapper
+
+    saved = (cm.RunState.observations, cm.decide)
+    handler = logging.FileHandler(os.path.join(tmp, "replay.log"))
+    cm.log.addHandler(handler)
+    level, propagate = cm.log.level, cm.log.propagate
+    cm.log.setLevel(logging.INFO)
+    cm.log.propagate = False
+    cm.RunState.observations = timed("observations", saved[0])
+    cm.decide = timed("decide", saved[1])
+    coord = cm.Coordinator(f"inproc://coordinator-load-{os.getpid()}",
+                           os.path.join(tmp, "replay.jsonl"), secret)
+    coord._announce = timed("announce", coord._announce)
+    sim = Sim(args.ranks, args.steps_per_window)
+    sizes: dict[int, int] = {}
+    digests: dict[int, str] = {}
+    handle_s: dict[str, list[float]] = defaultdict(list)
+    per_window_s: dict[int, float] = defaultdict(float)
+    ids = itertools.count(1)
+    try:
+        for kind, w in schedule(args.windows):
+            for r in range(args.ranks):
+                msg = sim.stats_msg(r, w, sizes[r]) if kind == "stats" else sim.plan_msg(r, w)
+                frames = protocol.encode({**msg, "id": next(ids)}, secret)
+                t0 = time.perf_counter()
+                reply_frames = coord.handle(frames)
+                dt = time.perf_counter() - t0
+                reply = protocol.decode(reply_frames, secret)
+                if kind == "stats":
+                    handle_s["stats"].append(dt)
+                    if reply.get("accepted") != len(msg["records"]):
+                        raise RuntimeError(f"replay: stats not accepted: {reply!r:.300}")
+                else:
+                    handle_s["plan_decide" if r == 0 else "plan_cached"].append(dt)
+                    plan = check_plan(reply, sim, w)
+                    sizes[r] = plan.batch_sizes[r]
+                    digests[w] = plan.digest
+                per_window_s[w if kind == "stats" else w - 1] += dt
+    finally:
+        coord.close()
+        cm.RunState.observations, cm.decide = saved
+        cm.log.removeHandler(handler)
+        handler.close()
+        cm.log.setLevel(level)
+        cm.log.propagate = propagate
+    ms = lambda xs: float(np.mean(xs) * 1e3) if xs else float("nan")  # noqa: E731
+    return {
+        "digests": digests,
+        "stats_handle_us": ms(handle_s["stats"]) * 1e3,
+        "plan_cached_handle_us": ms(handle_s["plan_cached"]) * 1e3,
+        "plan_decide_ms": ms(handle_s["plan_decide"]),
+        "plan_decide_ms_last": float(handle_s["plan_decide"][-1] * 1e3),
+        "observations_ms": ms(timers["observations"]),
+        "decide_ms": ms(timers["decide"]),
+        "announce_ms": ms(timers["announce"]),
+        "per_window_ms": float(np.median([v for k, v in per_window_s.items() if k >= 0]) * 1e3),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ranks", type=int, default=256)
+    p.add_argument("--windows", type=int, default=50)
+    p.add_argument("--steps-per-window", type=int, default=10)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--reply-timeout", type=float, default=60.0,
+                   help="seconds to wait for the replies of one phase, and at each barrier")
+    p.add_argument("--no-breakdown", action="store_true",
+                   help="skip the in-process replay that times the coordinator's parts")
+    p.add_argument("--json-out", default=None, help="write every figure as JSON to this file")
+    args = p.parse_args(argv)
+    if args.ranks < 1 or args.windows < 1 or args.steps_per_window < 1:
+        p.error("--ranks, --windows and --steps-per-window must be >= 1")
+    if not 1 <= args.workers <= args.ranks:
+        p.error("--workers must be in [1, --ranks]")
+    return args
+
+
+def pct(xs, q) -> float:
+    return float(np.percentile(xs, q)) if len(xs) else float("nan")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    secret = secrets.token_hex(32).encode()
+    mpc = mp.get_context("fork")  # before any zmq context exists in this process
+    procs: list = []
+    coord = None
+    res: dict = {"config": vars(args)}
+    with tempfile.TemporaryDirectory(prefix="coordinator-load-") as tmp:
+        try:
+            coord, endpoint = start_coordinator(tmp, secret, 30.0)
+            pid = coord.pid
+            rss_ready = proc_rss_kib(pid)["VmRSS"]
+            barrier = mpc.Barrier(args.workers + 1)
+            results = mpc.Queue()
+            for wid in range(args.workers):
+                my = list(range(wid, args.ranks, args.workers))
+                p = mpc.Process(target=worker, args=(wid, my, args, endpoint, secret, barrier,
+                                                     results), daemon=True)
+                p.start()
+                procs.append(p)
+            barrier.wait(args.reply_timeout)  # all connected and pinged
+            rss_connected = proc_rss_kib(pid)["VmRSS"]
+            cpu0, t0 = proc_cpu_s(pid), time.perf_counter()
+            rss_trace, phase_s = [], defaultdict(list)
+            t_prev = t0
+            for kind, w in schedule(args.windows):
+                barrier.wait(args.reply_timeout)
+                now = time.perf_counter()
+                phase_s[kind].append(now - t_prev)
+                t_prev = now
+                if kind == "plan":
+                    rss_trace.append(proc_rss_kib(pid)["VmRSS"])
+            wall = time.perf_counter() - t0
+            cpu = proc_cpu_s(pid) - cpu0
+            mem_end = proc_rss_kib(pid)
+            outs = [results.get(timeout=args.reply_timeout) for _ in procs]
+        except BaseException:
+            if procs:
+                try:
+                    barrier.abort()
+                except Exception:
+                    pass
+            raise
+        finally:
+            for p in procs:
+                p.join(10)
+                if p.is_alive():
+                    p.terminate()
+                    p.join(5)
+            if coord is not None:
+                stop_process(coord)
+                coord_rc = coord.returncode
+        errors = [e for o in outs for e in o["errors"]]
+        stats_ms = np.concatenate([o["stats_ms"] for o in outs])
+        plan_ms = np.concatenate([o["plan_ms"] for o in outs])
+        sent = sum(o["records_sent"] for o in outs)
+        accepted = sum(o["accepted"] for o in outs)
+        by_window: dict[int, dict[int, str]] = defaultdict(dict)
+        for o in outs:
+            for w, d in o["digests"].items():
+                by_window[w].update(d)
+        agree = (len(by_window) == args.windows + 1 and
+                 all(len(d) == args.ranks and len(set(d.values())) == 1
+                     for d in by_window.values()))
+        live_digests = {w: next(iter(d.values())) for w, d in by_window.items() if d}
+        journal = [json.loads(line) for line in open(os.path.join(tmp, "coord.jsonl"))]
+        events = Counter(rec.get("event") for rec in journal)
+        plans = [rec for rec in journal if rec.get("event") == "plan"]
+        changed = sum(rec["batch_sizes"] != rec["previous"] for rec in plans)
+        with open(os.path.join(tmp, "coord.stderr"), errors="replace") as fh:
+            stderr_lines = fh.read().splitlines()
+        warnings_ = [ln for ln in stderr_lines if "rejected" in ln or "Traceback" in ln]
+        n_req = len(stats_ms) + len(plan_ms)
+        res.update({
+            "requests": n_req, "wall_s": wall, "requests_per_s": n_req / wall,
+            "stats_p50_ms": pct(stats_ms, 50), "stats_p99_ms": pct(stats_ms, 99),
+            "stats_max_ms": float(stats_ms.max()) if len(stats_ms) else float("nan"),
+            "plan_p50_ms": pct(plan_ms, 50), "plan_p99_ms": pct(plan_ms, 99),
+            "plan_max_ms": float(plan_ms.max()) if len(plan_ms) else float("nan"),
+            "stats_phase_ms_median": float(np.median(phase_s["stats"]) * 1e3),
+            "plan_phase_ms_median": float(np.median(phase_s["plan"]) * 1e3),
+            "plans_decided": len(plans), "plans_changed": changed,
+            "plans_expected": args.windows + 1, "digests_agree": agree,
+            "records_sent": sent, "records_accepted": accepted, "lost_reports": sent - accepted,
+            "missing_replies": sum(o["missing_replies"] for o in outs), "errors": errors[:20],
+            "journal_events": dict(events), "coordinator_warnings": warnings_[:20],
+            "coordinator_exit": coord_rc,
+            "rss_ready_mib": rss_ready / 1024, "rss_connected_mib": rss_connected / 1024,
+            "rss_end_mib": mem_end["VmRSS"] / 1024, "hwm_mib": mem_end["VmHWM"] / 1024,
+            "rss_trace_mib": [round(x / 1024, 1) for x in rss_trace],
+            "coordinator_cpu_s": cpu, "coordinator_cpu_share": cpu / wall,
+            "workers_cpu_s": sum(o["cpu_s"] for o in outs),
+        })
+        if not args.no_breakdown:
+            rp = replay(args, secret, tmp)
+            rp["digests_match_live"] = rp.pop("digests") == live_digests
+            res["replay"] = rp
+
+    rows = [
+        ("ranks x windows x steps/window, workers",
+         f"{args.ranks} x {args.windows} x {args.steps_per_window}, {args.workers}"),
+        ("requests (stats + plan)", f"{len(stats_ms)} + {len(plan_ms)} in {wall:.1f} s"),
+        ("requests/s overall", f"{res['requests_per_s']:.0f}"),
+        ("stats latency p50 / p99 / max ms",
+         f"{res['stats_p50_ms']:.1f} / {res['stats_p99_ms']:.1f} / {res['stats_max_ms']:.1f}"),
+        ("plan latency p50 / p99 / max ms",
+         f"{res['plan_p50_ms']:.1f} / {res['plan_p99_ms']:.1f} / {res['plan_max_ms']:.1f}"),
+        ("phase wall median ms: stats / plan",
+         f"{res['stats_phase_ms_median']:.0f} / {res['plan_phase_ms_median']:.0f}"),
+        ("plans decided (expected), changed",
+         f"{len(plans)} ({args.windows + 1}), {changed}"),
+        ("plan digests agree across all ranks", "yes" if agree else "NO"),
+        ("lost reports (sent - accepted)", f"{sent - accepted} ({sent} sent)"),
+        ("missing replies / error replies", f"{res['missing_replies']} / {len(errors)}"),
+        ("coordinator RSS MiB: ready / connected / end / HWM",
+         f"{res['rss_ready_mib']:.1f} / {res['rss_connected_mib']:.1f} / "
+         f"{res['rss_end_mib']:.1f} / {res['hwm_mib']:.1f}"),
+        ("coordinator CPU s (share of wall)", f"{cpu:.1f} ({cpu / wall:.0%})"),
+        ("workers CPU s (all)", f"{res['workers_cpu_s']:.1f}"),
+    ]
+    if "replay" in res:
+        rp = res["replay"]
+        rows += [
+            ("replay: handle() stats / cached plan us",
+             f"{rp['stats_handle_us']:.0f} / {rp['plan_cached_handle_us']:.0f}"),
+            ("replay: deciding plan ms (mean, last)",
+             f"{rp['plan_decide_ms']:.1f}, {rp['plan_decide_ms_last']:.1f}"),
+            ("replay: observations / decide / announce ms",
+             f"{rp['observations_ms']:.1f} / {rp['decide_ms']:.1f} / {rp['announce_ms']:.1f}"),
+            ("replay: coordinator Python ms per window", f"{rp['per_window_ms']:.0f}"),
+            ("replay digests equal live digests", "yes" if rp["digests_match_live"] else "NO"),
+        ]
+    width = max(len(k) for k, _ in rows)
+    print(f"{'metric':<{width}} | value")
+    print(f"{'-' * width}-|-{'-' * 30}")
+    for k, v in rows:
+        print(f"{k:<{width}} | {v}")
+    if errors:
+        print("\nerrors (first 5):", *errors[:5], sep="\n  ")
+    if warnings_:
+        print("\ncoordinator warnings (first 5):", *warnings_[:5], sep="\n  ")
+    print(f"\nRSS after each plan phase (MiB): {res['rss_trace_mib']}")
+    if args.json_out:
+        with open(args.json_out, "w") as fh:
+            json.dump(res, fh, indent=1, default=str)
+    ok = agree and sent == accepted and not errors and len(plans) == args.windows + 1
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
