@@ -27,6 +27,9 @@ The measured speedup stays under the ideal 2.22x because every step also pays ~7
 cost the model leaves out (Python, data loading, all-reduce): 139 ms/step measured vs 133
 modelled for the equal split, 68 vs 60 for the optimum; (133+7)/(60+8) ≈ 2.05. The optimum
 run, with the same overheads, does no better than the weighted one.
+A third run under heavier load (~4.5) gave speedup 2.20x, efficiency 1.010: the load slowed
+the distributed run most (153 ms/step), so single runs on a busy machine overstate the
+speedup; use --repeats 3 and compare the per-repeat figures.
 
 What is compared. Three runs of ``examples/train.py`` under torchrun (gloo, CPU, 127.0.0.1, a
 free port per launch), the same emulated cluster (rank i sleeps ``overhead + b*per_sample/s_i``

@@ -107,7 +107,8 @@ def parse_speeds(spec: str | Sequence[float], ranks: int, rng: np.random.Generat
                 raise ConfigError(f"Invalid speeds {spec!r}: parameters must be numbers") from None
             if kind == "lognormal":
                 if len(params) != 1 or not math.isfinite(params[0]) or params[0] < 0:
-                    raise ConfigError(f"Invalid speeds {spec!r}: expected lognormal:σ with σ >= 0")
+                    raise ConfigError(f"Invalid speeds {spec!r}: expected lognormal:σ with "
+                                      "σ >= 0")
                 return np.exp(params[0] * rng.standard_normal(ranks))
             if kind == "uniform":
                 if len(params) != 2 or not all(map(math.isfinite, params)) or \

@@ -1,0 +1,175 @@
+"""The simulator: the real policies driven through modelled ranks (see shardbalance/simulate.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+
+from shardbalance._exceptions import ConfigError
+from shardbalance.policies import POLICIES
+from shardbalance.simulate import (
+    PAPER_CAPACITIES,
+    SimulationConfig,
+    Slowdown,
+    add_arguments,
+    paper_example,
+    run,
+    simulate,
+)
+
+HETERO = "1,2,4,1,3,2,1.5,0.5"
+
+
+def _comparable(result):
+    return [(r.batch_sizes, r.step_s, r.oracle_s, r.equal_s, r.reason) for r in result.rows]
+
+
+def test_same_seed_same_run_other_seed_other_run():
+    cfg = dict(ranks=8, speeds="lognormal:0.5", noise=0.1, steps=120, window=20)
+    a = simulate(SimulationConfig(seed=3, **cfg))
+    b = simulate(SimulationConfig(seed=3, **cfg))
+    c = simulate(SimulationConfig(seed=4, **cfg))
+    assert a.speeds == b.speeds and _comparable(a) == _comparable(b)
+    assert a.speeds != c.speeds
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_every_window_plan_sums_to_b_within_bounds(policy):
+    result = simulate(SimulationConfig(ranks=6, speeds="uniform:0.3,3", noise=0.1, steps=100,
+                                       window=10, global_batch_size=300, min_batch_size=10,
+                                       max_batch_size=120, policy=policy, seed=1))
+    assert len(result.rows) == 10
+    for row in result.rows:
+        assert sum(row.batch_sizes) == 300
+        assert all(10 <= b <= 120 for b in row.batch_sizes)
+        assert row.oracle_s <= row.equal_s * (1 + 1e-9) or policy == "equal"
+
+
+def test_affine_noiseless_reaches_optimum_and_beats_equal():
+    result = simulate(SimulationConfig(ranks=8, speeds=HETERO, noise=0.0, steps=300, window=20))
+    s = result.summary
+    assert s.efficiency >= 0.97
+    assert s.speedup > 1.5
+    # Noiseless: the oracle is the integer optimum, within rounding of the continuous T*.
+    assert s.steady_oracle_s == pytest.approx(s.steady_optimum_s, rel=0.02)
+
+
+def test_equal_policy_is_the_equal_yardstick():
+    result = simulate(SimulationConfig(ranks=8, speeds=HETERO, noise=0.05, steps=60,
+                                       policy="equal"))
+    for row in result.rows:
+        assert row.step_s == pytest.approx(row.equal_s)
+    assert result.summary.speedup == pytest.approx(1.0)
+
+
+def test_slowdown_is_reconverged_the_window_after_the_lag_lets_the_policy_see_it():
+    # Rank 2 is the fastest (speed 4); at step 200 (the start of window 10) it becomes 2x
+    # slower. With lag = one window, window 11's decision sees only steps < 200, window 12's
+    # sees steps 200-219: window 12 is the first that can react. We assert the run is within
+    # 5 % of the new optimum by window 13 at the latest (the reacting window or the next), and
+    # that the slowdown did hurt before that (so the check is not vacuous).
+    result = simulate(SimulationConfig(ranks=8, speeds=HETERO, noise=0.0, steps=400, window=20,
+                                       slowdowns=["200:2:2"]))
+    (sd,) = result.summary.slowdowns
+    assert (sd.window, sd.visible_window) == (10, 12)
+    assert result.rows[10].ratio > 1.05 and result.rows[11].ratio > 1.05
+    assert sd.converged_window is not None and sd.converged_window <= sd.visible_window + 1
+    assert result.summary.steady_first_window >= sd.visible_window + 3
+    # The slowed rank ends up with fewer samples than before the slowdown.
+    assert result.rows[-1].batch_sizes[2] < result.rows[9].batch_sizes[2]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "policies.fit_cost_model forgets a rank's pre-slowdown measurements only while its newest "
+    "segment disagrees with them; once a segment at the new plan exists, the older fit includes "
+    "it, the drift check passes, and the stale fast measurements at other batch sizes re-enter "
+    "the line fit: window 15 moves rank 2 from 80 to 96 samples (1.18x the optimum) and it "
+    "takes until window 19 to come back"))
+def test_slowdown_stays_converged_once_reconverged():
+    result = simulate(SimulationConfig(ranks=8, speeds=HETERO, noise=0.0, steps=400, window=20,
+                                       slowdowns=["200:2:2"]))
+    (sd,) = result.summary.slowdowns
+    assert all(r.ratio <= 1.05 for r in result.rows[sd.converged_window:])
+
+
+def test_lag_zero_lets_the_next_window_react():
+    result = simulate(SimulationConfig(ranks=4, speeds="1,1,2,2", noise=0.0, steps=200,
+                                       window=20, lag=0, slowdowns=[Slowdown(100, 3, 3.0)]))
+    (sd,) = result.summary.slowdowns
+    assert (sd.window, sd.visible_window) == (5, 6)
+
+
+def test_paper_example_seed_moves_node5_toward_a_third_and_affine_gets_there_fast():
+    slow_seed, fast_seed, affine = paper_example(SimulationConfig(ranks=5, speeds="1,1,2,2,3",
+                                                                  noise=0.0, steps=300))
+    B = sum(PAPER_CAPACITIES)
+    for result in (slow_seed, fast_seed, affine):
+        assert result.config.global_batch_size == B
+        assert result.rows[0].batch_sizes == (180,) * 5
+    node5 = [r.batch_sizes[4] / B for r in slow_seed.rows]
+    # The additive rule only moves node 5 up, never past its capacity share, and slowly.
+    assert all(b >= a for a, b in zip(node5, node5[1:]))
+    assert 0.2 < node5[-1] < 1 / 3 + 0.01
+    assert abs(node5[-1] - 1 / 3) < 0.5 * abs(0.2 - 1 / 3)
+    assert abs(fast_seed.rows[-1].batch_sizes[4] / B - 1 / 3) < 0.01
+    # affine: within 5 % of the optimum from the first window that has measurements.
+    assert all(r.ratio <= 1.05 for r in affine.rows[2:])
+    assert slow_seed.rows[5].ratio > affine.rows[5].ratio
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(speeds="lognormal:x"), "speeds"),
+    (dict(speeds="gauss:1"), "gauss"),
+    (dict(speeds="uniform:2,1"), "uniform"),
+    (dict(speeds="1,2,3"), "3 values for 8 ranks"),
+    (dict(speeds="1,0,1,1,1,1,1,1"), "> 0"),
+    (dict(slowdowns=["200:3"]), "200:3"),
+    (dict(slowdowns=["a:1:2"]), "a:1:2"),
+    (dict(slowdowns=["10:8:2"]), "rank 8"),
+    (dict(slowdowns=["10:1:0"]), "factor 0"),
+    (dict(ranks=0), "ranks 0"),
+    (dict(ranks=8, global_batch_size=7), "global_batch_size 7"),
+    (dict(window=0), "window 0"),
+    (dict(noise=-0.1), "noise -0.1"),
+    (dict(policy="fastest"), "fastest"),
+    (dict(options={"band": -1}), "band"),
+])
+def test_bad_config_raises_config_error_naming_the_value(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        SimulationConfig(**kwargs)
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_cli_prints_a_compact_table_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "sim.json"
+    rc = run(_parse(["--ranks", "4", "--speeds", "1,1,2,3", "--steps", "600", "--window", "10",
+                     "--slowdown", "300:0:2", "--json-out", str(out)]))
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert len(text.splitlines()) < 40
+    assert "efficiency" in text and "slowdown x2 of rank 0 at step 300" in text
+    data = json.loads(out.read_text())
+    assert len(data["rows"]) == 60 and data["config"]["global_batch_size"] == 256
+
+
+def test_cli_ranks_default_to_the_explicit_speed_list_and_paper_example_runs(capsys):
+    assert _parse(["--speeds", "1,2,4"]).ranks is None
+    assert run(_parse(["--speeds", "1,2,4", "--steps", "40"])) == 0
+    assert "3 ranks" in capsys.readouterr().out
+    assert run(_parse(["--paper-example", "--steps", "100", "--noise", "0"])) == 0
+    text = capsys.readouterr().out
+    assert "seed β=0.1" in text and "affine" in text and len(text.splitlines()) < 40
+
+
+def test_importing_the_simulator_does_not_import_torch():
+    code = "import sys, shardbalance.simulate; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
