@@ -51,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--per-sample-ms", type=float, default=2.0,
                    help="emulated compute per sample at speed 1")
     p.add_argument("--overhead-ms", type=float, default=5.0, help="emulated fixed cost per step")
+    p.add_argument("--slowdown", default=None, metavar="STEP:RANK:FACTOR",
+                   help="from global step STEP on, rank RANK runs FACTOR times slower "
+                        "(emulated throttling; needs --emulate-speeds)")
     p.add_argument("--metrics-out", default=None, help="rank 0 appends one JSON line per epoch")
     p.add_argument("--coordinator-log", default=None, help="journal of the embedded coordinator")
     p.add_argument("--checkpoint", default=None,
@@ -107,9 +110,15 @@ def main(argv=None) -> None:
                             num_workers=args.num_workers)
 
     layers = [torch.nn.Linear(32, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10)]
+    emulated = None
     if args.emulate_speeds:
         speed = parse_speeds(args.emulate_speeds, world)[rank]
-        layers.insert(0, EmulatedSpeed(speed, args.per_sample_ms / 1e3, args.overhead_ms / 1e3))
+        emulated = EmulatedSpeed(speed, args.per_sample_ms / 1e3, args.overhead_ms / 1e3)
+        layers.insert(0, emulated)
+    slow_step, slow_rank, slow_factor = (None, None, None)
+    if args.slowdown:
+        step_text, rank_text, factor_text = args.slowdown.split(":")
+        slow_step, slow_rank, slow_factor = int(step_text), int(rank_text), float(factor_text)
     model = DDP(torch.nn.Sequential(*layers).to(device),
                 device_ids=[device.index] if cuda else None)
     if args.sampler == "weighted":
@@ -145,6 +154,8 @@ def main(argv=None) -> None:
             total_loss += loss.detach() * len(y)
             seen += len(y)
             global_step += 1
+            if emulated is not None and global_step == slow_step and rank == slow_rank:
+                emulated.speed /= slow_factor
             if args.checkpoint and args.checkpoint_every and global_step % args.checkpoint_every == 0:
                 if rank == 0:
                     save_checkpoint(args.checkpoint, model, opt, sampler, epoch)
