@@ -1,6 +1,7 @@
 """The ``shardbalance`` command line.
 
     shardbalance coordinator --bind tcp://127.0.0.1:5555 --log coord.jsonl [--token-file F]
+    shardbalance simulate --ranks 4096 --speeds lognormal:0.5 --noise 0.1 --policy affine
     shardbalance report coord.jsonl [--plot plans.png]
 
 Imports are deferred to each command so a coordinator starts without importing torch.
@@ -32,6 +33,12 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    from .simulate import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardbalance", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -47,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     coord.add_argument("--parent-pid", type=int, default=None,
                        help="exit when this process is gone (used by the embedded coordinator)")
     coord.set_defaults(func=_coordinator)
+
+    from .simulate import add_arguments
+
+    simulate = sub.add_parser("simulate", help="run the real policies against modelled ranks")
+    add_arguments(simulate)
+    simulate.set_defaults(func=_simulate)
 
     report = sub.add_parser("report", help="summarize a coordinator journal")
     report.add_argument("journal", help="the coordinator's --log file")

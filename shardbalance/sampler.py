@@ -11,7 +11,7 @@ import warnings
 import weakref
 from collections import OrderedDict
 from datetime import timedelta
-from typing import Any, Iterator, Sequence, Sized
+from typing import Any, Callable, Iterable, Iterator, Sequence, Sized
 
 import numpy as np
 import torch
@@ -22,8 +22,8 @@ from ._env import read_environment
 from ._exceptions import ConfigError, CoordinatorError, PlanError
 from .client import CoordinatorClient, EmbeddedCoordinator, StatsSender, routable_address
 from .order import EpochOrder
-from .plan import Plan, apportion, check_weights, normalize_bounds
-from .policies import ADAPTIVE_POLICIES, POLICIES, check_options
+from .plan import Plan, apportion, check_weights, normalize_bounds, water_fill
+from .policies import ADAPTIVE_POLICIES, POLICIES, check_options, fit_cost_model
 from .timing import LedgerEntry, StepLedger, WeightedCommHook, attach_hook
 
 __all__ = ["WeightedDistributedSampler"]
@@ -68,14 +68,18 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         policy (str, optional): ``"equal"``, ``"static"``, ``"proportional"``, ``"seed"`` or
             ``"affine"``. ``equal`` and ``static`` are computed locally, without a coordinator.
             Default: ``"affine"``.
-        initial_weights (sequence of float, optional): relative per-rank weights of the first
-            plan (and the fixed weights of ``static``). Default: equal.
+        initial_weights (sequence of float or ``"probe"``, optional): relative per-rank weights
+            of the first plan (and the fixed weights of ``static``). ``"probe"``: measured by
+            :meth:`probe` before the first epoch, so epoch 0 is already balanced. Default: equal.
         min_batch_size (int or sequence, optional): per-rank lower bound. Default: ``1``.
         max_batch_size (int or sequence, optional): per-rank upper bound (memory). Default: B.
         rebalance_every (int, optional): re-plan every this many steps inside an epoch.
             Default: ``None``, one plan per epoch.
-        batch_size_multiple (int, optional): every per-rank batch size is a multiple of this.
-            Default: ``1``.
+        batch_size_multiple (int, optional): every per-rank batch size is a multiple of this
+            (fixed shapes for torch.compile, cudnn, CUDA graphs). Default: ``1``.
+        micro_batch_size (int, optional): gradient accumulation with fixed shapes: every
+            per-rank batch size is a multiple of it, and :meth:`accumulate` cuts each step's
+            batch into micro-batches of exactly this size. Default: ``None``.
         coordinator_log (str, optional): journal path of the embedded coordinator. Default:
             ``$SHARDBALANCE_LOG``, else ``shardbalance_logs/<run id>.jsonl``.
         options (dict, optional): policy tunables, see ``policies.DEFAULT_OPTIONS``.
@@ -116,6 +120,7 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         *,
         rebalance_every: int | None = None,
         batch_size_multiple: int = 1,
+        micro_batch_size: int | None = None,
         coordinator_log: str | None = None,
         options: dict[str, float] | None = None,
         timeout_s: float | None = None,
@@ -150,9 +155,17 @@ class WeightedDistributedSampler(Sampler[list[int]]):
             raise ConfigError(f"Invalid policy {policy!r}, choose one of {sorted(POLICIES)}")
         self.policy = policy
         self.quantum = _check_int("batch_size_multiple", batch_size_multiple, 1)
+        self.micro_batch_size = None
+        if micro_batch_size is not None:
+            self.micro_batch_size = _check_int("micro_batch_size", micro_batch_size, 1)
+            self.quantum = math.lcm(self.quantum, self.micro_batch_size)
         self.min_sizes, self.max_sizes = normalize_bounds(
             self.num_replicas, self.global_batch_size, min_batch_size, max_batch_size, self.quantum)
-        self.initial_weights = (None if initial_weights is None
+        self._probe_pending = isinstance(initial_weights, str)
+        if self._probe_pending and initial_weights != "probe":
+            raise ConfigError(f"Invalid initial_weights {initial_weights!r}: expected per-rank "
+                              "numbers or 'probe'")
+        self.initial_weights = (None if initial_weights is None or self._probe_pending
                                 else check_weights(initial_weights, self.num_replicas))
         if rebalance_every is not None:
             rebalance_every = _check_int("rebalance_every", rebalance_every, 1)
@@ -273,6 +286,9 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         return self._steps(self._start_position(self.epoch))
 
     def __iter__(self) -> Iterator[list[int]]:
+        if self._probe_pending:
+            raise ConfigError("initial_weights='probe': call sampler.probe(step_fn) on every "
+                              "rank before the first epoch")
         epoch = self.epoch
         if self._iterated_epoch == epoch:
             warnings.warn(f"iterating epoch {epoch} again without set_epoch(): the order and "
@@ -416,6 +432,88 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         if self._sender is not None:
             self._sender.push(record)
 
+    def probe(self, step_fn: Callable[[int], Any], sizes: Sequence[int] | None = None,
+              repeats: int = 3, model: torch.nn.Module | None = None) -> tuple[float, ...]:
+        """Time a training step at two batch sizes on every rank; balance the first plan on it.
+
+        ``step_fn(b)`` runs one forward and backward pass on ``b`` samples it makes itself (for
+        example random tensors of the right shape). It must not communicate: pass the DDP
+        model as ``model`` and the probe runs under ``model.no_sync()`` (no all-reduce, so no
+        collective ever sees unequal shapes), or call the underlying module. The probe consumes
+        no sample of the dataset, restores every random number generator it may touch
+        (Python, numpy, torch, CUDA) and clears the gradients it left. Call it on every rank,
+        before the first epoch. Returns the per-rank weights it set as ``initial_weights``.
+        """
+        per_rank = self.global_batch_size // self.num_replicas
+        if sizes is None:
+            sizes = (max(self.min_sizes[self.rank], per_rank // 2), max(per_rank, 2))
+        small, large = (int(b) for b in sizes)
+        if not 1 <= small < large:
+            raise ConfigError(f"Invalid probe sizes {tuple(sizes)}: need two sizes 1 <= a < b")
+        repeats = _check_int("repeats", repeats, 1)
+        seconds = _time_steps(step_fn, (small, large), repeats, model)
+        times = torch.tensor(seconds, dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            if self._group is None:
+                self._group = dist.new_group(backend="gloo",
+                                             timeout=timedelta(seconds=self.timeout_s))
+            gathered = [torch.zeros(2, dtype=torch.float64) for _ in range(self.num_replicas)]
+            dist.all_gather(gathered, times, group=self._group)
+            times = torch.stack(gathered)
+        else:
+            times = times.reshape(1, 2)
+        # Every rank has the same numbers and does the same arithmetic: the same weights.
+        history = tuple(np.array([[small, t[0]], [large, t[1]]]) for t in times.tolist())
+        model_fit = fit_cost_model(history)
+        targets, _ = water_fill(1.0 / model_fit.betas, -model_fit.alphas / model_fit.betas,
+                                self.min_sizes, self.max_sizes, self.global_batch_size)
+        weights = check_weights([max(float(t), 1e-9) for t in targets], self.num_replicas)
+        self.initial_weights = weights
+        self._probe_pending = False
+        initial = Plan("local", self.generation, 0, 0,
+                       apportion(weights, self.global_batch_size, self.min_sizes,
+                                 self.max_sizes, self.quantum),
+                       self.global_batch_size, self.policy)
+        self._agreed = initial
+        self._remember(initial)
+        return weights
+
+    def accumulate(self, loader: Iterable, model: torch.nn.Module | None = None
+                   ) -> Iterator[tuple[Any, float, bool]]:
+        """Cut each step's local batch into micro-batches of ``micro_batch_size``.
+
+        Yields ``(micro_batch, loss_scale, is_last_of_step)``. Multiply each micro-batch's mean
+        loss by ``loss_scale`` (``micro_batch_size / b_i``) before ``backward()`` and step the
+        optimizer when ``is_last_of_step``. With the DDP ``model`` given, every micro-batch but
+        the last of a step runs under ``model.no_sync()``, so the comm hook fires once per
+        step, on the accumulated gradient, with the step's own ``b_i/B`` weight: the result is
+        exactly the global-batch mean gradient. Ranks run different numbers of micro-batches,
+        so no collective may run per micro-batch: SyncBatchNorm (an all-reduce in every
+        forward) is refused; plain BatchNorm normalises over each micro-batch.
+        """
+        if self.micro_batch_size is None:
+            raise ConfigError("accumulate() needs micro_batch_size set on the sampler")
+        if model is not None and any(isinstance(m, torch.nn.SyncBatchNorm)
+                                     for m in model.modules()):
+            raise ConfigError("accumulate() cannot be used with SyncBatchNorm: ranks run "
+                              "different numbers of micro-batches per step, and SyncBatchNorm "
+                              "would wait for a peer in every forward")
+        m = self.micro_batch_size
+        for batch in loader:
+            size = _batch_len(batch)
+            if size % m:
+                raise PlanError(f"a step's batch of {size} samples is not a multiple of "
+                                f"micro_batch_size={m}")
+            count = size // m
+            for j in range(count):
+                micro = _slice_batch(batch, j * m, (j + 1) * m)
+                last = j == count - 1
+                if last or model is None:
+                    yield micro, m / size, last
+                else:
+                    with model.no_sync():
+                        yield micro, m / size, last
+
     def set_step_weight(self, count: float) -> None:
         """Weight this step's gradient by ``count`` instead of the local batch size.
 
@@ -506,6 +604,66 @@ def _shutdown(sender: StatsSender | None, client: CoordinatorClient | None,
         client.close()
     if embedded is not None:
         embedded.stop()
+
+
+def _time_steps(step_fn, sizes, repeats: int, model) -> list[float]:
+    """Median seconds of ``step_fn(b)`` per size, leaving RNG states and gradients as found."""
+    import contextlib
+    import random
+    import time
+
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+              torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    context = model.no_sync if model is not None and hasattr(model, "no_sync") \
+        else contextlib.nullcontext
+    medians = []
+    try:
+        with context():
+            for b in sizes:
+                step_fn(b)  # warm-up: allocations, autotuning
+                sync()
+                times = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    step_fn(b)
+                    sync()
+                    times.append(time.perf_counter() - start)
+                medians.append(float(np.median(times)))
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if states[3] is not None:
+            torch.cuda.set_rng_state_all(states[3])
+        if model is not None:
+            model.zero_grad(set_to_none=True)
+    return medians
+
+
+def _batch_len(batch) -> int:
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    if isinstance(batch, dict):
+        return _batch_len(next(iter(batch.values())))
+    if isinstance(batch, (list, tuple)):
+        return _batch_len(batch[0])
+    return len(batch)
+
+
+def _slice_batch(batch, start: int, stop: int):
+    """The same structure as a collated batch (tensors, tuples, lists, dicts), rows sliced."""
+    if isinstance(batch, torch.Tensor):
+        return batch[start:stop]
+    if isinstance(batch, dict):
+        return {k: _slice_batch(v, start, stop) for k, v in batch.items()}
+    if isinstance(batch, tuple):
+        return tuple(_slice_batch(v, start, stop) for v in batch)
+    if isinstance(batch, list):
+        if batch and isinstance(batch[0], (torch.Tensor, list, tuple, dict)):
+            return [_slice_batch(v, start, stop) for v in batch]
+        return batch[start:stop]
+    return batch[start:stop]
 
 
 def _default_store():

@@ -154,3 +154,115 @@ def test_ledger_weights_each_step_by_its_own_batch_under_prefetch(tmp_path):
     # 4x faster rank ends with the larger share.
     assert len(set(sizes)) > 1
     assert sizes[-1][1] > sizes[-1][0]
+
+
+def _accumulate_and_probe(rank, world):
+    import random
+
+    import numpy as np
+
+    data = _data()
+    # Probe: the fast rank (rank 1) gets the larger first share; nothing of the run is touched.
+    probe_sampler = WeightedDistributedSampler(data, global_batch_size=32, policy="static",
+                                               initial_weights="probe", seed=2)
+    probe_model = DDP(_model())
+    torch.manual_seed(123)
+    random.seed(5)
+    np.random.seed(6)
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(123)
+    random.seed(5)
+    np.random.seed(6)
+
+    def step_fn(b):
+        import time
+
+        time.sleep((0.002 + 0.001 * b) / (1 + 3 * rank))
+        probe_model(torch.randn(b, DIM)).sum().backward()
+
+    weights = probe_sampler.probe(step_fn, model=probe_model)
+    after = (torch.rand(3), random.random(), np.random.rand())
+    untouched = all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+                    for a, b in zip(expected, after))
+    grads_cleared = all(p.grad is None for p in probe_model.parameters())
+    first_batch = next(iter(probe_sampler))
+    del probe_model
+
+    # Accumulation: plan [4, 12] in micro-batches of 4 (rank 0 one, rank 1 three per step).
+    sampler = WeightedDistributedSampler(data, global_batch_size=16, policy="static",
+                                         initial_weights=[1, 3], seed=3, micro_batch_size=4)
+    loader = DataLoader(data, batch_sampler=sampler)
+    model = DDP(_model())
+    sampler.attach(model)
+    micro_counts = []
+    for micro, scale, last in sampler.accumulate(loader, model):
+        x, y = micro
+        (F.cross_entropy(model(x), y) * scale).backward()
+        micro_counts.append(len(y))
+        if last:
+            break
+    grads = [p.grad.clone() for p in model.parameters()]
+    hook_steps = sampler._hook.steps
+    del model
+    dist.barrier()
+    return (weights, untouched, grads_cleared, first_batch, probe_sampler.batch_sizes,
+            grads, micro_counts, hook_steps)
+
+
+def test_accumulation_in_micro_batches_is_exact_and_the_probe_balances_epoch_zero():
+    results = run_ranks(_accumulate_and_probe, 2)
+    weights = [r[0] for r in results]
+    assert weights[0] == weights[1] and weights[0][1] > 1.5 * weights[0][0]
+    for _, untouched, cleared, first_batch, sizes, *_ in results:
+        assert untouched and cleared
+        assert sizes == results[0][4] and sizes[1] > sizes[0] and sum(sizes) == 32
+    # The probe consumed no sample: the first batches are positions [0, 32) of the order.
+    order = EpochOrder(N, seed=2, epoch=0)
+    assert results[0][3] + results[1][3] == order.indices_range(0, 32).tolist()
+
+    assert results[0][6] == [4] and results[1][6] == [4, 4, 4]
+    assert results[0][7] == results[1][7] == 1  # the comm hook fired once for the step
+    x_all, y_all = _data().tensors
+    idx = torch.from_numpy(EpochOrder(N, seed=3, epoch=0).indices_range(0, 16))
+    model = _model()
+    F.cross_entropy(model(x_all[idx]), y_all[idx]).backward()
+    for rank in range(2):
+        for got, want in zip(results[rank][5], (p.grad for p in model.parameters())):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def _train_windows(rank, world, log_path):
+    data = _data()
+    sampler = WeightedDistributedSampler(data, global_batch_size=16, seed=1, policy="affine",
+                                         rebalance_every=2, coordinator_log=log_path,
+                                         timeout_s=20)
+    loader = DataLoader(data, batch_sampler=sampler, num_workers=2, prefetch_factor=2,
+                        persistent_workers=True)
+    model = DDP(torch.nn.Sequential(EmulatedSpeed([1.0, 4.0][rank], per_sample_s=0.004,
+                                                  overhead_s=0.002), _model()))
+    sampler.attach(model)
+    steps = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        for x, y in loader:
+            F.cross_entropy(model(x), y).backward()
+            entry = sampler._hook.entry
+            assert entry.batch_size == len(y)
+            steps.append((epoch, entry.step, entry.digest, len(y)))
+            model.zero_grad()
+    del model
+    dist.barrier()
+    sampler.close()
+    return steps
+
+
+def test_windowed_plans_switch_at_the_same_step_on_every_rank_despite_prefetch(tmp_path):
+    steps0, steps1 = run_ranks(_train_windows, 2, str(tmp_path / "c.jsonl"), timeout_s=120)
+    assert [s[:3] for s in steps0] == [s[:3] for s in steps1]
+    assert all(a[3] + b[3] == 16 for a, b in zip(steps0, steps1))
+    # A plan changes only at a window boundary (every 2 steps), and it did change mid-epoch.
+    changes = [(cur[0], cur[1]) for prev, cur in zip(steps0, steps0[1:]) if prev[2] != cur[2]]
+    assert all(step % 2 == 0 for _, step in changes)
+    assert any(step > 0 for _, step in changes)
+    sizes = {s[3] for s in steps1}
+    assert max(sizes) > 8  # the fast rank ended up with more than the equal share

@@ -33,12 +33,17 @@ class ScriptedPlans(WeightedDistributedSampler):
 @st.composite
 def setups(draw):
     k = draw(st.integers(1, 5))
-    B = draw(st.integers(k, 48))
+    q = draw(st.sampled_from([1, 1, 2, 3]))
+    B = q * draw(st.integers(k, max(k, 48 // q)))
+    cap = draw(st.one_of(st.none(), st.integers(-(-B // k), B)))
+    if cap is not None and cap // q * k * q < B:
+        cap = None
     N = draw(st.integers(1, 260))
     seed = draw(st.integers(0, 2**16))
     table = draw(st.lists(st.lists(st.floats(0.05, 20.0), min_size=k, max_size=k),
                           min_size=1, max_size=6))
-    return dict(k=k, B=B, N=N, seed=seed, table=table,
+    return dict(k=k, B=B, N=N, seed=seed, table=table, q=q, cap=cap,
+                micro=draw(st.booleans()),
                 window=draw(st.one_of(st.none(), st.integers(1, 5))),
                 drop_last=draw(st.booleans()), epoch=draw(st.integers(0, 3)),
                 start=draw(st.integers(0, N)))
@@ -53,9 +58,12 @@ def run_epoch(setup):
 
     per_rank, lengths = [], []
     for rank in range(setup["k"]):
+        quantum = ({"micro_batch_size": setup["q"]} if setup["micro"]
+                   else {"batch_size_multiple": setup["q"]})
         sampler = ScriptedPlans(range(setup["N"]), setup["B"], num_replicas=setup["k"],
                                 rank=rank, seed=setup["seed"], drop_last=setup["drop_last"],
-                                rebalance_every=setup["window"], plan_weights=weights)
+                                rebalance_every=setup["window"], plan_weights=weights,
+                                max_batch_size=setup["cap"], **quantum)
         sampler.set_epoch(setup["epoch"])
         if setup["start"]:
             sampler.load_state_dict({**sampler.state_dict(), "position": setup["start"]})
@@ -75,10 +83,12 @@ def test_each_epoch_covers_the_dataset_exactly_once_for_any_plan(setup):
     steps = lengths[0]
     remaining = N - start
     assert steps == (remaining // B if setup["drop_last"] else -(-remaining // B))
-    # Each step's slices add up to one global batch of B.
+    # Each step's slices add up to one global batch of B, within the caps, in multiples of q.
+    cap = setup["cap"] or B
     for s in range(steps):
         assert sum(len(batches[s]) for batches in per_rank) == B
-        assert all(len(batches[s]) >= 1 for batches in per_rank)
+        assert all(1 <= len(batches[s]) <= cap for batches in per_rank)
+        assert all(len(batches[s]) % setup["q"] == 0 for batches in per_rank)
     # Together the ranks read positions [start, start + steps*B) of the epoch order, once each.
     got = Counter(i for batches in per_rank for batch in batches for i in batch)
     order = EpochOrder(N, setup["seed"], setup["epoch"])
