@@ -35,3 +35,18 @@ def test_cli_reports_a_bad_bind_address_clearly():
                            "nonsense://x"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "Cannot bind the coordinator to 'nonsense://x'" in proc.stderr
+
+
+def test_launchers_are_valid_bash_and_pass_arguments_through():
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    scripts = sorted((root / "launch").iterdir())
+    assert {p.name for p in scripts} >= {"single_node.sh", "multi_node.sh", "coordinator.sh",
+                                         "slurm.sbatch"}
+    for script in scripts:
+        subprocess.run(["bash", "-n", str(script)], check=True, timeout=30)
+        text = script.read_text()
+        assert "set -euo pipefail" in text
+        if script.name != "coordinator.sh":
+            assert '"$@"' in text

@@ -244,3 +244,37 @@ def test_embedded_coordinator_exits_when_its_parent_dies(tmp_path):
     else:
         os.kill(child, signal.SIGKILL)
         pytest.fail("the embedded coordinator outlived its parent")
+
+
+def test_runs_sharing_a_coordinator_are_isolated(running):
+    client = CoordinatorClient(running.endpoint, SECRET, timeout_s=2)
+    try:
+        a0 = client.plan(**plan_fields(run="job-a"))
+        b0 = client.plan(**plan_fields(run="job-b", world=2, min_sizes=[1, 1],
+                                       max_sizes=[96, 96]))
+        assert a0.batch_sizes == (32, 32, 32) and b0.batch_sizes == (48, 48)
+        # Only job-b reports that its rank 1 is much faster.
+        stats(client, 0, [[0, s, 48, 0.4] for s in range(1, 9)], world=2, run="job-b")
+        stats(client, 1, [[0, s, 48, 0.1] for s in range(1, 9)], world=2, run="job-b")
+        b1 = client.plan(**plan_fields(run="job-b", world=2, epoch=1, min_sizes=[1, 1],
+                                       max_sizes=[96, 96]))
+        a1 = client.plan(**plan_fields(run="job-a", epoch=1))
+        assert b1.batch_sizes[1] > b1.batch_sizes[0]
+        assert a1.batch_sizes == (32, 32, 32)
+        assert all(len(h) == 0 for h in running.coordinator.runs["job-a"].history)
+    finally:
+        client.close()
+
+
+def test_embedded_coordinator_binds_the_interface_that_routes_to_the_master():
+    from shardbalance.client import routable_address
+
+    assert routable_address("127.0.0.1", 29500) == "127.0.0.1"
+    assert routable_address(None) == "127.0.0.1"
+    coordinator = EmbeddedCoordinator(f"tcp://{routable_address('127.0.0.1')}:0", None,
+                                      SECRET)
+    try:
+        assert coordinator.endpoint.startswith("tcp://127.0.0.1:")
+    finally:
+        coordinator.stop()
+        assert coordinator.process.poll() is not None
