@@ -64,8 +64,29 @@ def _train_weighted(rank, world, steps):
     ((per_sample * tokens).sum() / tokens.sum()).backward()
     token_grads = [p.grad.clone() for p in model.parameters()]
     del model
+
+    # A model that already has a comm hook is refused, with a clear error.
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    hooked = DDP(_model())
+    hooked.register_comm_hook(None, default_hooks.allreduce_hook)
+    other = WeightedDistributedSampler(data, global_batch_size=16, policy="static",
+                                       initial_weights=[1, 3], seed=3)
+    try:
+        other.attach(hooked)
+        refused = None
+    except ValueError as exc:
+        refused = str(exc)
+    # A user's averaging hook (fp16 compression) is wrapped, not replaced.
+    compressed = DDP(_model())
+    other.attach(compressed, comm_hook=default_hooks.fp16_compress_hook)
+    x, y = next(iter(DataLoader(data, batch_sampler=other)))
+    F.cross_entropy(compressed(x), y).backward()
+    fp16_grads = [p.grad.clone() for p in compressed.parameters()]
+    del hooked, compressed
     dist.barrier()
-    return grads, params, sizes, sampler.batch_sizes, token_grads, idx.step
+    return (grads, params, sizes, sampler.batch_sizes, token_grads, idx.step, refused,
+            fp16_grads)
 
 
 def test_weighted_allreduce_equals_one_process_on_the_global_batch():
@@ -102,6 +123,15 @@ def test_weighted_allreduce_equals_one_process_on_the_global_batch():
     for rank in range(2):
         for got, want in zip(results[rank][4], (p.grad for p in model.parameters())):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+    for rank in range(2):
+        assert "already has a comm hook" in results[rank][6]
+    # With fp16 compression the weighted gradient matches to fp16 precision.
+    reference = _model()
+    F.cross_entropy(reference(x_all[idx]), y_all[idx]).backward()
+    for rank in range(2):
+        for got, want in zip(results[rank][7], (p.grad for p in reference.parameters())):
+            torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-4)
 
 
 def _train_adaptive(rank, world, log_path):
