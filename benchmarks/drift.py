@@ -2,7 +2,43 @@
 
     python benchmarks/drift.py
 
-FIGURES_PLACEHOLDER
+    python benchmarks/drift.py               # ~35 s; --num-workers 2 for a prefetch lag of 4
+
+Measured on the 2-core x86 VM shared with other jobs (load ~4), torch 2.13 CPU, gloo, with the
+working tree of 15:17 (an uncommitted rewrite of shardbalance/policies.py in progress by
+someone else; the policy decides what this measures, so rerun after policy changes):
+
+    emulated speeds 1,2,4, 2 ms/sample at speed 1, 5 ms overhead; B=192, N=6144, 8 epochs, policy affine, K=8, num_workers=0 (lag 0 steps)
+    slowdown: rank 2 2x slower from global step 136; optimum [27, 55, 110] (60.0 ms) -> [38, 77, 77] (82.0 ms)
+
+    step | ep:win | plan | predicted ms | busy ms/rank (measured) | imbalance | plan/opt | coordinator's reason | note
+    0 | 0:0 | [64, 64, 64] | - | [135.9, 71.4, 39.5] | 1.65 | 2.217 | waiting for measurements from every rank |
+    8 | 0:8 | [30, 58, 104] | 64.7 | [67.0, 65.2, 59.9] | 1.05 | 1.083 | equal finish at 64.3 ms |
+    16 | 0:16 | [28, 55, 109] | 62.9 | [63.7, 62.1, 62.1] | 1.02 | 1.017 | equal finish at 62.4 ms |
+    (... 24-120: [28, 55, 109] kept, within the no-change band, imbalance 1.00-1.02 ...)
+    128 | 4:0 | [28, 55, 109] | 63.7 | [64.1, 62.9, 63.2] | 1.01 | 1.017 | within the 2.7% no-change band |
+    136 | 4:8 | [28, 55, 109] | 63.7 | [63.8, 63.2, 117.8] | 1.44 | 1.390 | within the 2.6% no-change band | <- slowdown at step 136
+    144 | 4:16 | [34, 69, 89] | 76.1 | [75.6, 76.7, 97.1] | 1.17 | 1.146 | equal finish at 76.0 ms | <- first decision that could see it (window 1)
+    152 | 4:24 | [36, 72, 84] | 79.7 | [79.5, 80.3, 91.8] | 1.09 | 1.085 | equal finish at 79.2 ms | busy balanced
+    160 | 5:0 | [36, 72, 84] | 83.3 | [80.3, 79.5, 92.2] | 1.10 | 1.085 | within the 2.9% no-change band |
+    168 | 5:8 | [37, 74, 81] | 82.6 | [82.3, 81.9, 88.3] | 1.05 | 1.049 | equal finish at 82.1 ms | plan within 5%
+    176 | 5:16 | [37, 74, 81] | 91.2 | [81.7, 83.0, 89.2] | 1.05 | 1.049 | within the 3.0% no-change band |
+    (... 184-248: [37, 74, 81] kept, predicted ~89.5 ms, imbalance 1.05-1.06, plan/opt 1.049 ...)
+
+    slowdown window starts at step 136; first window whose decision could see a slowed step: 144
+      plan step within 5% of the new optimum: at window starting step 168; 4 window(s) counted from the visible window (5 from the slowdown window) -> target <= 2: MISSED; stays within to the end of the run from step 168 (window 4)
+      measured busy imbalance <= 1.1: at window starting step 152; 2 window(s) counted from the visible window (3 from the slowdown window) -> target <= 2: met; stays within to the end of the run from step 152 (window 2)
+    total wall time 33 s
+
+Read: the visible window reacts only part-way (1.146x of the optimum): with K=8 and the
+policy's 16-step segments, the slowed rank's newest segment is half fast, half slow steps. The
+plan then creeps to [37, 74, 81], 1.049x, where the no-change band holds it, a few samples off
+the optimum. Earlier runs the same hour, whose policy still behaved as the xfail in
+tests/test_simulate.py describes (same command, slowdown at step 136 and at 104), reached the
+optimum in 2 windows from the visible one (within the target) but relapsed: the next plan moved
+back towards the slowed rank ([32, 64, 96], 1.23x) as its pre-slowdown measurements re-entered
+the fit, and the run ended 1.05-1.10x off. With --num-workers 2 (lag 4 steps) one run
+re-converged in 1 window from the visible one, then relapsed to 1.10x from the next epoch on.
 
 What runs. One torchrun of ``examples/train.py`` (3 gloo ranks on 127.0.0.1, a free port),
 emulated speeds 1,2,4 (rank i sleeps ``overhead + b*per_sample/s_i`` per step, see
@@ -75,7 +111,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--speeds", default="1,2,4")
     p.add_argument("--rebalance-every", type=int, default=8, help="K, steps per plan window")
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--samples", type=int, default=6144)
     p.add_argument("--global-batch-size", type=int, default=192)
     p.add_argument("--per-sample-ms", type=float, default=2.0)
@@ -83,8 +119,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--slow-rank", type=int, default=None, help="default: the fastest rank")
     p.add_argument("--factor", type=float, default=2.0)
     p.add_argument("--slowdown-step", type=int, default=None,
-                   help="global step S of the slowdown (default: the window boundary nearest "
-                        "the middle of the run)")
+                   help="global step S of the slowdown (default: a window boundary near the "
+                        "middle of the run, not an epoch start)")
     p.add_argument("--num-workers", type=int, default=0,
                    help="DataLoader workers per rank (the lag is 2 per worker)")
     p.add_argument("--timeout", type=float, default=240.0, help="seconds for the torchrun launch")
@@ -184,17 +220,28 @@ def analyse(args, speeds, S: int, steps_per_epoch: int, lag: int, decisions, bus
     def first(pred):
         return next((i for i in range(slow_i, len(rows)) if pred(rows[i])), None)
 
-    plan_i = first(lambda r: r["plan_over_opt"] <= PLAN_TOLERANCE)
-    busy_i = first(lambda r: r["imbalance"] is not None and r["imbalance"] <= BUSY_TOLERANCE)
+    def plan_ok(r):
+        return r["plan_over_opt"] <= PLAN_TOLERANCE
+
+    def busy_ok(r):
+        return r["imbalance"] is not None and r["imbalance"] <= BUSY_TOLERANCE
+
+    plan_i, busy_i = first(plan_ok), first(busy_ok)
 
     def count(i):  # windows from the visible window, which counts as 1
         return None if i is None or vis_i is None else i - vis_i + 1
 
-    relapses = [rows[i]["global_step"] for i in range(plan_i + 1, len(rows))
-                if rows[i]["plan_over_opt"] > PLAN_TOLERANCE] if plan_i is not None else []
-    busy_relapses = [rows[i]["global_step"] for i in range(busy_i + 1, len(rows))
-                     if rows[i]["imbalance"] is not None
-                     and rows[i]["imbalance"] > BUSY_TOLERANCE] if busy_i is not None else []
+    def relapses(i, ok):
+        return [] if i is None else [rows[j]["global_step"] for j in range(i + 1, len(rows))
+                                     if not ok(rows[j])]
+
+    def settled(ok):  # first window from which every later window stays within tolerance
+        i = len(rows)
+        while i > slow_i and ok(rows[i - 1]):
+            i -= 1
+        return None if i == len(rows) else i
+
+    plan_s, busy_s = settled(plan_ok), settled(busy_ok)
     return {"rows": rows, "before_optimum": before[:2], "after_optimum": after[:2],
             "slowdown_window_step": rows[slow_i]["global_step"],
             "visible_window_step": None if vis_i is None else rows[vis_i]["global_step"],
@@ -203,7 +250,10 @@ def analyse(args, speeds, S: int, steps_per_epoch: int, lag: int, decisions, bus
             "plan_windows": count(plan_i), "busy_windows": count(busy_i),
             "plan_windows_from_slowdown": None if plan_i is None else plan_i - slow_i + 1,
             "busy_windows_from_slowdown": None if busy_i is None else busy_i - slow_i + 1,
-            "plan_relapses": relapses, "busy_relapses": busy_relapses}
+            "plan_relapses": relapses(plan_i, plan_ok), "busy_relapses": relapses(busy_i, busy_ok),
+            "plan_settled_step": None if plan_s is None else rows[plan_s]["global_step"],
+            "busy_settled_step": None if busy_s is None else rows[busy_s]["global_step"],
+            "plan_settled_windows": count(plan_s), "busy_settled_windows": count(busy_s)}
 
 
 def _f(x, spec=".1f"):
@@ -220,7 +270,8 @@ def report(args, speeds, S, lag, res, wall_s) -> None:
           f"optimum {res['before_optimum'][0]} ({res['before_optimum'][1]:.1f} ms) -> "
           f"{res['after_optimum'][0]} ({res['after_optimum'][1]:.1f} ms)")
     print()
-    print("step | ep:win | plan | predicted ms | busy ms/rank (measured) | imbalance | plan/opt | note")
+    print("step | ep:win | plan | predicted ms | busy ms/rank (measured) | imbalance | plan/opt "
+          "| coordinator's reason | note")
     for r in res["rows"]:
         notes = []
         if r["contains_slowdown"]:
@@ -234,22 +285,25 @@ def report(args, speeds, S, lag, res, wall_s) -> None:
         busy = "[" + ", ".join(_f(b) for b in r["busy_ms"]) + "]"
         print(f"{r['global_step']} | {r['epoch']}:{r['window']} | {r['plan']} | "
               f"{_f(r['predicted_ms'])} | {busy} | {_f(r['imbalance'], '.2f')} | "
-              f"{r['plan_over_opt']:.3f} | {' '.join(notes)}")
+              f"{r['plan_over_opt']:.3f} | {r['reason']} | {' '.join(notes)}")
     print()
     vis = res["visible_window_step"]
     print(f"slowdown window starts at step {res['slowdown_window_step']}; first window whose "
           f"decision could see a slowed step: {vis}")
-    for key, label, tol in (("plan", "plan within 5% of the new optimum", PLAN_TOLERANCE),
-                            ("busy", f"measured busy imbalance <= {BUSY_TOLERANCE}", None)):
+    for key, label in (("plan", f"plan step within {PLAN_TOLERANCE - 1:.0%} of the new optimum"),
+                       ("busy", f"measured busy imbalance <= {BUSY_TOLERANCE}")):
         n, n0 = res[f"{key}_windows"], res[f"{key}_windows_from_slowdown"]
         step = res["plan_converged_step" if key == "plan" else "busy_balanced_step"]
         met = n is not None and n <= TARGET_WINDOWS
-        rel = res[f"{key}_relapses"]
+        rel, settled = res[f"{key}_relapses"], res[f"{key}_settled_step"]
         print(f"  {label}: at window starting step {_f(step, 'd')}; "
               f"{_f(n, 'd')} window(s) counted from the visible window "
               f"({_f(n0, 'd')} from the slowdown window) -> target <= {TARGET_WINDOWS}: "
               f"{'met' if met else 'MISSED'}; "
-              + (f"relapses after it at steps {rel}" if rel else "stays there"))
+              + (f"out again at windows {rel}; " if rel else "")
+              + ("stays within to the end of the run from step "
+                 f"{settled} (window {res[f'{key}_settled_windows']})" if settled is not None
+                 else "not within at the end of the run"))
     print(f"total wall time {wall_s:.0f} s")
 
 
@@ -262,7 +316,10 @@ def main(argv=None) -> None:
     K = args.rebalance_every
     steps_per_epoch = -(-args.samples // args.global_batch_size)
     total = steps_per_epoch * args.epochs
-    S = args.slowdown_step if args.slowdown_step is not None else round(total / 2 / K) * K
+    S = args.slowdown_step
+    if S is None:  # a window boundary near the middle, not an epoch start (iterator restart)
+        S = round(total / 2 / K) * K
+        S += K if S % steps_per_epoch == 0 and K < steps_per_epoch else 0
     if not 0 < S < total:
         raise SystemExit(f"--slowdown-step {S} is outside the run's {total} steps")
     lag = 2 * args.num_workers

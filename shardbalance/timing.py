@@ -115,19 +115,22 @@ HookFn = Callable[[Any, dist.GradBucket], torch.futures.Future]
 class WeightedCommHook:
     """DDP comm hook: weight each rank's gradient by its share of the global batch.
 
-    Each bucket is pre-scaled by ``k·b_i/B`` (in fp32 for 16-bit buckets) and handed to an
-    averaging hook (default: all-reduce mean), giving ``Σ_i (b_i/B)·g_i``: the gradient of the
-    mean loss over the whole global batch. The step's ``b_i`` comes from the ledger. The last
+    Each bucket is pre-scaled by ``b_i/B`` and summed over ranks (one pass over the gradients,
+    like DDP's built-in all-reduce), or, with an averaging hook of the user's (e.g. fp16
+    compression), pre-scaled by ``k·b_i/B`` (in fp32 for 16-bit buckets) and handed to it.
+    Either way the result is ``Σ_i (b_i/B)·g_i``: the gradient of the mean loss over the whole
+    global batch. The step's ``b_i`` comes from the ledger. The last
     bucket of each step also marks the end of the rank's busy time.
     """
 
     def __init__(self, ledger: StepLedger, global_batch_size: int, world_size: int,
                  on_busy: Callable[[LedgerEntry, float], None], device: torch.device,
                  inner_hook: HookFn | None = None, inner_state: Any = None) -> None:
+        # Without a user hook, the mean's 1/k is folded into the pre-scale and the buckets are
+        # summed: one pass over the gradients, as DDP's own all-reduce makes.
+        self.fused = inner_hook is None
         if inner_hook is None:
-            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
-            inner_hook = allreduce_hook
+            inner_hook = _allreduce_sum
         self.ledger = ledger
         self.global_batch_size = global_batch_size
         self.world_size = world_size
@@ -136,6 +139,7 @@ class WeightedCommHook:
         self.inner_state = inner_state
         self.clock = BusyClock(device)
         self.entry: LedgerEntry | None = None
+        self.weight = 1.0 / world_size
         self.scale = 1.0
         #: ``(count, global total)`` for the next step, set by ``set_step_weight``.
         self.next_weight: tuple[float, float] | None = None
@@ -165,9 +169,13 @@ class WeightedCommHook:
         if self.next_weight is not None:
             count, total = self.next_weight
             self.next_weight = None
-            self.scale = self.world_size * count / total
+            share = count / total
         else:
-            self.scale = self.world_size * self.entry.batch_size / self.global_batch_size
+            share = self.entry.batch_size / self.global_batch_size
+        #: This step's gradient weight: b_i/B (or count/total).
+        self.weight = share
+        # An averaging hook divides by k after us; a summing one does not.
+        self.scale = share if self.fused else self.world_size * share
         self.steps += 1
 
     def _mark_ready(self) -> None:
@@ -184,6 +192,12 @@ class WeightedCommHook:
     def _mark_done(self, fut: torch.futures.Future) -> Any:
         self._previous_done = self.clock.now()
         return fut.value()
+
+
+def _allreduce_sum(process_group, bucket: dist.GradBucket) -> torch.futures.Future:
+    group = process_group if process_group is not None else dist.group.WORLD
+    work = dist.all_reduce(bucket.buffer(), op=dist.ReduceOp.SUM, group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
 
 
 def weighted_comm_hook(state, bucket):

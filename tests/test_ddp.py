@@ -157,7 +157,7 @@ def _train_adaptive(rank, world, log_path):
             F.cross_entropy(model(x), y).backward()
             hook = sampler._hook
             # The weight used in this step's all-reduce is this step's own b_i / B.
-            if hook.entry.batch_size != len(y) or abs(hook.scale - world * len(y) / 16) > 1e-12:
+            if hook.entry.batch_size != len(y) or abs(hook.weight - len(y) / 16) > 1e-12:
                 mismatches.append((epoch, hook.entry.step, len(y), hook.entry.batch_size))
             opt.step()
         plans.append((sampler.batch_sizes, sampler.plan.digest))
