@@ -232,8 +232,9 @@ def apportion(weights: Sequence[float], total: int, min_sizes: Sequence[int],
     hi = np.asarray(max_sizes, dtype=np.int64) // quantum
     units = total // quantum
     share = w / w.sum()
-    # A zero weight still takes what capped ranks cannot: the total must be met.
-    share[share == 0] = 1e-12
+    # A zero weight still takes what capped ranks cannot (the total must be met), and less
+    # than any positive weight (so the split stays monotone in the weights).
+    share[share == 0] = share[share > 0].min() * 1e-6
     shares, _ = water_fill(share, np.zeros(k), lo, hi, units)
     base = np.clip(np.floor(shares + 1e-9).astype(np.int64), lo, hi)
     frac = shares - base

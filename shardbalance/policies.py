@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from ._exceptions import ConfigError
 from .plan import apportion, water_fill
@@ -32,8 +33,8 @@ __all__ = ["PolicyInput", "Decision", "CostModel", "POLICIES", "ADAPTIVE_POLICIE
 DEFAULT_OPTIONS: Mapping[str, float] = {
     # affine: keep the current plan unless the new one is predicted this much faster.
     "band": 0.02,
-    # affine: a rank whose newest measurements are this far off its fitted model has changed
-    # speed; older measurements of that rank are forgotten.
+    # affine: a segment of a rank's measurements this far off what its measurements since the
+    # last change of speed predict marks a new change of speed; everything older is forgotten.
     "drift_tolerance": 0.25,
     # affine: weight of a segment of measurements halves every this many newer segments.
     "half_life_segments": 2.0,
@@ -47,6 +48,10 @@ _POSITIVE_OPTIONS = frozenset({"half_life_segments"})
 #: Measurements of one batch size are split into segments of at most this many steps, so a
 #: rank that slows down at an unchanged plan shows up as a new segment that disagrees.
 SEGMENT_STEPS = 16
+#: A fitted slope less than this many standard errors above 0 is noise, not a slope.
+SLOPE_SIGNIFICANCE = 2.0
+#: Standard deviation of the median of n samples over that of their mean (sqrt(π/2), large n).
+_MEDIAN_SPREAD = math.sqrt(math.pi / 2)
 
 
 def check_options(options: Mapping[str, float] | None) -> dict[str, float]:
@@ -115,118 +120,400 @@ class Decision:
     reason: str
 
 
-def _segments(obs: np.ndarray) -> list[tuple[float, float, int]]:
-    """Consecutive runs of one batch size as ``(batch_size, median busy s, count)``, oldest first.
+# --------------------------------------------------------------------------------------------
+# The affine cost model.
+#
+# Per rank, the history is cut into *segments*: consecutive runs of one batch size, long runs cut
+# into pieces of at most SEGMENT_STEPS steps (the newest piece of a run ends at the run's newest
+# step), each summarised by its median busy time. Scanning a rank's segments oldest to newest, a
+# segment that disagrees (beyond ``drift_tolerance``) with what the segments since the last cut
+# predict starts a new cut: the rank changed speed, and everything before the cut is forgotten.
+# The rank's line is fitted to the segments since its last cut; the line the cut broke still lends
+# its α when the new data has one batch size only.
+#
+# Everything is vectorised over all ranks at once: the coordinator decides inside its request
+# loop, and at 4096 ranks × 512 rows per-segment Python (one np.median per segment) took seconds.
+# ``tests/test_policies.py`` keeps a plain per-rank reference implementation of the same rules
+# and checks this one against it.
 
-    Long runs are cut into segments of at most :data:`SEGMENT_STEPS` steps (the newest segment
-    ends at the newest step), so a change of speed at an unchanged batch size is visible.
+
+@dataclass(frozen=True)
+class _Rows:
+    """Every rank's history stacked: rank r's rows are ``size[first[r]:first[r + 1]]``."""
+
+    size: np.ndarray  # float64 batch size per row
+    busy: np.ndarray  # float64 busy seconds per row
+    #: ``busy`` followed by SEGMENT_STEPS times +inf, so that a window of SEGMENT_STEPS values
+    #: may start at any row.
+    padded_busy: np.ndarray
+    first: np.ndarray  # int64, k + 1 offsets
+
+    @classmethod
+    def stack(cls, history) -> "_Rows":
+        arrays = [np.asarray(h, dtype=np.float64).reshape(-1, 2) for h in history]
+        rows = np.concatenate(arrays + [np.full((SEGMENT_STEPS, 2), np.inf)])
+        first = np.zeros(len(arrays) + 1, dtype=np.int64)
+        np.cumsum([len(a) for a in arrays], out=first[1:])
+        n = first[-1]
+        return cls(rows[:n, 0], rows[:n, 1], rows[:, 1], first)
+
+
+@dataclass(frozen=True)
+class _Segments:
+    """Every rank's segments, oldest first, as flat arrays; rank r's are ``[first[r], first[r+1])``.
     """
-    if len(obs) == 0:
-        return []
-    cuts = np.flatnonzero(np.diff(obs[:, 0])) + 1
-    segments = []
-    for run in np.split(obs, cuts):
-        for end in range(len(run), 0, -SEGMENT_STEPS)[::-1]:
-            part = run[max(0, end - SEGMENT_STEPS):end]
-            segments.append((float(part[0, 0]), float(np.median(part[:, 1])), len(part)))
-    return segments
+
+    rank: np.ndarray  # int64
+    size: np.ndarray  # float64 batch size
+    median: np.ndarray  # float64 median busy seconds
+    count: np.ndarray  # float64 number of steps
+    first: np.ndarray  # int64, k + 1 offsets
+
+    def newest(self) -> tuple[np.ndarray, np.ndarray]:
+        """Batch size and median busy seconds of each rank's newest segment (ranks with rows)."""
+        last = self.first[1:] - 1
+        return self.size[last], self.median[last]
 
 
-def _fit_line(segs, half_life: float) -> tuple[float, float] | None:
-    """Weighted least squares of busy time on batch size (None without two distinct sizes).
+def _starts(length: int, first: np.ndarray) -> np.ndarray:
+    """Boolean mask of length ``length``, True at the first element of every group ``first``."""
+    mask = np.zeros(length, dtype=bool)
+    mask[first[:-1][first[:-1] < first[1:]]] = True
+    return mask
 
-    Segments are pooled by batch size first (each size's newest segments, count-weighted), and
-    a size's weight halves every ``half_life`` newer sizes: old plans fade, but a long stay at
-    one plan does not erase what the earlier plans taught about α.
+
+def _segment_table(rows: _Rows) -> _Segments:
+    """Cut every rank's rows into segments (see above) without a loop over ranks or segments.
+
+    A run starts at a rank's first row and wherever the batch size changes. A run of L rows
+    holds ceil(L / SEGMENT_STEPS) segments; counted from its newest, segment j ends
+    j·SEGMENT_STEPS rows before the run's end, and the oldest one takes the remainder. Only the
+    run boundaries need a pass over the rows; the segments follow by index arithmetic per run.
     """
-    groups: dict[float, list] = {}
-    for b, t, n in segs:
-        groups.setdefault(b, []).append((t, n))
-        groups[b] = groups[b][-4:]
-    if len(groups) < 2:
-        return None
-    newest_first = sorted(groups, key=lambda size: max(
-        i for i, seg in enumerate(segs) if seg[0] == size), reverse=True)
-    b = np.array(newest_first)
-    t = np.array([np.average([x for x, _ in groups[size]], weights=[n for _, n in groups[size]])
-                  for size in newest_first])
-    counts = np.array([sum(n for _, n in groups[size]) for size in newest_first], dtype=float)
-    w = counts * 0.5 ** (np.arange(len(b)) / half_life)
-    bm, tm = np.average(b, weights=w), np.average(t, weights=w)
-    var = np.average((b - bm) ** 2, weights=w)
-    beta = np.average((b - bm) * (t - tm), weights=w) / var
-    alpha = tm - beta * bm
-    if beta <= 0 or alpha < 0:
-        # Noise swamped the slope: fall back to busy time proportional to batch size.
-        return 0.0, float(np.average(t / b, weights=w))
-    return float(alpha), float(beta)
+    n, steps = len(rows.size), SEGMENT_STEPS
+    run_start = _starts(n, rows.first)
+    run_start[1:] |= rows.size[1:] != rows.size[:-1]
+    run_begin = np.flatnonzero(run_start)
+    run_end = np.append(run_begin[1:], n)
+    pieces = -(-(run_end - run_begin) // steps)
+    run_of_seg = np.repeat(np.arange(len(run_begin)), pieces)
+    from_newest = np.cumsum(pieces)[run_of_seg] - 1 - np.arange(len(run_of_seg))
+    end = run_end[run_of_seg] - steps * from_newest
+    begin = np.maximum(run_begin[run_of_seg], end - steps)
+    rank = np.searchsorted(rows.first, begin, side="right") - 1
+    first = np.searchsorted(rank, np.arange(len(rows.first)))
+    medians = _segment_medians(rows.padded_busy, begin, end - begin)
+    return _Segments(rank, rows.size[begin], medians, (end - begin).astype(np.float64), first)
+
+
+def _segment_medians(padded_values: np.ndarray, begin: np.ndarray,
+                     length: np.ndarray) -> np.ndarray:
+    """``np.median`` of every segment ``values[begin[i]:begin[i] + length[i]]`` in one sort.
+
+    Segments hold at most SEGMENT_STEPS values, so they fit the rows of a (segments,
+    SEGMENT_STEPS) matrix: the windows of SEGMENT_STEPS values starting at each segment (a
+    sliding-window view of the values, indexed by the segment starts), with +inf past a short
+    segment's end. Sorting each row puts a segment's values first, in order, and its median is
+    the mean of the two middle ones (the same one twice if odd).
+    """
+    windows = sliding_window_view(padded_values, SEGMENT_STEPS)[begin]
+    short = np.flatnonzero(length < SEGMENT_STEPS)
+    windows[short] = np.where(np.arange(SEGMENT_STEPS) < length[short, None], windows[short],
+                              np.inf)
+    return _sorted_medians(windows, length)
+
+
+def _sorted_medians(padded: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """Median of each row's ``count`` finite values, the rest of the row being +inf."""
+    padded.sort(axis=1)
+    rows = np.arange(len(padded))
+    low = padded[rows, np.maximum(count - 1, 0) // 2]
+    high = padded[rows, np.minimum(count // 2, padded.shape[1] - 1)]
+    return (low + high) / 2
+
+
+def _relative_errors(rows: _Rows) -> tuple[np.ndarray, np.ndarray]:
+    """Per rank, the relative standard deviation of one step's busy time, and the relative
+    standard error of the newest batch size's median busy time.
+
+    Robust (MAD) over the newest 4·SEGMENT_STEPS rows at the newest batch size; 0 with fewer than
+    three such rows. All ranks at once: their newest rows are gathered into a (k, 4·SEGMENT_STEPS)
+    matrix, the other rows padded with +inf, and medians taken as in :func:`_sorted_medians`.
+    """
+    window = 4 * SEGMENT_STEPS
+    end = rows.first[1:]
+    index = end[:, None] - window + np.arange(window)  # the newest `window` rows of each rank
+    inside = index >= rows.first[:-1, None]
+    index = np.where(inside, index, end[:, None] - 1)
+    newest_size = rows.size[end - 1]
+    keep = inside & (rows.size[index] == newest_size[:, None])
+    count = keep.sum(axis=1)
+    busy = np.where(keep, rows.busy[index], np.inf)
+    median = _sorted_medians(busy.copy(), count)
+    deviation = np.where(keep, np.abs(busy - median[:, None]), np.inf)
+    mad = _sorted_medians(deviation, count)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        spread = np.where(count >= 3, 1.4826 * mad / median, 0.0)
+    return spread, spread / np.sqrt(count)
+
+
+@dataclass(frozen=True)
+class _PrefixFits:
+    """For each segment i of a scan: the line fitted to its rank's scanned segments up to i."""
+
+    alpha: np.ndarray
+    beta: np.ndarray
+    #: True where two batch sizes or more were seen (else alpha and beta are meaningless).
+    fitted: np.ndarray
+    #: The pooled busy seconds of segment i's own batch size (its newest four segments).
+    pooled: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Runs:
+    """The runs of one batch size among scanned segments (flat, grouped by rank, oldest first)."""
+
+    of_segment: np.ndarray  # the run of each segment
+    first: np.ndarray  # the first segment of each run
+    last: np.ndarray  # the last segment of each run
+    size: np.ndarray  # the batch size of each run
+    #: The previous and the next run of the same rank and batch size (-1 / number of runs: none).
+    previous_same: np.ndarray
+    next_same: np.ndarray
+    #: How many batch sizes other than its own each run's rank had in earlier runs.
+    older_sizes: np.ndarray
+
+    @classmethod
+    def of(cls, rank: np.ndarray, size: np.ndarray) -> "_Runs":
+        m = len(size)
+        start = np.ones(m, dtype=bool)
+        start[1:] = (rank[1:] != rank[:-1]) | (size[1:] != size[:-1])
+        first = np.flatnonzero(start)
+        count = len(first)
+        run_rank, run_size = rank[first], size[first]
+        # Sorting the runs by (rank, batch size, age) puts the runs of one size next to each
+        # other, oldest first; neighbours in that order are a size's previous and next runs.
+        order = np.lexsort((np.arange(count), run_size, run_rank))
+        same = (run_rank[order[1:]] == run_rank[order[:-1]]) & \
+            (run_size[order[1:]] == run_size[order[:-1]])
+        previous_same, next_same = np.full(count, -1), np.full(count, count)
+        previous_same[order[1:][same]] = order[:-1][same]
+        next_same[order[:-1][same]] = order[1:][same]
+        # Sizes seen up to each run = first appearances of a size so far in the rank.
+        seen = np.cumsum(previous_same < 0)
+        rank_first = np.searchsorted(run_rank, run_rank)
+        seen_before_rank = np.where(rank_first > 0, seen[rank_first - 1], 0)
+        older_sizes = seen - seen_before_rank - 1
+        return cls(np.cumsum(start) - 1, first, np.append(first[1:], m) - 1, run_size,
+                   previous_same, next_same, older_sizes)
+
+
+def _pool_newest_four(runs: _Runs, median, count) -> tuple[np.ndarray, np.ndarray]:
+    """Per segment: total count and count-weighted mean busy time of the newest four segments of
+    its batch size (itself included) among its rank's segments up to it.
+
+    A segment's previous segment of the same size is the one before it in its run, or for the
+    first of a run the last of the previous run of that size (-1: none). Following that link
+    three times gives the older segments to pool with it.
+    """
+    m = len(median)
+    segment = np.arange(m)
+    run = runs.of_segment
+    previous_run = runs.previous_same[run]
+    link = np.where(segment > runs.first[run], segment - 1,
+                    np.where(previous_run >= 0, runs.last[previous_run], -1))
+    one = link
+    two = np.where(one >= 0, link[one], -1)
+    three = np.where(two >= 0, link[two], -1)
+    weighted = median * count
+    total_tn, total_n = np.zeros(m), np.zeros(m)
+    for older in (three, two, one):  # oldest first, the order np.average sums in
+        total_tn += np.where(older >= 0, weighted[older], 0.0)
+        total_n += np.where(older >= 0, count[older], 0.0)
+    total_tn += weighted
+    total_n += count
+    return total_n, total_tn / total_n
+
+
+def _prefix_fits(rank, size, median, count, spread, half_life: float) -> _PrefixFits:
+    """The line fitted to every prefix of every rank's segments, with no loop over segments.
+
+    The fit: segments are pooled by batch size (each size's newest four, count-weighted), and
+    a weighted least squares of busy time on batch size weights a size by its steps times
+    ``0.5 ** (recency / half_life)``, recency 0 for the newest size, 1 for the size before...:
+    old plans fade, but a long stay at one plan does not erase what earlier plans taught
+    about α. Where noise swamped the slope (an α < 0, or a slope not significantly above 0
+    given the rank's relative step-to-step ``spread``: batch sizes too close together to tell
+    α from β), busy time proportional to batch size instead. One batch size: no line
+    (``fitted`` False).
+
+    The trick: within a run of one batch size the older sizes, their pooled values and their
+    recencies stay the same; only the run's own size (recency 0) changes from segment to
+    segment. So the older sizes' weighted sums are computed once per run (see
+    :func:`_older_sizes`), and each segment adds its own size's term. Sums are taken about the
+    run's own size ``b0`` (whose term then drops out of the b-moments), which keeps them well
+    conditioned.
+    """
+    runs = _Runs.of(rank, size)
+    pooled_n, pooled_t = _pool_newest_four(runs, median, count)
+    # What later runs see of a run's size: its pooled count and busy time at the run's end.
+    end_n, end_t = pooled_n[runs.last], pooled_t[runs.last]
+    run_size = runs.size
+
+    # Each run's older sizes, summed about the run's own size b0 (np.bincount adds up the
+    # pairs of each run).
+    run, older, recency = _older_sizes(runs)
+    w = end_n[older] * 0.5 ** (recency / half_life)
+    d = run_size[older] - run_size[run]
+    t = end_t[older]
+
+    def per_run(values):
+        return np.bincount(run, values, minlength=len(run_size))
+
+    w_sum, d_sum, dd_sum = per_run(w), per_run(w * d), per_run(w * d * d)
+    dt_sum, t_sum = per_run(w * d * t), per_run(w * t)
+    q_sum = per_run(w * (t / run_size[older]))  # for the proportional fallback
+
+    # Each segment: its own size's pooled term (weight = its count, recency 0) plus its run's.
+    r = runs.of_segment
+    w_total = pooled_n + w_sum[r]
+    offset = d_sum[r] / w_total  # weighted mean batch size minus b0
+    t_mean = (pooled_n * pooled_t + t_sum[r]) / w_total
+    var = dd_sum[r] / w_total - offset ** 2
+    fitted = (runs.older_sizes[r] > 0) & (var > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        beta = (dt_sum[r] / w_total - offset * t_mean) / var
+        alpha = t_mean - beta * (size + offset)
+        proportional = (pooled_n * (pooled_t / size) + q_sum[r]) / w_total
+    # Noise swamped the slope: busy time proportional to batch size instead. Medians of n steps
+    # of relative spread s have a standard error of about _MEDIAN_SPREAD·s/sqrt(n), so the
+    # slope's is at most _MEDIAN_SPREAD·s·t/sqrt(Σ w·(b − mean b)²) (weights count ≤ n steps).
+    with np.errstate(divide="ignore", invalid="ignore"):
+        slope_error = _MEDIAN_SPREAD * spread * t_mean / np.sqrt(w_total * var)
+    flat = ~((beta > SLOPE_SIGNIFICANCE * slope_error) & (alpha >= 0))
+    alpha = np.where(flat, 0.0, alpha)
+    beta = np.where(flat, proportional, beta)
+    return _PrefixFits(alpha, beta, fitted, pooled_t)
+
+
+def _older_sizes(runs: _Runs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every run's older batch sizes as pairs (run, older run, recency), recency 1, 2, ...
+
+    The older run of a size is the newest run of that size before ``run`` (not of ``run``'s own
+    size). A walk back from all runs at once: at step ``back``, run ``r - back`` is such a run
+    exactly when the next run of its size comes after ``r``, and it is one more recent than
+    those met before. A run stops walking once it has met all its older sizes.
+    """
+    found_run, found_older, found_recency = [], [], []
+    recency = np.zeros(len(runs.size), dtype=np.int64)
+    walking, back = np.flatnonzero(runs.older_sizes > 0), 0
+    while len(walking):
+        back += 1
+        older = walking - back
+        newest = runs.next_same[older] > walking
+        run = walking[newest]
+        recency[run] += 1
+        found_run.append(run)
+        found_older.append(older[newest])
+        found_recency.append(recency[run])
+        walking = walking[recency[walking] < runs.older_sizes[walking]]
+    if not found_run:
+        return (np.zeros(0, dtype=np.int64),) * 3
+    return np.concatenate(found_run), np.concatenate(found_older), np.concatenate(found_recency)
+
+
+def _disagreements(segs: _Segments, fits: _PrefixFits, index: np.ndarray,
+                   tolerance: float) -> np.ndarray:
+    """Which scanned segments disagree with the prefix before them (a rank's first never does).
+
+    With a fitted line, the prediction is the line at the segment's batch size. With one batch
+    size so far, α is unknown: any busy time between the pooled one scaled by 1 (α = all of it)
+    and by the ratio of batch sizes (α = 0) is consistent; the same batch size pins it exactly.
+    """
+    prev = np.maximum(np.arange(len(index)) - 1, 0)
+    size, busy = segs.size[index], segs.median[index]
+    ratio = size / size[prev]
+    line = fits.alpha[prev] + fits.beta[prev] * size
+    low = np.where(fits.fitted[prev], line, fits.pooled[prev] * np.minimum(1.0, ratio))
+    high = np.where(fits.fitted[prev], line, fits.pooled[prev] * np.maximum(1.0, ratio))
+    bad = np.maximum(low - busy, busy - high) > tolerance * busy
+    bad[_starts(len(index), np.searchsorted(segs.rank[index],
+                                            np.arange(len(segs.first))))] = False
+    return bad
+
+
+def _ranges(begin: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """The concatenation of ``arange(begin[i], end[i])`` over i."""
+    length = end - begin
+    offset = np.repeat(begin - np.cumsum(length) + length, length)
+    return offset + np.arange(int(length.sum()))
+
+
+def _scan(segs: _Segments, spread: np.ndarray, tolerance: float, half_life: float):
+    """Find every rank's last cut and fit its line to the segments since.
+
+    Pass 1 fits every prefix of every rank's segments and finds each rank's first segment that
+    disagrees with the prefix before it: that is the rank's first cut. The ranks that have one
+    go round again with their segments from the cut on, and so on, until no rank finds a new
+    cut; most ranks finish in pass 1. Returns per rank: alpha, beta, fitted, and the α prior
+    (NaN if none), that is the α of the newest line a cut broke.
+    """
+    k = len(segs.first) - 1
+    alpha, beta = np.zeros(k), np.zeros(k)
+    fitted = np.zeros(k, dtype=bool)
+    prior = np.full(k, np.nan)
+    start = segs.first[:-1].copy()
+    ranks = np.arange(k)
+    while len(ranks):
+        index = _ranges(start[ranks], segs.first[ranks + 1])
+        rank = segs.rank[index]
+        fits = _prefix_fits(rank, segs.size[index], segs.median[index], segs.count[index],
+                            spread[rank], half_life)
+        bad = np.flatnonzero(_disagreements(segs, fits, index, tolerance))
+        # Each rank's first disagreeing segment (ranks come in order, so np.unique's first).
+        cut_ranks, first_bad = np.unique(segs.rank[index[bad]], return_index=True)
+        cut_at = bad[first_bad]
+        broke = fits.fitted[cut_at - 1]
+        prior[cut_ranks[broke]] = fits.alpha[cut_at - 1][broke]
+        start[cut_ranks] = index[cut_at]
+        done = np.setdiff1d(ranks, cut_ranks, assume_unique=True)
+        last = np.searchsorted(index, segs.first[done + 1] - 1)
+        alpha[done], beta[done] = fits.alpha[last], fits.beta[last]
+        fitted[done] = fits.fitted[last]
+        ranks = cut_ranks
+    return alpha, beta, fitted, prior
 
 
 def fit_cost_model(history: tuple[np.ndarray, ...], options: Mapping[str, float] | None = None
                    ) -> CostModel | None:
     """Fit ``t_i(b) = α_i + β_i·b`` per rank; None until every rank has measurements.
 
-    Robust to noise (segment medians), forgets a rank's old measurements when its newest ones
-    disagree with them (a throttling or newly shared GPU), and when a rank has only one batch
-    size to go on (α unidentified) borrows α from its own older fit or the other ranks' fits.
+    Robust to noise (segment medians), forgets a rank's measurements from before a change of
+    speed (a throttling or newly shared GPU: the first segment that disagrees with the data
+    before it starts a cut, and only data after the newest cut is fitted), and when a rank has
+    only one batch size to go on (α unidentified) borrows α from the line its cut broke or the
+    other ranks' fits.
     """
     opts = _options(options)
     if not history or any(len(h) == 0 for h in history):
         return None
-    fits: list[tuple[float, float] | None] = []
-    latest: list[tuple[float, float]] = []
-    priors: list[float | None] = []
-    noise: list[float] = []
-    for obs in history:
-        obs = np.asarray(obs, dtype=np.float64)
-        noise.append(_relative_error(obs))
-        segs = _segments(obs)
-        newest = segs[-1]
-        older_fit = _fit_line(segs[:-1], opts["half_life_segments"])
-        prior = older_fit[0] if older_fit else None
-        if older_fit is not None:
-            predicted = older_fit[0] + older_fit[1] * newest[0]
-            if abs(predicted - newest[1]) > opts["drift_tolerance"] * newest[1]:
-                segs = [newest]
-        elif len(segs) > 1:
-            # One older batch size only: compare throughputs, the best we can do without α
-            # (exact when the size did not change).
-            old = segs[-2]
-            if abs(old[1] / old[0] * newest[0] - newest[1]) > opts["drift_tolerance"] * newest[1]:
-                segs = [newest]
-        fits.append(_fit_line(segs, opts["half_life_segments"]))
-        latest.append((newest[0], newest[1]))
-        priors.append(prior)
-    pooled = [f[0] for f in fits if f is not None]
-    pooled_alpha = float(np.median(pooled)) if pooled else 0.0
-    alphas, betas = [], []
-    for fit, (b, t), prior in zip(fits, latest, priors):
-        if fit is None:
-            alpha = min(prior if prior is not None else pooled_alpha, 0.5 * t)
-            fit = (alpha, (t - alpha) / b)
-        alphas.append(fit[0])
-        betas.append(max(fit[1], 1e-12))
-    return CostModel(np.array(alphas), np.array(betas), np.array(noise))
-
-
-def _relative_error(obs: np.ndarray) -> float:
-    """Standard error of the newest batch size's median busy time, relative (robust, MAD)."""
-    recent = obs[-4 * SEGMENT_STEPS:]
-    t = recent[recent[:, 0] == obs[-1, 0], 1]
-    if len(t) < 3:
-        return 0.0
-    median = float(np.median(t))
-    mad = float(np.median(np.abs(t - median)))
-    return 1.4826 * mad / np.sqrt(len(t)) / median
+    rows = _Rows.stack(history)
+    segs = _segment_table(rows)
+    spread, noise = _relative_errors(rows)
+    alpha, beta, fitted, prior = _scan(segs, spread, opts["drift_tolerance"],
+                                       opts["half_life_segments"])
+    pooled_alpha = float(np.median(alpha[fitted])) if fitted.any() else 0.0
+    size, busy = segs.newest()
+    borrowed = np.minimum(np.where(np.isnan(prior), pooled_alpha, prior), 0.5 * busy)
+    alphas = np.where(fitted, alpha, borrowed)
+    betas = np.maximum(np.where(fitted, beta, (busy - borrowed) / size), 1e-12)
+    return CostModel(alphas, betas, noise)
 
 
 def _throughputs(history: tuple[np.ndarray, ...]) -> np.ndarray:
-    """Samples per busy second of each rank over its newest batch size."""
-    out = []
-    for obs in history:
-        b, t, _ = _segments(np.asarray(obs, dtype=np.float64))[-1]
-        out.append(b / t)
-    return np.array(out)
+    """Samples per busy second of each rank over its newest segment."""
+    size, busy = _segment_table(_Rows.stack(history)).newest()
+    return size / busy
 
 
 def _keep(inp: PolicyInput, model: CostModel | None, reason: str) -> Decision:

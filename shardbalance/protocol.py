@@ -110,15 +110,48 @@ def _str(msg: dict, key: str, pattern: re.Pattern) -> str:
 
 def _int_list(msg: dict, key: str, length: int, lo: int, hi: int) -> tuple[int, ...]:
     value = msg.get(key)
-    if not isinstance(value, list) or len(value) != length or \
-            not all(_is_int(v, lo, hi) for v in value):
+    if not isinstance(value, list) or len(value) != length or not _ints_within(value, lo, hi):
         raise ProtocolError(f"field {key!r} must be a list of {length} integers in [{lo}, {hi}]")
     return tuple(value)
 
 
+def _ints_within(values: list, lo: int, hi: int) -> bool:
+    """Whether every element is an integer (not a bool) in [lo, hi].
+
+    Per-rank lists are long (one element per rank) and arrive once per rank and window, so the
+    common case is checked in C: when every element's type is exactly ``int`` (all json.loads
+    makes), ``min`` and ``max`` settle the range. Anything else (bools, int subclasses, other
+    types) gets the element-by-element check.
+    """
+    if set(map(type, values)) <= {int}:
+        return not values or (lo <= min(values) and max(values) <= hi)
+    return all(_is_int(v, lo, hi) for v in values)
+
+
 def _number(value) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
+def _positive_numbers(values: list) -> bool:
+    """Whether every element is a finite number > 0 (and no bool), as :func:`_number` says.
+
+    Fast path as in :func:`_ints_within`: when every element is exactly an int or a float, the
+    values are all positive and finite exactly when the smallest is > 0 and their sum is finite
+    (an inf or NaN makes the sum inf or NaN; an int too large for a float raises OverflowError).
+    Whatever the fast path does not accept gets the element-by-element check.
+    """
+    if set(map(type, values)) <= {int, float}:
+        try:
+            if not values or (min(values) > 0 and math.isfinite(sum(values))):
+                return True
+        except OverflowError:
+            pass
+    return all(_number(v) and v > 0 for v in values)
 
 
 @dataclass(frozen=True)
@@ -177,10 +210,10 @@ def parse_request(msg: dict[str, Any]) -> Ping | PlanRequest | StatsReport:
         weights = msg.get("initial_weights")
         if weights is not None:
             if not isinstance(weights, list) or len(weights) != world or \
-                    not all(_number(w) and w > 0 for w in weights):
+                    not _positive_numbers(weights):
                 raise ProtocolError(f"field 'initial_weights' must be null or {world} finite "
                                     "numbers > 0")
-            weights = tuple(float(w) for w in weights)
+            weights = tuple(map(float, weights))
         options = msg.get("options", {})
         if not isinstance(options, dict) or len(options) > 16 or \
                 not all(isinstance(k, str) and len(k) <= 64 and _number(v) and v >= 0

@@ -19,6 +19,8 @@ from shardbalance.policies import (
     ADAPTIVE_POLICIES,
     DEFAULT_OPTIONS,
     POLICIES,
+    SEGMENT_STEPS,
+    SLOPE_SIGNIFICANCE,
     CostModel,
     PolicyInput,
     check_options,
@@ -251,6 +253,61 @@ def test_affine_forgets_old_measurements_when_a_rank_changes_speed():
     assert model.betas[1] == pytest.approx(1e-3)
 
 
+def test_affine_keeps_forgetting_a_slowed_rank_s_old_measurements_at_later_plans():
+    # Rank 0 is fast at 40, 60, 80, then twice as slow at 50 and, on the next plan, at 70. The
+    # cut at the first slow segment stays: the fit is the slow line, not a mix with stale data.
+    fast = [(b, 0.02 + 1e-3 * b) for b in (40, 60, 80) for _ in range(5)]
+    slow = [(b, 2 * (0.02 + 1e-3 * b)) for b in (50, 70) for _ in range(5)]
+    steady = [(b, 0.02 + 1e-3 * b) for b in (40, 60, 80, 50, 70) for _ in range(5)]
+    model = fit_cost_model((np.array(fast + slow), np.array(steady)))
+    assert model.alphas == pytest.approx([0.04, 0.02])
+    assert model.betas == pytest.approx([2e-3, 1e-3])
+
+
+def test_affine_stays_at_the_new_optimum_after_a_slowdown():
+    """The simulator's scenario (tests/test_simulate.py) at the policy level: 8 ranks, no
+    noise, windows of 20 steps decided one window late (DataLoader prefetch), and the fastest
+    rank twice as slow from window 10 on. Once the plan is back within 5% of the new optimum
+    it must stay there: stale fast measurements of that rank must not re-enter its fit."""
+    speeds = np.array([1, 2, 4, 1, 3, 2, 1.5, 0.5])
+    cluster = Cluster(0.005 / speeds, 0.002 / speeds, 512)
+    steps = 20
+    ratios = []
+    for window in range(20):
+        if window == 10:
+            cluster.alphas[2] *= 2
+            cluster.betas[2] *= 2
+        trained = cluster.history
+        cluster.history = [h[:-steps] if len(h) else h for h in trained]  # lag: one window
+        sizes, _ = cluster.decide()
+        cluster.history = trained
+        cluster.measure(steps=steps)
+        ratios.append(cluster.step_seconds(sizes) / cluster.optimum())
+    assert max(ratios[6:10]) <= 1.05  # converged before the slowdown
+    assert min(ratios[10:12]) > 1.05  # the slowdown hurts until the policy can see it
+    back = next(w for w in range(10, 20) if ratios[w] <= 1.05)
+    assert back <= 13, ratios
+    assert all(r <= 1.05 for r in ratios[back:]), ratios
+
+
+def test_affine_does_not_trust_a_slope_that_noise_could_have_made():
+    # Rank 0 was measured at two batch sizes only 3% apart, with 10% noise per step: the line
+    # through them is nearly flat (α ≈ all of the busy time), which would hand rank 0 a huge
+    # batch. The slope is well within noise of 0, so busy time ∝ batch size is used instead.
+    jitter = np.resize([0.9, 1.1, 1.0, 0.95, 1.05], 32)
+    noisy = [(64, 0.1 * f) for f in jitter] + [(66, 0.1 * f + 1e-5) for f in jitter]
+    steady = [(b, 0.02 + 1e-3 * b) for b in (40, 60, 80) for _ in range(5)]
+    model = fit_cost_model((np.array(noisy, dtype=float), np.array(steady, dtype=float)))
+    assert model.alphas[0] == 0.0
+    assert model.betas[0] == pytest.approx(0.1 / 65, rel=0.02)
+    assert model.alphas[1] == pytest.approx(0.02) and model.betas[1] == pytest.approx(1e-3)
+    lo, hi = normalize_bounds(2, 160)
+    inp = PolicyInput(global_batch_size=160, current=(80, 80), min_sizes=lo, max_sizes=hi,
+                      history=(np.array(noisy, dtype=float), np.array(steady, dtype=float)))
+    sizes, _ = decide("affine", inp)
+    assert sizes[0] < 120, sizes
+
+
 def test_affine_water_fills_the_rest_equally_finished_when_a_cap_binds():
     # Rank 0 is so fast it would take ~185 of 256; its max_batch_size caps it at 80.
     cluster = Cluster([0.02] * 4, [0.25e-3, 1e-3, 2e-3, 2e-3], 256,
@@ -449,3 +506,128 @@ def test_adaptive_policies_keep_the_plan_until_every_rank_reported(policy):
     sizes, decision = decide(policy, inp)
     assert sizes == (40, 24)
     assert decision.model is None
+
+
+# --------------------------------------------------------------------------------------------
+# fit_cost_model against a plain, per-rank reference implementation of its rules
+#
+# fit_cost_model is vectorised over ranks and segments for speed; this is the same model
+# written the obvious way, one rank and one segment at a time.
+
+
+def _reference_segments(obs):
+    """Runs of one batch size cut into pieces of at most SEGMENT_STEPS steps (the newest piece
+    ending at the run's newest step) as (batch size, median busy s, steps), oldest first."""
+    segments = []
+    cuts = np.flatnonzero(np.diff(obs[:, 0])) + 1
+    for run in np.split(obs, cuts):
+        for end in range(len(run), 0, -SEGMENT_STEPS)[::-1]:
+            part = run[max(0, end - SEGMENT_STEPS):end]
+            segments.append((float(part[0, 0]), float(np.median(part[:, 1])), len(part)))
+    return segments
+
+
+def _reference_line(segs, half_life, spread):
+    """Weighted least squares over batch sizes (each size's newest four segments pooled, the
+    i-th newest size weighted by its steps × 0.5 ** (i / half_life)); None with one size.
+    Proportional instead where α < 0 or the slope is within SLOPE_SIGNIFICANCE standard errors
+    of 0 (each step's busy time having relative standard deviation ``spread``)."""
+    groups = {}
+    for b, t, n in segs:
+        groups.setdefault(b, []).append((t, n))
+        groups[b] = groups[b][-4:]
+    if len(groups) < 2:
+        return None
+    newest_first = sorted(groups, key=lambda size: max(
+        i for i, seg in enumerate(segs) if seg[0] == size), reverse=True)
+    b = np.array(newest_first)
+    t = np.array([np.average([x for x, _ in groups[size]], weights=[n for _, n in groups[size]])
+                  for size in newest_first])
+    counts = np.array([sum(n for _, n in groups[size]) for size in newest_first], dtype=float)
+    w = counts * 0.5 ** (np.arange(len(b)) / half_life)
+    bm, tm = np.average(b, weights=w), np.average(t, weights=w)
+    var = np.average((b - bm) ** 2, weights=w)
+    beta = np.average((b - bm) * (t - tm), weights=w) / var
+    alpha = tm - beta * bm
+    slope_error = math.sqrt(math.pi / 2) * spread * tm / math.sqrt(w.sum() * var)
+    if beta <= SLOPE_SIGNIFICANCE * slope_error or alpha < 0:
+        return 0.0, float(np.average(t / b, weights=w))
+    return float(alpha), float(beta)
+
+
+def _reference_noise(obs):
+    """Relative standard deviation of a step, and relative standard error of the median, of the
+    newest batch size's busy times among the newest 4·SEGMENT_STEPS steps (robust: MAD)."""
+    recent = obs[-4 * SEGMENT_STEPS:]
+    t = recent[recent[:, 0] == obs[-1, 0], 1]
+    if len(t) < 3:
+        return 0.0, 0.0
+    median = float(np.median(t))
+    spread = 1.4826 * float(np.median(np.abs(t - median))) / median
+    return spread, spread / np.sqrt(len(t))
+
+
+def _reference_fit(history, options):
+    tolerance, half_life = options["drift_tolerance"], options["half_life_segments"]
+    fits, priors, newest = [], [], []
+    noise = [_reference_noise(obs) for obs in history]
+    for obs, (spread, _) in zip(history, noise):
+        segs = _reference_segments(obs)
+        since, prior = segs[:1], None  # the segments since the last cut
+        for b, t, n in segs[1:]:
+            line = _reference_line(since, half_life, spread)
+            if line is not None:
+                low = high = line[0] + line[1] * b
+            else:  # one batch size since the cut: any α from 0 to all of its busy time fits
+                pooled = np.average([s[1] for s in since[-4:]], weights=[s[2] for s in since[-4:]])
+                ratio = b / since[-1][0]
+                low, high = pooled * min(1.0, ratio), pooled * max(1.0, ratio)
+            if max(low - t, t - high) > tolerance * t:  # disagrees: a cut in time
+                prior = line[0] if line is not None else prior
+                since = []
+            since.append((b, t, n))
+        fits.append(_reference_line(since, half_life, spread))
+        priors.append(prior)
+        newest.append(segs[-1])
+    pooled = [f[0] for f in fits if f is not None]
+    pooled_alpha = float(np.median(pooled)) if pooled else 0.0
+    alphas, betas = [], []
+    for fit, prior, (b, t, _) in zip(fits, priors, newest):
+        if fit is None:
+            alpha = min(prior if prior is not None else pooled_alpha, 0.5 * t)
+            fit = (alpha, (t - alpha) / b)
+        alphas.append(fit[0])
+        betas.append(max(fit[1], 1e-12))
+    return np.array(alphas), np.array(betas), np.array([error for _, error in noise])
+
+
+def _random_history(rng):
+    """A few ranks, each with runs of recurring batch sizes, noise, and maybe speed changes."""
+    ranks = []
+    for _ in range(rng.integers(1, 7)):
+        alpha, beta = rng.uniform(0.0, 0.05), rng.uniform(1e-4, 3e-3)
+        sizes = rng.choice([8.0, 16.0, 24.0, 40.0, 64.0], size=rng.integers(1, 4), replace=False)
+        rows, slowdown = [], 1.0
+        for _ in range(rng.integers(1, 12)):
+            if rng.random() < 0.15:
+                slowdown *= rng.choice([0.5, 2.0, 3.0])
+            b = rng.choice(sizes) + rng.integers(0, 2) * rng.integers(1, 9)
+            steps = int(rng.choice([1, 2, 5, 10, 16, 20, 40]))
+            noise = 1.0 + rng.choice([0.0, 0.03, 0.1, 0.3]) * rng.standard_normal(steps)
+            busy = slowdown * (alpha + beta * b) * np.maximum(noise, 0.05)
+            rows += [(b, t) for t in busy]
+        ranks.append(np.array(rows[-rng.integers(1, 200):]))
+    return tuple(ranks)
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_fit_cost_model_matches_the_reference_implementation(seed):
+    rng = np.random.default_rng(seed)
+    history = _random_history(rng)
+    options = check_options({"drift_tolerance": rng.choice([0.1, 0.25, 0.6]),
+                             "half_life_segments": rng.choice([0.5, 2.0, 5.0])})
+    model = fit_cost_model(history, options)
+    alphas, betas, noise = _reference_fit(history, options)
+    assert model.alphas == pytest.approx(alphas, rel=1e-9, abs=1e-12)
+    assert model.betas == pytest.approx(betas, rel=1e-9, abs=1e-12)
+    assert model.noise == pytest.approx(noise, rel=1e-9, abs=1e-12)

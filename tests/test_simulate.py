@@ -83,12 +83,6 @@ def test_slowdown_is_reconverged_the_window_after_the_lag_lets_the_policy_see_it
     assert result.rows[-1].batch_sizes[2] < result.rows[9].batch_sizes[2]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "policies.fit_cost_model forgets a rank's pre-slowdown measurements only while its newest "
-    "segment disagrees with them; once a segment at the new plan exists, the older fit includes "
-    "it, the drift check passes, and the stale fast measurements at other batch sizes re-enter "
-    "the line fit: window 15 moves rank 2 from 80 to 96 samples (1.18x the optimum) and it "
-    "takes until window 19 to come back"))
 def test_slowdown_stays_converged_once_reconverged():
     result = simulate(SimulationConfig(ranks=8, speeds=HETERO, noise=0.0, steps=400, window=20,
                                        slowdowns=["200:2:2"]))
