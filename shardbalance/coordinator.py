@@ -210,6 +210,11 @@ class Coordinator:
         except ShardBalanceError as exc:
             self._reject(exc)
             return protocol.encode({"type": "error", "id": msg_id, "error": str(exc)}, self.secret)
+        except Exception as exc:  # a bug must cost one request, never the service
+            log.exception("internal error while handling a request")
+            self._reject(exc)
+            return protocol.encode({"type": "error", "id": msg_id,
+                                    "error": f"internal error: {type(exc).__name__}"}, self.secret)
 
     def _reject(self, exc: Exception) -> None:
         self.rejected += 1

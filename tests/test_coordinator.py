@@ -121,6 +121,10 @@ BAD_MESSAGES = {
                             b'"rank":0,"world_size":3,"records":[[0,1,97,0.1]]}'),
     "config mismatch": signed(json.dumps({"v": 1, "type": "plan", "id": 1,
                                           **plan_fields(global_batch_size=64)}).encode()),
+    "huge integer": signed(b'{"v":1,"type":"stats","id":1,"run":"run-a","generation":0,'
+                           b'"rank":0,"world_size":3,"records":[[0,1,8,1' + b"0" * 400 + b']]}'),
+    "huge weight": signed(json.dumps({"v": 1, "type": "plan", "id": 1, **plan_fields(),
+                                      "initial_weights": [1, 1, 10**400]}).encode()),
     "stale generation": signed(json.dumps({"v": 1, "type": "plan", "id": 1,
                                            **plan_fields(generation=0, run="run-b")}).encode()),
 }
