@@ -21,9 +21,10 @@ What is compared, for rank 0 of ``--ranks`` ranks, per-rank batch ``--per-rank-b
     batch_size=b, drop_last=False)`` iterated to exhaustion, as a DataLoader does. The
     DistributedSampler draws ``torch.randperm(N).tolist()`` and slices it, on every rank, every
     epoch. The dataset is a class with ``__len__`` only, so no N items are allocated for it.
-(b) shardbalance's order: rank 0 takes positions ``s*R*b + [0, b)`` of every global step ``s``
-    (the last global batch wraps around, as with drop_last=False), evaluates them through
-    ``EpochOrder.indices`` many steps at a time, and yields each step's batch as a Python list.
+(b) ``WeightedDistributedSampler(dataset, R*b, num_replicas=R, rank=0, policy="equal")``
+    iterated to exhaustion: rank 0 takes positions ``s*R*b + [0, b)`` of every global step
+    ``s`` (the last global batch wraps around, as with drop_last=False), evaluated through the
+    Feistel order in chunks, each step's batch yielded as a Python list.
 
 Each contender runs in its own subprocess so that memory is measured cleanly. Time is the
 median wall time (time.perf_counter) of ``--repeats`` epochs, including building the sampler.
@@ -89,18 +90,11 @@ def _child_torch(n: int, ranks: int, batch: int, repeats: int) -> dict:
     import torch  # noqa: F401  (imported before the baseline so it does not count)
     from torch.utils.data import BatchSampler, DistributedSampler
 
-    class LengthOnly:
-        def __init__(self, length: int) -> None:
-            self.length = length
-
-        def __len__(self) -> int:
-            return self.length
-
     peak = _Peak()
     times = []
     for epoch in range(repeats):
         t0 = time.perf_counter()
-        sampler = DistributedSampler(LengthOnly(n), num_replicas=ranks, rank=0, shuffle=True)
+        sampler = DistributedSampler(_LengthOnly(n), num_replicas=ranks, rank=0, shuffle=True)
         sampler.set_epoch(epoch)
         count = 0
         for b in BatchSampler(sampler, batch_size=batch, drop_last=False):
@@ -111,41 +105,44 @@ def _child_torch(n: int, ranks: int, batch: int, repeats: int) -> dict:
             "count": count}
 
 
-def _ours_batches(n: int, ranks: int, batch: int, epoch: int, steps_per_chunk: int):
-    import numpy as np
+def _ours_batches(n: int, ranks: int, batch: int, epoch: int):
+    """Rank 0's batches of one epoch, from the real sampler with the equal split."""
+    from shardbalance import WeightedDistributedSampler
 
-    from shardbalance.order import EpochOrder
-
-    order = EpochOrder(n, seed=0, epoch=epoch)
-    global_batch = ranks * batch
-    steps = math.ceil(n / global_batch)
-    offsets = np.arange(batch, dtype=np.int64)  # rank 0's slice of every global batch
-    for s0 in range(0, steps, steps_per_chunk):
-        s1 = min(s0 + steps_per_chunk, steps)
-        positions = np.arange(s0, s1, dtype=np.int64)[:, None] * global_batch + offsets
-        flat = order.indices(positions).ravel().tolist()
-        for i in range(0, len(flat), batch):
-            yield flat[i : i + batch]
+    sampler = WeightedDistributedSampler(_LengthOnly(n), ranks * batch, num_replicas=ranks,
+                                         rank=0, policy="equal")
+    sampler.set_epoch(epoch)
+    yield from sampler
 
 
-def _child_ours(n: int, ranks: int, batch: int, repeats: int, steps_per_chunk: int) -> dict:
+class _LengthOnly:
+    """A dataset of length N that allocates nothing."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def _child_ours(n: int, ranks: int, batch: int, repeats: int) -> dict:
     import tracemalloc
 
     import numpy as np  # noqa: F401
 
-    import shardbalance.order  # noqa: F401
+    import shardbalance.sampler  # noqa: F401
 
     peak = _Peak()
     times = []
     for epoch in range(repeats):
         t0 = time.perf_counter()
         count = 0
-        for b in _ours_batches(n, ranks, batch, epoch, steps_per_chunk):
+        for b in _ours_batches(n, ranks, batch, epoch):
             count += len(b)
         times.append(time.perf_counter() - t0)
     rss_extra = peak.extra()
     tracemalloc.start()
-    for b in _ours_batches(n, ranks, batch, 0, steps_per_chunk):
+    for b in _ours_batches(n, ranks, batch, 0):
         pass
     traced = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
@@ -156,7 +153,7 @@ def _child_ours(n: int, ranks: int, batch: int, repeats: int, steps_per_chunk: i
 def _run_child(kind: str, n: int, args: argparse.Namespace, repeats: int) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--sizes", str(n), "--ranks",
            str(args.ranks), "--per-rank-batch", str(args.per_rank_batch), "--repeats",
-           str(repeats), "--steps-per-chunk", str(args.steps_per_chunk)]
+           str(repeats)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=_REPO)
     if done.returncode != 0:
         raise RuntimeError(f"{kind} child failed for N={n}:\n{done.stderr}")
@@ -170,8 +167,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per-rank-batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=None,
                         help="epochs per contender (default 3, or 1 for N >= 1e8)")
-    parser.add_argument("--steps-per-chunk", type=int, default=2048,
-                        help="global steps evaluated per EpochOrder.indices call (ours)")
     parser.add_argument("--child", choices=["torch", "ours"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     sizes = _parse_sizes(args.sizes)
@@ -182,8 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.child == "torch":
             result = _child_torch(n, args.ranks, args.per_rank_batch, repeats)
         else:
-            result = _child_ours(n, args.ranks, args.per_rank_batch, repeats,
-                                 args.steps_per_chunk)
+            result = _child_ours(n, args.ranks, args.per_rank_batch, repeats)
         print(json.dumps(result))
         return
 

@@ -422,6 +422,8 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         hook = WeightedCommHook(self.ledger, self.global_batch_size, self.num_replicas,
                                 self._on_busy, device, comm_hook, comm_state)
         attach_hook(model, hook)
+        self.ledger.drop_untrained()
+        self.ledger.tracking = True
         self._hook = hook
 
     def _on_busy(self, entry: LedgerEntry, busy_s: float) -> None:

@@ -15,8 +15,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -27,9 +26,11 @@ __all__ = ["LedgerEntry", "StepLedger", "BusyClock", "WeightedCommHook", "weight
            "attach_hook"]
 
 
-@dataclass(frozen=True)
-class LedgerEntry:
-    """One batch the sampler yielded: which iterator, which step, how many samples, which plan."""
+class LedgerEntry(NamedTuple):
+    """One batch the sampler yielded: which iterator, which step, how many samples, which plan.
+
+    (A NamedTuple: one is made per step on the sampler's hot path.)
+    """
 
     serial: int
     epoch: int
@@ -47,9 +48,12 @@ class StepLedger:
         self._entries: collections.deque[LedgerEntry] = collections.deque()
         self.last_yielded: LedgerEntry | None = None
         self.last_trained: LedgerEntry | None = None
+        #: Whether a comm hook consumes entries; without one only the last is kept.
+        self.tracking = False
 
     def append(self, entry: LedgerEntry) -> None:
-        self._entries.append(entry)
+        if self.tracking:
+            self._entries.append(entry)
         self.last_yielded = entry
 
     def pop(self) -> LedgerEntry:
