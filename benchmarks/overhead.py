@@ -390,6 +390,7 @@ def hook_micro(width: int, depth: int, batch: int, world: int = 2, rounds: int =
         return fut
 
     ledger, busy = StepLedger(), []
+    ledger.tracking = True  # as attach() sets it: the hook consumes one entry per step
     hook = WeightedCommHook(ledger, batch * world, world, lambda e, s: busy.append((e, s)),
                             torch.device("cpu"), inner, None)
     step = {"n": 0}

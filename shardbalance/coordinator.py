@@ -89,18 +89,15 @@ class RunState:
     def add(self, rank: int, records) -> None:
         hist = self.history[rank]
         for epoch, step, batch, busy in records:
-            # Keyed by step, so a resent report overwrites instead of counting twice.
+            # Keyed by step, so a resent report overwrites in place instead of counting twice;
+            # one sender thread reports in step order, so insertion order is step order.
             hist[(epoch, step)] = (batch, busy)
-            hist.move_to_end((epoch, step))
         while len(hist) > HISTORY_PER_RANK:
             hist.popitem(last=False)
 
     def observations(self) -> tuple[np.ndarray, ...]:
-        out = []
-        for hist in self.history:
-            keys = sorted(hist)
-            out.append(np.array([hist[k] for k in keys], dtype=np.float64).reshape(-1, 2))
-        return tuple(out)
+        return tuple(np.array(list(hist.values()), dtype=np.float64).reshape(-1, 2)
+                     for hist in self.history)
 
     def initial_plan(self, epoch: int, window: int) -> Plan:
         weights = self.initial_weights or (1.0,) * self.world_size
