@@ -8,50 +8,30 @@ libzmq 4.3.5, numpy 2.4. Default run (``python benchmarks/coordinator_load.py``,
 of which ~34 s load, the rest the in-process replay):
 
     ranks x windows x steps/window, workers            | 256 x 50 x 10, 4
-    requests (stats + plan)                            | 12800 + 13056 in 33.7 s
-    requests/s overall                                 | 766
-    stats latency p50 / p99 / max ms                   | 29.5 / 90.7 / 108.4
-    plan latency p50 / p99 / max ms                    | 487.9 / 981.6 / 1055.7
-    phase wall median ms: stats / plan                 | 63 / 595
-    plans decided (expected), changed                  | 51 (51), 3
+    requests (stats + plan)                            | 12800 + 13056 in 13.0 s
+    requests/s overall                                 | 1988
+    stats latency p50 / p99 / max ms                   | 28.3 / 61.6 / 73.8
+    plan latency p50 / p99 / max ms                    | 123.1 / 220.8 / 263.7
+    phase wall median ms: stats / plan                 | 67 / 179
+    plans decided (expected), changed                  | 51 (51), 2
     plan digests agree across all ranks                | yes
     lost reports (sent - accepted)                     | 0 (128000 sent)
     missing replies / error replies                    | 0 / 0
-    coordinator RSS MiB: ready / connected / end / HWM | 35.4 / 43.6 / 84.6 / 85.9
-    coordinator CPU s (share of wall)                  | 19.4 (58%)
-    workers CPU s (all)                                | 8.2
-    replay: handle() stats / cached plan us            | 126 / 429
-    replay: deciding plan ms (mean, last)              | 442.7, 306.1
-    replay: observations / decide / announce ms        | 62.7 / 362.9 / 16.0
-    replay: coordinator Python ms per window           | 545
+    coordinator RSS MiB: ready / connected / end / HWM | 36.9 / 44.1 / 86.4 / 91.7
+    coordinator CPU s (share of wall)                  | 9.2 (71%)
+    workers CPU s (all)                                | 9.8
+    replay: handle() stats / cached plan us            | 86 / 233
+    replay: deciding plan ms (mean, last)              | 58.2, 101.3
+    replay: observations / decide / announce ms        | 36.5 / 9.1 / 11.6
+    replay: coordinator Python ms per window           | 134
     replay digests equal live digests                  | yes
 
-A second default run: 722 req/s, stats p50/p99 38.7/90.4 ms, plan p50/p99 471.5/953.9 ms, same
-checks and RSS. ``--ranks 1024 --windows 10`` (~84 s in all):
-
-    requests (stats + plan)                            | 10240 + 11264 in 36.0 s
-    requests/s overall                                 | 597
-    stats latency p50 / p99 / max ms                   | 124.8 / 493.9 / 541.3
-    plan latency p50 / p99 / max ms                    | 1835.5 / 4052.0 / 4264.5
-    phase wall median ms: stats / plan                 | 297 / 2944
-    plans decided (expected), changed                  | 11 (11), 4
-    plan digests agree / lost reports / missing replies| yes / 0 (102400 sent) / 0
-    coordinator RSS MiB: ready / connected / end / HWM | 35.5 / 63.7 / 106.6 / 106.6
-    coordinator CPU s (share of wall)                  | 16.2 (45%)
-    workers CPU s (all)                                | 15.2
-    replay: handle() stats / cached plan us            | 136 / 1424
-    replay: deciding plan ms (mean, last)              | 930.3, 1230.5
-    replay: observations / decide / announce ms        | 58.4 / 816.5 / 51.8
-
-Where the time goes: plan latency is the decision. The first plan request of a window runs the
-affine policy inside the single-threaded poll loop (~0.3-0.9 s at 256 ranks, growing with the
-history kept: fit_cost_model does per-rank, per-16-step-segment np.median/np.average calls,
-~1.7 ms a rank), and every other request of the burst queues behind it. Cached plan requests
-are O(world) each (protocol._int_list validating min_sizes/max_sizes element by element is
-~85% of it), so O(world^2) per window: 1.4 ms x 1023 = ~1.5 s per window at 1024 ranks, more
-than the decision itself. Stats are cheap (~0.1 ms). RSS grows ~0.7 MiB a window at 256 ranks
-because each rank's history fills toward HISTORY_PER_RANK=512 steps (500 at window 50); it is
-bounded by that cap, not a leak, but the cap is ~40 MiB per 256 ranks. No reports were lost.
+Where the time goes: a plan request waits for the one decision of its window (~60 ms at 256
+ranks, mostly building the per-rank history arrays) and for the burst of requests queued with
+it; stats cost ~0.1 ms each. Before the policy fit was vectorised the decision took 0.3-0.9 s
+(plan p50/p99 488/982 ms, 766 requests/s). RSS grows while each rank's history fills toward
+HISTORY_PER_RANK=512 steps (500 at window 50) and is bounded by that cap (~40 MiB per 256
+ranks), not a leak. No reports were lost.
 
 What runs: ONE real coordinator (``python -m shardbalance coordinator --bind tcp://127.0.0.1:0
 --log <tmp>/coord.jsonl``, secret in ``SHARDBALANCE_TOKEN``), and ``--workers`` forked worker
