@@ -2,39 +2,27 @@
 
     python benchmarks/overhead.py            # ~85 s: 2-rank torchrun ~70 s, microbenchmarks ~10 s
 
-Measured on the 2-core x86 VM shared with other jobs (load average 3.9 -> 4.7 during the run,
-other engineers' benchmarks running), torch 2.13 CPU, gloo:
+Measured on the 2-core x86 VM shared with other jobs (load average 2.0 -> 2.6), torch 2.13
+CPU, gloo, with the hook that folds 1/k into its pre-scale and sums (one pass over the
+gradients):
 
     variant | median step ms | overhead vs (a) % | p90 ms | mean ms (vs (a) %) | paired overhead % (all rounds) | per repeat: median [IQR] (min..max) | plans
-    (a) distributed | 39.25 | +0.00 | 72.64 | 43.95 (+0.00) | +0.00 | - | [64, 64]
-    (a') hooked | 41.75 | +6.35 | 75.20 | 45.37 (+3.21) | +2.78 | +4.63 [-0.14, +6.05] (-10.6..+20.5) | [64, 64]
-    (b) equal | 42.45 | +8.15 | 76.42 | 46.17 (+5.04) | +6.29 | +7.13 [-0.48, +12.22] (-5.3..+16.6) | [64, 64]
-    (c) affine | 43.89 | +11.82 | 81.10 | 48.18 (+9.61) | +8.47 | +7.65 [+6.03, +10.64] (-0.6..+24.1) | [64, 64]
-    per-repeat medians ms, (a) 23.4..76.8; (a') 23.8..80.8; (b) 24.2..81.6; (c) 25.4..87.9
-    paired over (a') (any Python comm hook -> shardbalance's part): (b) +2.12 %; (c) +4.98 %
-    (c) plan fetch (each window's first step): step median 50.14 ms vs 43.34 ms for other steps; 40 fetches, median 10.33 ms each = sender flush 0.05 + coordinator request 4.13 + digest all-reduce 1.19 + barrier and checks (rest)
+    (a) distributed | 25.23 | +0.00 | 29.07 | 25.41 (+0.00) | +0.00 | - | [64, 64]
+    (a') hooked | 25.84 | +2.42 | 30.47 | 26.26 (+3.36) | +3.17 | +3.15 [+0.42, +7.03] (-3.5..+15.8) | [64, 64]
+    (b) equal | 25.93 | +2.80 | 31.55 | 26.56 (+4.53) | +3.19 | +2.74 [+0.56, +8.92] (-5.6..+13.8) | [64, 64]
+    (c) affine | 26.05 | +3.28 | 33.05 | 27.02 (+6.33) | +4.98 | +4.99 [+3.17, +8.00] (-6.3..+16.7) | [64, 64]
+    paired over (a') (any Python comm hook -> shardbalance's part): (b) -0.08 %; (c) +1.96 %
+    (c) plan fetch (each window's first step): step median 34.01 ms vs 25.54 ms for other steps; 40 fetches, median 6.52 ms each = sender flush 0.04 + coordinator request 4.62 + digest all-reduce 0.52 + barrier and checks (rest)
+    sampler alone: DistributedSampler+BatchSampler 5.0 µs/step, WeightedDistributedSampler(equal) 14.0 µs/step
 
-    sampler alone (rank 0 of 2, N=2560, 64/rank, 20 steps, one epoch per call, interleaved): sampler | median µs/step | p10 | p90
-      DistributedSampler+BatchSampler | 7.9 | 6.1 | 9.6
-      WeightedDistributedSampler(equal) | 25.2 | 21.7 | 29.2
-    hook alone (buckets of [1059850, 1049600] fp32 elements, no communication): call | median µs/step | % of (a)'s median step
-      allreduce_hook stand-in (div_ pass + future) | 557.2 | 1.42
-      shardbalance hook + that stand-in | 1003.9 | 2.56
-      one mul_ pass alone | 409.1 | 1.04
-      shardbalance's hook over torch's allreduce_hook: 446.7 µs/step (1.14 %); DDP's built-in path does neither pass (it divides while copying grads into the bucket)
-
-Two earlier runs of the same version (load ~3) gave paired overheads (all rounds) of
-(a') +5.2, (b) +7.0 / +8.3, (c) +10.0 / +7.7 %, and medians of (a) 23.5 and 28.2 ms. Single
-figures move by several percent between runs on this machine; what held in every run: (b) costs
-clearly more than 1 % over (a) (about 1.5-2.5 ms a step here), about half of it is the price of
-any Python comm hook (a'), and (c) adds a ~8-10 ms plan fetch per window on top (so ~1 ms a
-step at rebalance_every=10; amortised away with per-epoch plans).
-Where it comes from: DDP's built-in all-reduce divides by k while copying gradients into the
-bucket; any Python comm hook (torch's allreduce_hook included) instead does a separate ``div_``
-pass, and shardbalance's hook adds a second full ``mul_`` pass by k·b_i/B plus ~50-100 µs of
-Python per step. Each pass over 8 MiB of gradients is ~0.4-0.6 ms on one loaded CPU core, i.e.
-~1-1.5 % of this step by itself. The sampler is not the cost: ~20 µs a step more than
-DistributedSampler (~0.05 %).
+Read: shardbalance's hook now costs what any Python comm hook costs ((b) vs (a'): -0.1 %): one
+pass over the gradient buckets, which DDP's built-in all-reduce avoids by dividing while it
+copies gradients into the bucket. On this CPU that pass is ~0.5 ms over 8 MiB, 2-3 % of a 25 ms
+step; on a GPU it is a few microseconds. (c) adds a plan fetch of ~6.5 ms per window (here
+every 10 steps); with per-epoch plans it amortises away. The sampler is ~10 µs a step more than
+DistributedSampler. (The "hook alone" microbenchmark below still times the hook in front of
+an averaging stand-in, i.e. the user-hook path with its extra pass.) Earlier, with a separate
+pre-scale pass, (b) cost +6-8 % over (a).
 
 What runs. One torchrun of this file (2 gloo ranks on 127.0.0.1, a free port, OMP_NUM_THREADS=1,
 bounded by --timeout, its process group killed on timeout). Both ranks train the same MLP
@@ -47,7 +35,7 @@ its own DDP copy of the same initial weights:
 (a') ``hooked``: as (a) plus torch's own ``allreduce_hook`` registered as the comm hook: the
     price of any Python comm hook, to separate it from shardbalance's own part.
 (b) ``equal``: WeightedDistributedSampler(policy="equal", B = 2b) as batch_sampler, and
-    ``attach()``: the comm hook (pre-scale by k·b_i/B, then torch's allreduce_hook), the step
+    ``attach()``: the comm hook (pre-scale by b_i/B, then a summing all-reduce), the step
     ledger and the CPU busy clock. No coordinator.
 (c) ``affine``: as (b) with policy="affine" and ``rebalance_every=--rebalance-every``: also the
     embedded coordinator (a child process of rank 0), the stats sender thread and, at each
