@@ -32,14 +32,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import _launch
 
 _REPO = Path(__file__).resolve().parent.parent
 _TRAIN = _REPO / "examples" / "train.py"
@@ -90,50 +89,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    """Stop torchrun and everything it started (its own session, so its process group)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=10)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 def torchrun(nproc: int, script_args: list[str], timeout_s: float) -> tuple[str, str]:
-    """torchrun this file on 127.0.0.1 with a free port (retried if taken); bounded by timeout_s."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for attempt in range(3):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), "--nnodes", "1",
-               "--nproc_per_node", str(nproc), str(Path(__file__).resolve()), *script_args]
-        proc = subprocess.Popen(cmd, cwd=_REPO, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
-        try:
-            out, err = proc.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            out, err = proc.communicate()
-            raise SystemExit(f"torchrun timed out after {timeout_s:.0f} s\n{err[-3000:]}")
-        except BaseException:  # Ctrl-C: do not leave the ranks behind
-            _kill_group(proc)
-            raise
-        if proc.returncode == 0:
-            return out, err
-        if "address already in use" not in (out + err).lower() or attempt == 2:
-            raise SystemExit(f"torchrun failed (exit {proc.returncode})\n--- stdout ---\n"
-                             f"{out[-3000:]}\n--- stderr ---\n{err[-3000:]}")
-    raise AssertionError("unreachable")
+    """torchrun this file (see _launch.torchrun)."""
+    return _launch.torchrun(nproc, Path(__file__).resolve(), script_args, timeout_s)
 
 
 def oracle(speeds, B: int, per_sample_ms: float, overhead_ms: float):

@@ -12,8 +12,7 @@ import pytest
 import zmq
 
 from shardbalance import protocol
-from shardbalance._exceptions import (AuthenticationError, CoordinatorError,
-                                      CoordinatorUnavailable)
+from shardbalance._exceptions import CoordinatorError, CoordinatorUnavailable
 from shardbalance.client import CoordinatorClient, EmbeddedCoordinator
 from shardbalance.coordinator import Coordinator
 

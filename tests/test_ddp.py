@@ -145,7 +145,7 @@ def _train_adaptive(rank, world, log_path):
                                     _model()))
     sampler.attach(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    seen, plans, mismatches, positions = [], [], [], []
+    plans, mismatches, positions = [], [], []
     for epoch in range(4):
         sampler.set_epoch(epoch)
         for step, (x, y) in enumerate(loader):
@@ -216,7 +216,6 @@ def _accumulate_and_probe(rank, world):
                     for a, b in zip(expected, after))
     grads_cleared = all(p.grad is None for p in probe_model.parameters())
     first_batch = next(iter(probe_sampler))
-    del probe_model
 
     # Accumulation: plan [4, 12] in micro-batches of 4 (rank 0 one, rank 1 three per step).
     sampler = WeightedDistributedSampler(data, global_batch_size=16, policy="static",

@@ -9,13 +9,11 @@ import sys
 import threading
 import time
 
-import torch
 import torch.distributed as dist
 import zmq
 
 from distributed import free_port, run_ranks
 from shardbalance import WeightedDistributedSampler, protocol
-from shardbalance.order import EpochOrder
 
 SECRET = "fault-test-secret-0123456789abcdef"
 N, B = 96, 16

@@ -4,7 +4,6 @@ import json
 import warnings
 from collections import Counter
 
-import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
