@@ -2,18 +2,20 @@
 
     python benchmarks/sampler_cost.py
 
-Measured on a 2-core x86 VM shared with other jobs (load ~2), numpy 2.4, torch 2.13 CPU:
+Measured on a 2-core x86 VM shared with other jobs, numpy 2.4, torch 2.13 CPU, iterating the
+real WeightedDistributedSampler (equal policy):
 
     N | DistributedSampler s | ours s | time ratio | DS extra MiB | ours extra MiB | memory ratio
-    1e+06 | 0.062 | 0.010 | 0.1685 | 47.5 | 6.0 | 0.12594
-    1e+07 | 1.125 | 0.065 | 0.0576 | 470.1 | 8.4 | 0.01779
-    1e+08 | 11.756 | 0.899 | 0.0765 | 4515.3 | 9.5 | 0.00210
+    1e+06 | 0.056 | 0.026 | 0.4592 | 47.4 | 8.5 | 0.17940
+    1e+07 | 0.683 | 0.073 | 0.1064 | 470.0 | 9.0 | 0.01918
+    1e+08 | 11.365 | 0.896 | 0.0789 | 4591.4 | 9.5 | 0.00207
 
-Wall times moved by up to ~50% between runs on that shared machine (DS at 1e8: 11.8-19.2 s);
-the 1e8 time ratio stayed within 0.077-0.087. Ours is flat in memory (one chunk of 2048 steps),
-so its ratio only looks large at 1e6. Of ours' ~0.9 s at 1e8, about 0.6 s is EpochOrder.indices
-and the rest is building the 12.5 M Python ints of the batch lists. Ours yields 32 * ceil(N/256)
-samples (the last global batch wraps around), DS ceil(N/8), hence 125024 vs 125000 at 1e6.
+Wall times move by up to ~50% between runs on that shared machine. Ours is flat in memory (one
+chunk of 65536 positions), so its ratio only looks large at 1e6, where both are tiny. At 1e8
+about 0.5 s is the Feistel order (a 27-bit domain: 1.34 passes per position) and the rest is
+building the 12.5 M Python ints of the batch lists and yielding them. Ours yields
+32 * ceil(N/256) samples (the last global batch wraps around), DS ceil(N/8), hence 125024 vs
+125000 at 1e6.
 
 What is compared, for rank 0 of ``--ranks`` ranks, per-rank batch ``--per-rank-batch``:
 

@@ -313,16 +313,22 @@ class WeightedDistributedSampler(Sampler[list[int]]):
             last = min(first + window, steps)
             per_chunk = max(1, _CHUNK_POSITIONS // max(b, 1))
             lane = np.arange(b, dtype=np.int64)
+            ledger = self.ledger
+            ledger.window = (serial, epoch, b, plan.digest, start, big_b)
             for c0 in range(first, last, per_chunk):
                 c1 = min(c0 + per_chunk, last)
                 step_ids = np.arange(c0, c1, dtype=np.int64)
                 positions = (start + offset + step_ids * big_b)[:, None] + lane[None, :]
                 rows = order.indices(positions).tolist()
-                for j, row in enumerate(rows):
-                    step = c0 + j
-                    self.ledger.append(LedgerEntry(serial, epoch, step, b, plan.digest,
-                                                   start + (step + 1) * big_b))
-                    yield row
+                if ledger.tracking:
+                    for step, row in enumerate(rows, c0):
+                        ledger.append(LedgerEntry(serial, epoch, step, b, plan.digest,
+                                                  start + (step + 1) * big_b))
+                        yield row
+                else:
+                    for step, row in enumerate(rows, c0):
+                        ledger.step = step
+                        yield row
 
     # -- plans -----------------------------------------------------------------------------
 

@@ -42,19 +42,35 @@ class LedgerEntry(NamedTuple):
 
 
 class StepLedger:
-    """FIFO of yielded-but-not-yet-trained steps (append on the sampler, pop in the hook)."""
+    """FIFO of yielded-but-not-yet-trained steps (append on the sampler, pop in the hook).
+
+    Without a hook to consume entries (``tracking`` off) nothing is queued: the sampler only
+    notes the newest yielded step of the current window, and :attr:`last_yielded` is built
+    from that on demand, which keeps the sampler's per-step cost to one attribute store.
+    """
 
     def __init__(self) -> None:
         self._entries: collections.deque[LedgerEntry] = collections.deque()
-        self.last_yielded: LedgerEntry | None = None
+        self._last: LedgerEntry | None = None
         self.last_trained: LedgerEntry | None = None
-        #: Whether a comm hook consumes entries; without one only the last is kept.
+        #: Whether a comm hook consumes entries.
         self.tracking = False
+        #: ``(serial, epoch, batch_size, digest, start, global_batch_size)`` of the window being
+        #: yielded, and the newest step yielded from it (untracked mode).
+        self.window: tuple | None = None
+        self.step = -1
 
     def append(self, entry: LedgerEntry) -> None:
-        if self.tracking:
-            self._entries.append(entry)
-        self.last_yielded = entry
+        self._entries.append(entry)
+        self._last = entry
+
+    @property
+    def last_yielded(self) -> LedgerEntry | None:
+        if self.tracking or self.window is None or self.step < 0:
+            return self._last
+        serial, epoch, batch_size, digest, start, global_batch = self.window
+        return LedgerEntry(serial, epoch, self.step, batch_size, digest,
+                           start + (self.step + 1) * global_batch)
 
     def pop(self) -> LedgerEntry:
         try:
@@ -70,6 +86,7 @@ class StepLedger:
     def drop_untrained(self) -> None:
         """Forget prefetched steps that will never be trained (a new iterator started)."""
         self._entries.clear()
+        self.window, self.step = None, -1
 
     def __len__(self) -> int:
         return len(self._entries)
