@@ -6,9 +6,11 @@
     SHARDBALANCE_BIND          endpoint the embedded coordinator binds (default: the interface
                                that routes to MASTER_ADDR, on a free port)
     SHARDBALANCE_LOG           journal path of the embedded coordinator
-    SHARDBALANCE_TIMEOUT       seconds to wait for the coordinator and for peers (default 30)
+    SHARDBALANCE_TIMEOUT       seconds to wait for the coordinator (default 30)
+    SHARDBALANCE_PEER_TIMEOUT  seconds to wait for the other ranks at a plan boundary (default 1800)
     TORCHELASTIC_RESTART_COUNT torchrun's restart count: the plan generation
     MASTER_ADDR, MASTER_PORT   torchrun's rendezvous address
+    WORLD_SIZE, LOCAL_WORLD_SIZE  torchrun's rank counts (does the job span nodes?)
 """
 
 from __future__ import annotations
@@ -28,9 +30,17 @@ class Environment:
     bind: str | None
     log_path: str | None
     timeout_s: float
+    peer_timeout_s: float
     restart_count: int
     master_addr: str | None
     master_port: int | None
+    world_size: int | None
+    local_world_size: int | None
+
+    @property
+    def spans_nodes(self) -> bool:
+        return (self.world_size is not None and self.local_world_size is not None
+                and self.world_size > self.local_world_size)
 
 
 def read_token(path: str) -> bytes:
@@ -69,7 +79,10 @@ def read_environment() -> Environment:
         bind=os.environ.get("SHARDBALANCE_BIND") or None,
         log_path=os.environ.get("SHARDBALANCE_LOG") or None,
         timeout_s=_number("SHARDBALANCE_TIMEOUT", 30.0),
+        peer_timeout_s=_number("SHARDBALANCE_PEER_TIMEOUT", 1800.0),
         restart_count=_number("TORCHELASTIC_RESTART_COUNT", 0, int),
         master_addr=os.environ.get("MASTER_ADDR") or None,
         master_port=port,
+        world_size=_number("WORLD_SIZE", None, int),
+        local_world_size=_number("LOCAL_WORLD_SIZE", None, int),
     )

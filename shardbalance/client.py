@@ -26,7 +26,8 @@ from . import protocol
 from ._exceptions import CoordinatorError, CoordinatorUnavailable, ProtocolError
 from .plan import Plan
 
-__all__ = ["CoordinatorClient", "StatsSender", "EmbeddedCoordinator", "routable_address"]
+__all__ = ["CoordinatorClient", "StatsSender", "EmbeddedCoordinator", "routable_address",
+           "external_address"]
 
 log = logging.getLogger("shardbalance")
 
@@ -222,6 +223,18 @@ def routable_address(peer_host: str | None, peer_port: int | None = None) -> str
             return probe.getsockname()[0]
         except OSError:
             return "127.0.0.1"
+
+
+def external_address() -> str | None:
+    """A non-loopback IPv4 address of this host, or None."""
+    try:
+        _, _, addresses = socket.gethostbyname_ex(socket.gethostname())
+    except OSError:
+        addresses = []
+    for address in addresses:
+        if not address.startswith("127."):
+            return address
+    return None
 
 
 class EmbeddedCoordinator:

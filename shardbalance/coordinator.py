@@ -295,8 +295,11 @@ class Coordinator:
         predicted = model.step_seconds(sizes) if model is not None else None
         plan = Plan(state.run_id, state.generation, req.epoch, req.window, sizes,
                     state.global_batch_size, state.policy, predicted)
-        self._remember(state, plan)
-        self._announce(state, plan, previous, history, model, reason)
+        try:
+            self._announce(state, plan, previous, history, model, reason)
+        finally:
+            # Served to every rank even if logging it failed: ranks must never disagree.
+            self._remember(state, plan)
         return plan
 
     def _announce(self, state: RunState, plan: Plan, previous: Plan, history, model,
@@ -305,7 +308,8 @@ class Coordinator:
                    for h in history]
         measured = [b for b in busy_ms if b is not None]
         imbalance = (max(measured) / (sum(measured) / len(measured))
-                     if len(measured) == len(busy_ms) and measured else None)
+                     if len(measured) == len(busy_ms) and measured and sum(measured) > 0
+                     else None)
         record: dict[str, Any] = {
             "event": "plan", "run": state.run_id, "generation": state.generation,
             "epoch": plan.epoch, "window": plan.window, "batch_sizes": list(plan.batch_sizes),
@@ -323,11 +327,12 @@ class Coordinator:
             predicted_ms = model.step_seconds(plan.batch_sizes) * 1e3
             equal_ms = model.step_seconds(equal) * 1e3
             record.update(predicted_step_ms=round(predicted_ms, 3), equal_step_ms=round(equal_ms, 3),
-                          speedup_vs_equal=round(equal_ms / predicted_ms, 4),
+                          speedup_vs_equal=(round(equal_ms / predicted_ms, 4) if predicted_ms > 0
+                                            else None),
                           alpha_ms=[round(a * 1e3, 3) for a in model.alphas],
                           beta_ms=[round(b * 1e3, 5) for b in model.betas])
-            line += (f" | predicted {predicted_ms:.1f} ms/step, {equal_ms / predicted_ms:.2f}x "
-                     "vs equal split")
+            speedup = equal_ms / predicted_ms if predicted_ms > 0 else float("nan")
+            line += f" | predicted {predicted_ms:.1f} ms/step, {speedup:.2f}x vs equal split"
         self._write(record)
         log.info("%s", line)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import math
@@ -20,7 +21,8 @@ from torch.utils.data import Sampler
 
 from ._env import read_environment
 from ._exceptions import ConfigError, CoordinatorError, PlanError
-from .client import CoordinatorClient, EmbeddedCoordinator, StatsSender, routable_address
+from .client import (CoordinatorClient, EmbeddedCoordinator, StatsSender, external_address,
+                     routable_address)
 from .order import EpochOrder
 from .plan import Plan, apportion, check_weights, normalize_bounds, water_fill
 from .policies import ADAPTIVE_POLICIES, POLICIES, check_options, fit_cost_model
@@ -176,6 +178,8 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         self.timeout_s = float(env.timeout_s if timeout_s is None else timeout_s)
         if not self.timeout_s > 0:
             raise ConfigError(f"Invalid timeout_s {timeout_s!r}, it should be > 0")
+        #: Bound on waits for peers (plan agreement): much longer than a coordinator request.
+        self.peer_timeout_s = max(env.peer_timeout_s, self.timeout_s)
         self.generation = env.restart_count
         self.epoch = 0
         self.ledger = StepLedger()
@@ -198,7 +202,11 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         self._agreed = initial
         self._remember(initial)
         if self.adaptive:
-            self._connect(coordinator or env.coordinator, env, coordinator_log, distributed)
+            try:
+                self._connect(coordinator or env.coordinator, env, coordinator_log, distributed)
+            except BaseException:
+                _shutdown(self._sender, self._client, self._embedded)
+                raise
         self._finalizer = weakref.finalize(self, _shutdown, self._sender, self._client,
                                            self._embedded)
 
@@ -219,6 +227,11 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         store = _default_store() if distributed else None
         prefix = f"shardbalance/g{self.generation}/s{instance}/"
         leader = (dist.get_rank() == 0) if distributed else True
+        if distributed and dist.get_world_size() > 1:
+            # Peers may legitimately be minutes apart (a checkpoint, an evaluation on one
+            # rank): waits for peers get the process group's patience, not the coordinator's.
+            self._group = dist.new_group(backend="gloo",
+                                         timeout=timedelta(seconds=self.peer_timeout_s))
         if leader:
             run_id = uuid.uuid4().hex[:12]
             if store is not None:
@@ -228,13 +241,13 @@ class WeightedDistributedSampler(Sampler[list[int]]):
             secret = env.token
             if address is None:
                 secret = secrets.token_hex(32).encode()
-                bind = env.bind or f"tcp://{routable_address(env.master_addr, env.master_port)}:0"
+                bind = env.bind or f"tcp://{_coordinator_host(env)}:0"
                 journal = coordinator_log or env.log_path or f"shardbalance_logs/{run_id}.jsonl"
                 _ensure_parent(journal)
                 self._embedded = EmbeddedCoordinator(bind, journal, secret, self.timeout_s)
                 address = self._embedded.endpoint
                 if "0.0.0.0" in address or "*" in address:
-                    host = routable_address(env.master_addr, env.master_port)
+                    host = _coordinator_host(env)
                     address = address.replace("0.0.0.0", host).replace("*", host)
                 log.info("shardbalance: embedded coordinator at %s (pid %d), journal %s",
                          address, self._embedded.pid, journal)
@@ -242,7 +255,11 @@ class WeightedDistributedSampler(Sampler[list[int]]):
                 store.set(prefix + "run", run_id)
                 store.set(prefix + "address", address)
                 store.set(prefix + "secret", (secret or b"").decode())
-        else:
+        if self._group is not None:
+            # Keys of an earlier rendezvous round may still be in the store: read only after
+            # rank 0 has written this round's.
+            dist.barrier(group=self._group)
+        if not leader:
             keys = [prefix + k for k in ("run", "address", "secret")]
             try:
                 store.wait(keys, timedelta(seconds=self.timeout_s))
@@ -259,8 +276,25 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         self._sender = StatsSender(address, secret, {
             "run": run_id, "generation": self.generation, "rank": self.rank,
             "world_size": self.num_replicas})
-        if distributed and dist.get_world_size() > 1:
-            self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout_s))
+        self._check_same_config()
+
+    def _check_same_config(self) -> None:
+        """Refuse to start when ranks were built with different settings (one all-reduce)."""
+        if self._group is None:
+            return
+        config = [self.num_samples, self.global_batch_size, self.seed, self.shuffle,
+                  self.drop_last, self.policy, self.min_sizes, self.max_sizes, self.quantum,
+                  self.initial_weights, self.rebalance_every, sorted(self._user_options.items()),
+                  self.run_id]
+        digest = int(hashlib.sha256(repr(config).encode()).hexdigest()[:15], 16)
+        both = torch.tensor([digest, -digest], dtype=torch.int64)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self._group)
+        if int(both[0]) != digest or -int(both[1]) != digest:
+            raise ConfigError(
+                "the ranks built their samplers with different settings (dataset length, "
+                "global_batch_size, seed, shuffle, drop_last, policy, bounds, "
+                "batch_size_multiple, initial_weights, rebalance_every or options); every "
+                "rank must pass the same values")
 
     # -- DistributedSampler-like API -------------------------------------------------------
 
@@ -296,9 +330,9 @@ class WeightedDistributedSampler(Sampler[list[int]]):
                           "epoch", UserWarning, stacklevel=2)
         self._serial += 1
         self.ledger.drop_untrained()
-        start = self._start_position(epoch)
-        self._resume = None
-        return self._batches(epoch, start, self._serial)
+        # The resume point is dropped only once a generator of that epoch starts: a
+        # multi-worker DataLoader creates an iterator it never uses before the one it does.
+        return self._batches(epoch, self._start_position(epoch), self._serial)
 
     def _batches(self, epoch: int, start: int, serial: int) -> Iterator[list[int]]:
         order = EpochOrder(self.num_samples, self.seed, epoch, self.shuffle)
@@ -306,6 +340,8 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         window = self.rebalance_every or max(steps, 1)
         big_b = self.global_batch_size
         self._iterated_epoch = epoch
+        if self._resume is not None and self._resume[0] == epoch:
+            self._resume = None
         for first in range(0, steps, window):
             plan = self._plan_for(epoch, first)
             b = plan.batch_sizes[self.rank]
@@ -425,6 +461,8 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         if world != self.num_replicas:
             raise ConfigError(f"the DDP model spans {world} ranks but the sampler "
                               f"num_replicas={self.num_replicas}")
+        if comm_hook is None and comm_state is None:
+            comm_state = getattr(model, "process_group", None)
         hook = WeightedCommHook(self.ledger, self.global_batch_size, self.num_replicas,
                                 self._on_busy, device, comm_hook, comm_state)
         attach_hook(model, hook)
@@ -454,7 +492,9 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         """
         per_rank = self.global_batch_size // self.num_replicas
         if sizes is None:
-            sizes = (max(self.min_sizes[self.rank], per_rank // 2), max(per_rank, 2))
+            # The same on every rank (the bounds are), so all ranks time the same two sizes.
+            sizes = (max(max(self.min_sizes), per_rank // 2),
+                     max(per_rank, max(self.min_sizes) + 1))
         small, large = (int(b) for b in sizes)
         if not 1 <= small < large:
             raise ConfigError(f"Invalid probe sizes {tuple(sizes)}: need two sizes 1 <= a < b")
@@ -464,7 +504,7 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             if self._group is None:
                 self._group = dist.new_group(backend="gloo",
-                                             timeout=timedelta(seconds=self.timeout_s))
+                                             timeout=timedelta(seconds=self.peer_timeout_s))
             gathered = [torch.zeros(2, dtype=torch.float64) for _ in range(self.num_replicas)]
             dist.all_gather(gathered, times, group=self._group)
             times = torch.stack(gathered)
@@ -501,6 +541,9 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         """
         if self.micro_batch_size is None:
             raise ConfigError("accumulate() needs micro_batch_size set on the sampler")
+        if self._hook is not None and model is None:
+            raise ConfigError("accumulate() on an attached sampler needs the DDP model, so "
+                              "that every micro-batch but a step's last runs under no_sync()")
         if model is not None and any(isinstance(m, torch.nn.SyncBatchNorm)
                                      for m in model.modules()):
             raise ConfigError("accumulate() cannot be used with SyncBatchNorm: ranks run "
@@ -541,7 +584,7 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             if self._group is None:
                 self._group = dist.new_group(backend="gloo",
-                                             timeout=timedelta(seconds=self.timeout_s))
+                                             timeout=timedelta(seconds=self.peer_timeout_s))
             dist.all_reduce(total, group=self._group)
         if not total.item() > 0:
             raise ConfigError(f"The step weights sum to {total.item()} over all ranks; at least "
@@ -672,6 +715,19 @@ def _slice_batch(batch, start: int, stop: int):
             return [_slice_batch(v, start, stop) for v in batch]
         return batch[start:stop]
     return batch[start:stop]
+
+
+def _coordinator_host(env) -> str:
+    """The address the other ranks reach rank 0 by; never loopback when the job spans nodes."""
+    host = routable_address(env.master_addr, env.master_port)
+    if host.startswith("127.") and env.spans_nodes:
+        # MASTER_ADDR is this host's name and /etc/hosts maps it to a loopback address.
+        host = external_address()
+        if host is None:
+            raise ConfigError(
+                "the job spans several nodes but rank 0's host name resolves only to a "
+                "loopback address; set SHARDBALANCE_BIND=tcp://<this node's IP>:0")
+    return host
 
 
 def _default_store():

@@ -232,10 +232,38 @@ def _accumulate_and_probe(rank, world):
             break
     grads = [p.grad.clone() for p in model.parameters()]
     hook_steps = sampler._hook.steps
+    try:
+        next(sampler.accumulate(loader))
+        no_model = None
+    except ValueError as exc:
+        no_model = str(exc)
     del model
+
+    # DDP over a process group of its own (here one rank each): the default hook reduces
+    # over the model's group, not the whole world.
+    own_group = [dist.new_group([r]) for r in range(world)][rank]
+    solo = WeightedDistributedSampler(data, global_batch_size=8, num_replicas=1, rank=0,
+                                      policy="equal", seed=rank)
+    solo_model = DDP(_model(), process_group=own_group)
+    solo.attach(solo_model)
+    x, y = next(iter(DataLoader(data, batch_sampler=solo)))
+    F.cross_entropy(solo_model(x), y).backward()
+    reference = _model()
+    F.cross_entropy(reference(x), y).backward()
+    solo_exact = all(torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+                     for a, b in zip(solo_model.parameters(), reference.parameters()))
+    del solo_model
+
+    # Ranks that build their samplers differently are refused before anything trains.
+    try:
+        WeightedDistributedSampler(data, global_batch_size=16, policy="affine", seed=rank,
+                                   timeout_s=10)
+        mismatch = None
+    except ValueError as exc:
+        mismatch = str(exc)
     dist.barrier()
     return (weights, untouched, grads_cleared, first_batch, probe_sampler.batch_sizes,
-            grads, micro_counts, hook_steps)
+            grads, micro_counts, hook_steps, no_model, solo_exact, mismatch)
 
 
 def test_accumulation_in_micro_batches_is_exact_and_the_probe_balances_epoch_zero():
@@ -248,6 +276,10 @@ def test_accumulation_in_micro_batches_is_exact_and_the_probe_balances_epoch_zer
     # The probe consumed no sample: the first batches are positions [0, 32) of the order.
     order = EpochOrder(N, seed=2, epoch=0)
     assert results[0][3] + results[1][3] == order.indices_range(0, 32).tolist()
+
+    assert all("needs the DDP model" in r[8] for r in results)
+    assert all(r[9] for r in results)
+    assert all("different settings" in r[10] for r in results)
 
     assert results[0][6] == [4] and results[1][6] == [4, 4, 4]
     assert results[0][7] == results[1][7] == 1  # the comm hook fired once for the step

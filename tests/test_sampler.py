@@ -238,3 +238,20 @@ def test_two_ranks_checkpoint_at_step_7_and_three_ranks_resume_with_another_batc
     assert sorted(set(trained + rest)) == list(range(N))
     assert len(trained) + len(rest) == 7 * 24 + 5 * 30
     assert len(set(trained) & set(rest)) == len(trained) + len(rest) - N
+
+
+def test_resume_survives_a_dataloader_that_creates_an_unused_iterator_first():
+    from torch.utils.data import DataLoader
+
+    sampler = WeightedDistributedSampler(range(100), 10, num_replicas=1, rank=0,
+                                         policy="equal", seed=3)
+    state = {**sampler.state_dict(), "position": 50}
+    sampler.load_state_dict(state)
+    # A multi-worker DataLoader calls iter(batch_sampler) twice before the first batch.
+    loader = DataLoader(range(100), batch_sampler=sampler, num_workers=1,
+                        multiprocessing_context="forkserver")
+    assert len(sampler) == 5 and len(loader) == 5
+    seen = [i for batch in loader for i in batch.tolist()]
+    order = EpochOrder(100, seed=3, epoch=0)
+    assert seen == order.indices_range(50, 100).tolist()
+    assert len(sampler) == 10  # the resumed epoch is done; a new iterator starts it over
