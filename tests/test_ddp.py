@@ -35,6 +35,14 @@ def _model() -> torch.nn.Module:
                                torch.nn.Linear(16, CLASSES))
 
 
+def assert_same_tensors(per_rank, want, rtol=1e-5, atol=1e-7):
+    """Every rank's list of tensors equals ``want`` (gradients or parameters)."""
+    want = [w.detach() for w in want]
+    for rank, got in enumerate(per_rank):
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=rtol, atol=atol, msg=f"rank {rank}")
+
+
 def _train_weighted(rank, world, steps):
     data = _data()
     sampler = WeightedDistributedSampler(data, global_batch_size=16, policy="static",
@@ -104,13 +112,9 @@ def test_weighted_allreduce_equals_one_process_on_the_global_batch():
         idx = torch.from_numpy(order.indices_range(step * 16, (step + 1) * 16))
         opt.zero_grad()
         F.cross_entropy(model(x_all[idx]), y_all[idx]).backward()
-        for rank in range(2):
-            for got, want in zip(results[rank][0][step], (p.grad for p in model.parameters())):
-                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+        assert_same_tensors([r[0][step] for r in results], [p.grad for p in model.parameters()])
         opt.step()
-    for rank in range(2):
-        for got, want in zip(results[rank][1], model.parameters()):
-            torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-7)
+    assert_same_tensors([r[1] for r in results], list(model.parameters()))
 
     # The token-weighted step: the gradient of Σ tokens·loss / Σ tokens over the global batch.
     step = results[0][5]
@@ -120,18 +124,15 @@ def test_weighted_allreduce_equals_one_process_on_the_global_batch():
     per_sample = F.cross_entropy(model(x_all[idx]), y_all[idx], reduction="none")
     tokens = TOKENS[idx]
     ((per_sample * tokens).sum() / tokens.sum()).backward()
-    for rank in range(2):
-        for got, want in zip(results[rank][4], (p.grad for p in model.parameters())):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert_same_tensors([r[4] for r in results], [p.grad for p in model.parameters()])
 
     for rank in range(2):
         assert "already has a comm hook" in results[rank][6]
     # With fp16 compression the weighted gradient matches to fp16 precision.
     reference = _model()
     F.cross_entropy(reference(x_all[idx]), y_all[idx]).backward()
-    for rank in range(2):
-        for got, want in zip(results[rank][7], (p.grad for p in reference.parameters())):
-            torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-4)
+    assert_same_tensors([r[7] for r in results], [p.grad for p in reference.parameters()],
+                        rtol=2e-3, atol=2e-4)
 
 
 def _train_adaptive(rank, world, log_path):
@@ -287,9 +288,7 @@ def test_accumulation_in_micro_batches_is_exact_and_the_probe_balances_epoch_zer
     idx = torch.from_numpy(EpochOrder(N, seed=3, epoch=0).indices_range(0, 16))
     model = _model()
     F.cross_entropy(model(x_all[idx]), y_all[idx]).backward()
-    for rank in range(2):
-        for got, want in zip(results[rank][5], (p.grad for p in model.parameters())):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert_same_tensors([r[5] for r in results], [p.grad for p in model.parameters()])
 
 
 def _train_windows(rank, world, log_path):
