@@ -356,15 +356,14 @@ class WeightedDistributedSampler(Sampler[list[int]]):
                 step_ids = np.arange(c0, c1, dtype=np.int64)
                 positions = (start + offset + step_ids * big_b)[:, None] + lane[None, :]
                 rows = order.indices(positions).tolist()
-                if ledger.tracking:
-                    for step, row in enumerate(rows, c0):
+                for step, row in enumerate(rows, c0):
+                    # Checked per step: attach() may come after this iterator started.
+                    if ledger.tracking:
                         ledger.append(LedgerEntry(serial, epoch, step, b, plan.digest,
                                                   start + (step + 1) * big_b))
-                        yield row
-                else:
-                    for step, row in enumerate(rows, c0):
+                    else:
                         ledger.step = step
-                        yield row
+                    yield row
 
     # -- plans -----------------------------------------------------------------------------
 
@@ -697,9 +696,10 @@ def _batch_len(batch) -> int:
         return batch.shape[0]
     if isinstance(batch, dict):
         return _batch_len(next(iter(batch.values())))
-    if isinstance(batch, (list, tuple)):
+    if isinstance(batch, (list, tuple)) and batch and \
+            isinstance(batch[0], (torch.Tensor, list, tuple, dict)):
         return _batch_len(batch[0])
-    return len(batch)
+    return len(batch)  # e.g. a collated list of strings
 
 
 def _slice_batch(batch, start: int, stop: int):

@@ -255,3 +255,19 @@ def test_resume_survives_a_dataloader_that_creates_an_unused_iterator_first():
     order = EpochOrder(100, seed=3, epoch=0)
     assert seen == order.indices_range(50, 100).tolist()
     assert len(sampler) == 10  # the resumed epoch is done; a new iterator starts it over
+
+
+def test_accumulate_cuts_tensors_tuples_dicts_and_string_lists_into_micro_batches():
+    import torch
+
+    sampler = WeightedDistributedSampler(range(40), 8, num_replicas=1, rank=0,
+                                         policy="equal", micro_batch_size=4)
+    batches = [["a", "b", "c", "d", "e", "f", "g", "h"],
+               {"x": torch.arange(8), "y": (torch.arange(8), torch.ones(8))}]
+    out = list(sampler.accumulate(batches))
+    assert [m for m, _, _ in out[:2]] == [["a", "b", "c", "d"], ["e", "f", "g", "h"]]
+    assert [(s, last) for _, s, last in out] == [(0.5, False), (0.5, True)] * 2
+    assert out[3][0]["x"].tolist() == [4, 5, 6, 7] and out[3][0]["y"][0].tolist() == [4, 5, 6, 7]
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        list(WeightedDistributedSampler(range(40), 8, num_replicas=1, rank=0,
+                                        policy="equal").accumulate(batches))
