@@ -4,7 +4,6 @@ Skipped without CUDA (CI has none); run on a GPU machine with ``python -m pytest
 """
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -43,10 +42,11 @@ def test_busy_clock_reads_cuda_events_without_waiting():
 
 
 @pytest.fixture
-def nccl_world_of_one():
+def nccl_world_of_one(monkeypatch):
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     torch.cuda.set_device(0)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
                             world_size=1, timeout=timedelta(seconds=60))
