@@ -50,14 +50,7 @@ REJECT_LOG_INTERVAL_S = 10.0
 class RunState:
     run_id: str
     generation: int
-    world_size: int
-    global_batch_size: int
-    policy: str
-    min_sizes: tuple[int, ...]
-    max_sizes: tuple[int, ...]
-    quantum: int
-    initial_weights: tuple[float, ...] | None
-    options: dict[str, float]
+    config: protocol.RunConfig
     last_seen: float = field(default_factory=time.monotonic)
     history: list[OrderedDict] = field(default_factory=list)
     plans: OrderedDict = field(default_factory=OrderedDict)
@@ -65,26 +58,7 @@ class RunState:
 
     def __post_init__(self) -> None:
         if not self.history:
-            self.history = [OrderedDict() for _ in range(self.world_size)]
-
-    @classmethod
-    def from_request(cls, req: protocol.PlanRequest) -> "RunState":
-        return cls(req.run, req.generation, req.world_size, req.global_batch_size, req.policy,
-                   req.min_sizes, req.max_sizes, req.quantum, req.initial_weights,
-                   dict(req.options))
-
-    def config(self) -> tuple:
-        return (self.world_size, self.global_batch_size, self.policy, self.min_sizes,
-                self.max_sizes, self.quantum, self.initial_weights,
-                tuple(sorted(self.options.items())))
-
-    def config_dict(self) -> dict[str, Any]:
-        return {"world_size": self.world_size, "global_batch_size": self.global_batch_size,
-                "policy": self.policy, "min_sizes": list(self.min_sizes),
-                "max_sizes": list(self.max_sizes), "quantum": self.quantum,
-                "initial_weights": (None if self.initial_weights is None
-                                    else list(self.initial_weights)),
-                "options": self.options}
+            self.history = [OrderedDict() for _ in range(self.config.world_size)]
 
     def add(self, rank: int, records) -> None:
         hist = self.history[rank]
@@ -100,11 +74,12 @@ class RunState:
                      for hist in self.history)
 
     def initial_plan(self, epoch: int, window: int) -> Plan:
-        weights = self.initial_weights or (1.0,) * self.world_size
-        sizes = apportion(weights, self.global_batch_size, self.min_sizes, self.max_sizes,
-                          self.quantum)
-        return Plan(self.run_id, self.generation, epoch, window, sizes, self.global_batch_size,
-                    self.policy)
+        cfg = self.config
+        weights = cfg.initial_weights or (1.0,) * cfg.world_size
+        sizes = apportion(weights, cfg.global_batch_size, cfg.min_sizes, cfg.max_sizes,
+                          cfg.quantum)
+        return Plan(self.run_id, self.generation, epoch, window, sizes, cfg.global_batch_size,
+                    cfg.policy)
 
 
 class Coordinator:
@@ -165,13 +140,8 @@ class Coordinator:
                 try:
                     rec = json.loads(line)
                     if rec.get("event") == "run":
-                        cfg = rec["config"]
-                        state = RunState(
-                            rec["run"], int(rec["generation"]), int(cfg["world_size"]),
-                            int(cfg["global_batch_size"]), str(cfg["policy"]),
-                            tuple(cfg["min_sizes"]), tuple(cfg["max_sizes"]), int(cfg["quantum"]),
-                            None if cfg["initial_weights"] is None
-                            else tuple(cfg["initial_weights"]), dict(cfg["options"]))
+                        state = RunState(rec["run"], int(rec["generation"]),
+                                         protocol.RunConfig.from_dict(rec["config"]))
                         self.runs[state.run_id] = state
                         self.runs.move_to_end(state.run_id)
                     elif rec.get("event") == "plan":
@@ -232,34 +202,37 @@ class Coordinator:
             if req is None:
                 raise ProtocolError(f"unknown run {run!r} generation {generation}: ask for a "
                                     "plan first")
-            if req.policy not in POLICIES:
-                raise ConfigError(f"unknown policy {req.policy!r}; choose one of {sorted(POLICIES)}")
-            check_options(dict(req.options))
-            state = RunState.from_request(req)
+            if req.config.policy not in POLICIES:
+                raise ConfigError(f"unknown policy {req.config.policy!r}; choose one of "
+                                  f"{sorted(POLICIES)}")
+            check_options(dict(req.config.options))
+            state = RunState(req.run, req.generation, req.config)
             state.initial_plan(0, 0)  # raises if the bounds cannot hold the batch
             self.runs[run] = state
             self._write({"event": "run", "run": run, "generation": generation,
-                         "config": state.config_dict()})
+                         "config": state.config.to_dict()})
             log.info("run %s generation %d: %d ranks, global batch %d, policy %s", run,
-                     generation, state.world_size, state.global_batch_size, state.policy)
+                     generation, state.config.world_size, state.config.global_batch_size,
+                     state.config.policy)
             while len(self.runs) > MAX_RUNS:
                 self.runs.popitem(last=False)
-        elif req is not None and req.config() != state.config():
+        elif req is not None and req.config != state.config:
             raise ConfigError(f"rank {req.rank} of run {run} asks with a configuration that "
-                              f"differs from the one the run started with: {state.config_dict()}")
+                              f"differs from the one the run started with: "
+                              f"{state.config.to_dict()}")
         state.last_seen = time.monotonic()
         self.runs.move_to_end(run)
         return state
 
     def _stats(self, report: protocol.StatsReport) -> int:
         state = self._state(report.run, report.generation, None)
-        if report.world_size != state.world_size:
+        if report.world_size != state.config.world_size:
             raise ProtocolError(f"world_size {report.world_size} differs from the run's "
-                                f"{state.world_size}")
+                                f"{state.config.world_size}")
         for rec in report.records:
-            if rec[2] > state.global_batch_size:
+            if rec[2] > state.config.global_batch_size:
                 raise ProtocolError(f"batch size {rec[2]} exceeds the global batch "
-                                    f"{state.global_batch_size}")
+                                    f"{state.config.global_batch_size}")
         state.add(report.rank, report.records)
         return len(report.records)
 
@@ -280,21 +253,22 @@ class Coordinator:
             raise PlanError(f"window {key} of run {req.run} is older than every plan kept")
         previous = state.current or state.initial_plan(req.epoch, req.window)
         history = state.observations()
-        inp = PolicyInput(global_batch_size=state.global_batch_size, current=previous.batch_sizes,
-                          min_sizes=state.min_sizes, max_sizes=state.max_sizes,
-                          quantum=state.quantum, history=history,
-                          static_weights=state.initial_weights,
-                          options=check_options(state.options))
-        if state.current is None and state.initial_weights is not None:
+        cfg = state.config
+        inp = PolicyInput(global_batch_size=cfg.global_batch_size, current=previous.batch_sizes,
+                          min_sizes=cfg.min_sizes, max_sizes=cfg.max_sizes,
+                          quantum=cfg.quantum, history=history,
+                          static_weights=cfg.initial_weights,
+                          options=check_options(dict(cfg.options)))
+        if state.current is None and cfg.initial_weights is not None:
             sizes, reason, model = previous.batch_sizes, "initial weights", None
         else:
-            sizes, decision = decide(state.policy, inp)
+            sizes, decision = decide(cfg.policy, inp)
             reason, model = decision.reason, decision.model
         if model is None:
             model = fit_cost_model(history, inp.options)
         predicted = model.step_seconds(sizes) if model is not None else None
         plan = Plan(state.run_id, state.generation, req.epoch, req.window, sizes,
-                    state.global_batch_size, state.policy, predicted)
+                    cfg.global_batch_size, cfg.policy, predicted)
         try:
             self._announce(state, plan, previous, history, model, reason)
         finally:
@@ -313,17 +287,18 @@ class Coordinator:
         record: dict[str, Any] = {
             "event": "plan", "run": state.run_id, "generation": state.generation,
             "epoch": plan.epoch, "window": plan.window, "batch_sizes": list(plan.batch_sizes),
-            "previous": list(previous.batch_sizes), "policy": state.policy, "reason": reason,
+            "previous": list(previous.batch_sizes), "policy": state.config.policy, "reason": reason,
             "busy_ms": busy_ms, "imbalance": None if imbalance is None else round(imbalance, 4),
             "plan": plan.to_dict(),
         }
         line = (f"run {state.run_id} gen {state.generation} epoch {plan.epoch} "
-                f"step {plan.window}: plan {list(plan.batch_sizes)} ({state.policy}: {reason})")
+                f"step {plan.window}: plan {list(plan.batch_sizes)} ({state.config.policy}: {reason})")
         if imbalance is not None:
             line += f" | busy ms/step {busy_ms} | imbalance {imbalance:.2f}"
         if model is not None:
-            equal = apportion([1.0] * state.world_size, state.global_batch_size, state.min_sizes,
-                              state.max_sizes, state.quantum)
+            cfg = state.config
+            equal = apportion([1.0] * cfg.world_size, cfg.global_batch_size, cfg.min_sizes,
+                              cfg.max_sizes, cfg.quantum)
             predicted_ms = model.step_seconds(plan.batch_sizes) * 1e3
             equal_ms = model.step_seconds(equal) * 1e3
             record.update(predicted_step_ms=round(predicted_ms, 3), equal_step_ms=round(equal_ms, 3),

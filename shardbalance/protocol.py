@@ -31,7 +31,7 @@ from ._exceptions import AuthenticationError, ProtocolError
 
 __all__ = [
     "PROTOCOL_VERSION", "MAX_MESSAGE_BYTES", "MAX_WORLD_SIZE", "MAX_RECORDS_PER_MESSAGE",
-    "encode", "decode", "parse_request", "PlanRequest", "StatsReport", "Ping",
+    "encode", "decode", "parse_request", "RunConfig", "PlanRequest", "StatsReport", "Ping",
 ]
 
 PROTOCOL_VERSION = 1
@@ -160,26 +160,47 @@ class Ping:
 
 
 @dataclass(frozen=True)
-class PlanRequest:
-    id: int
-    run: str
-    generation: int
-    rank: int
+class RunConfig:
+    """What every rank of one (run, generation) must agree on; fixed when the run starts."""
+
     world_size: int
-    epoch: int
-    window: int
     global_batch_size: int
     policy: str
     min_sizes: tuple[int, ...]
     max_sizes: tuple[int, ...]
     quantum: int
     initial_weights: tuple[float, ...] | None
+    #: Sorted ``(name, value)`` pairs.
     options: tuple[tuple[str, float], ...]
 
-    def config(self) -> tuple:
-        """What every rank of one (run, generation) must agree on."""
-        return (self.world_size, self.global_batch_size, self.policy, self.min_sizes,
-                self.max_sizes, self.quantum, self.initial_weights, self.options)
+    def to_dict(self) -> dict[str, Any]:
+        return {"world_size": self.world_size, "global_batch_size": self.global_batch_size,
+                "policy": self.policy, "min_sizes": list(self.min_sizes),
+                "max_sizes": list(self.max_sizes), "quantum": self.quantum,
+                "initial_weights": (None if self.initial_weights is None
+                                    else list(self.initial_weights)),
+                "options": dict(self.options)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        """Rebuild from :meth:`to_dict` (the coordinator's journal)."""
+        weights = data["initial_weights"]
+        return cls(int(data["world_size"]), int(data["global_batch_size"]), str(data["policy"]),
+                   tuple(int(b) for b in data["min_sizes"]),
+                   tuple(int(b) for b in data["max_sizes"]), int(data["quantum"]),
+                   None if weights is None else tuple(float(w) for w in weights),
+                   tuple(sorted((str(k), float(v)) for k, v in data["options"].items())))
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    id: int
+    run: str
+    generation: int
+    rank: int
+    epoch: int
+    window: int
+    config: RunConfig
 
 
 @dataclass(frozen=True)
@@ -220,15 +241,16 @@ def parse_request(msg: dict[str, Any]) -> Ping | PlanRequest | StatsReport:
                         for k, v in options.items()):
             raise ProtocolError("field 'options' must be an object of at most 16 "
                                 "name: non-negative number pairs")
-        return PlanRequest(
-            id=msg["id"], run=run, generation=generation, rank=rank, world_size=world,
-            epoch=_int(msg, "epoch", 0, _MAX_COUNTER), window=_int(msg, "window", 0, _MAX_COUNTER),
-            global_batch_size=batch, policy=_str(msg, "policy", _POLICY),
+        config = RunConfig(
+            world_size=world, global_batch_size=batch, policy=_str(msg, "policy", _POLICY),
             min_sizes=_int_list(msg, "min_sizes", world, 1, batch),
             max_sizes=_int_list(msg, "max_sizes", world, 1, batch),
             quantum=_int(msg, "quantum", 1, batch), initial_weights=weights,
-            options=tuple(sorted((k, float(v)) for k, v in options.items())),
-        )
+            options=tuple(sorted((k, float(v)) for k, v in options.items())))
+        return PlanRequest(
+            id=msg["id"], run=run, generation=generation, rank=rank,
+            epoch=_int(msg, "epoch", 0, _MAX_COUNTER), window=_int(msg, "window", 0, _MAX_COUNTER),
+            config=config)
     if kind == "stats":
         run, generation, rank, world = _common(msg)
         records = msg.get("records")
