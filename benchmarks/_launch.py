@@ -32,14 +32,21 @@ def kill_group(proc: subprocess.Popen) -> None:
             continue
 
 
-def torchrun(nproc: int, script: str | Path, script_args: list[str],
-             timeout_s: float) -> tuple[str, str]:
+class LaunchError(RuntimeError):
+    """A torchrun that failed or timed out; the message carries the tail of its output."""
+
+
+def torchrun(nproc: int, script: str | Path, script_args: list[str], timeout_s: float,
+             name: str = "torchrun", before_attempt=None) -> tuple[str, str]:
     """torchrun ``script`` on 127.0.0.1 with a free port (retried if taken), bounded in time.
 
-    Returns (stdout, stderr); raises SystemExit with the tail of the output on failure.
+    ``before_attempt()`` runs before each try (e.g. to remove a previous try's output files).
+    Returns (stdout, stderr); raises LaunchError on failure or timeout.
     """
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     for attempt in range(3):
+        if before_attempt is not None:
+            before_attempt()
         cmd = [sys.executable, "-m", "torch.distributed.run", "--master_addr", "127.0.0.1",
                "--master_port", str(free_port()), "--nnodes", "1",
                "--nproc_per_node", str(nproc), str(script), *script_args]
@@ -50,13 +57,15 @@ def torchrun(nproc: int, script: str | Path, script_args: list[str],
         except subprocess.TimeoutExpired:
             kill_group(proc)
             out, err = proc.communicate()
-            raise SystemExit(f"torchrun timed out after {timeout_s:.0f} s\n{err[-3000:]}")
+            raise LaunchError(f"{name} timed out after {timeout_s:.0f} s\n"
+                              f"--- stdout ---\n{out[-3000:]}\n--- stderr ---\n{err[-3000:]}")
         except BaseException:  # Ctrl-C: do not leave the ranks behind
             kill_group(proc)
             raise
         if proc.returncode == 0:
             return out, err
+        # Another process may have taken the port between our probe and torchrun's bind.
         if "address already in use" not in (out + err).lower() or attempt == 2:
-            raise SystemExit(f"torchrun failed (exit {proc.returncode})\n--- stdout ---\n"
-                             f"{out[-3000:]}\n--- stderr ---\n{err[-3000:]}")
+            raise LaunchError(f"{name} failed (exit {proc.returncode})\n--- stdout ---\n"
+                              f"{out[-3000:]}\n--- stderr ---\n{err[-3000:]}")
     raise AssertionError("unreachable")

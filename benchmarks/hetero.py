@@ -91,15 +91,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _launch import free_port, kill_group
+from _launch import LaunchError, torchrun
 
 from shardbalance.emulate import parse_speeds
 from shardbalance.plan import apportion, water_fill
@@ -227,10 +225,6 @@ def model_figures(speeds: list[float], B: int, per_sample_ms: float, overhead_ms
 # ---------------------------------------------------------------------------------------------
 # Launching
 
-class LaunchError(RuntimeError):
-    pass
-
-
 def launch(contender: dict, speeds: list[float], args, model: dict, workdir: Path, tag: str,
            timeout_s: float) -> dict:
     """One torchrun of examples/train.py; returns its per-epoch records and coordinator journal."""
@@ -252,32 +246,15 @@ def launch(contender: dict, speeds: list[float], args, model: dict, workdir: Pat
         train += ["--sampler", "weighted", "--policy", contender["policy"]]
         if contender["mode"] == "window":
             train += ["--rebalance-every", str(args.window)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     name = f"{contender['name']} on {_label(speeds)}"
-    for attempt in range(3):
+
+    def clear() -> None:
         for path in (metrics, journal):
             path.unlink(missing_ok=True)
-        port = free_port()
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--master_addr", "127.0.0.1",
-               "--master_port", str(port), "--nnodes", "1", "--nproc_per_node", str(k),
-               str(_TRAIN), *train]
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=_REPO, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
-        try:
-            out, err = proc.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            kill_group(proc)
-            out, err = proc.communicate()
-            raise LaunchError(f"{name} timed out after {timeout_s:.0f} s\n"
-                              f"--- stdout ---\n{out[-3000:]}\n--- stderr ---\n{err[-3000:]}")
-        wall = time.perf_counter() - start
-        if proc.returncode == 0:
-            break
-        # Another process may have taken the port between our probe and torchrun's bind.
-        if "address already in use" not in (out + err).lower() or attempt == 2:
-            raise LaunchError(f"{name} failed (exit {proc.returncode})\n"
-                              f"--- stdout ---\n{out[-3000:]}\n--- stderr ---\n{err[-3000:]}")
+
+    start = time.perf_counter()
+    out, err = torchrun(k, _TRAIN, train, timeout_s, name=name, before_attempt=clear)
+    wall = time.perf_counter() - start
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] \
         if metrics.exists() else []
     if len(records) != args.epochs:
@@ -296,7 +273,7 @@ def launch(contender: dict, speeds: list[float], args, model: dict, workdir: Pat
                     "predicted_step_ms", "equal_step_ms", "alpha_ms", "beta_ms")})
     coordinator_lines = [line for line in err.splitlines() if "[shardbalance coordinator]" in line]
     return {"records": records, "decisions": decisions, "coordinator_stderr": coordinator_lines,
-            "launch_wall_s": round(wall, 2), "port": port}
+            "launch_wall_s": round(wall, 2)}
 
 
 # ---------------------------------------------------------------------------------------------

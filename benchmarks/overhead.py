@@ -241,8 +241,11 @@ def _worker(args: argparse.Namespace, out_path: str, journal: str) -> None:
 # Launching
 
 def torchrun(nproc: int, script_args: list[str], timeout_s: float) -> tuple[str, str]:
-    """torchrun this file (see _launch.torchrun)."""
-    return _launch.torchrun(nproc, Path(__file__).resolve(), script_args, timeout_s)
+    """torchrun this file (see _launch.torchrun); a failed launch ends the benchmark."""
+    try:
+        return _launch.torchrun(nproc, Path(__file__).resolve(), script_args, timeout_s)
+    except _launch.LaunchError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 # ---------------------------------------------------------------------------------------------
