@@ -641,7 +641,14 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         if self._sender is not None:
             self._sender.flush(min(2.0, self.timeout_s))
         if self._group is not None and dist.is_initialized():
-            dist.barrier(group=self._group)
+            try:
+                # Bounded by the coordinator timeout: a rank that never comes to close()
+                # must not hold the others for the peer timeout.
+                dist.monitored_barrier(group=self._group,
+                                       timeout=timedelta(seconds=self.timeout_s))
+            except RuntimeError as exc:
+                warnings.warn(f"shardbalance: not every rank reached close() ({exc}); "
+                              "stopping anyway", RuntimeWarning)
         self._finalizer()
 
 

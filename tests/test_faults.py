@@ -216,3 +216,23 @@ def test_a_peer_that_never_reads_replies_does_not_stall_the_others(tmp_path):
         ctx.term()
         proc.send_signal(signal.SIGTERM)
         proc.wait(10)
+
+
+def _close_without_peer(rank, world, log_path):
+    import warnings as warnings_mod
+
+    sampler = WeightedDistributedSampler(range(N), B, coordinator_log=log_path, timeout_s=2)
+    if rank == 1:
+        return None  # this rank never calls close()
+    start = time.monotonic()
+    with warnings_mod.catch_warnings(record=True) as caught:
+        warnings_mod.simplefilter("always")
+        sampler.close()
+    return time.monotonic() - start, [str(w.message) for w in caught]
+
+
+def test_close_does_not_wait_long_for_a_rank_that_never_closes(tmp_path):
+    results = run_ranks(_close_without_peer, 2, str(tmp_path / "c.jsonl"), timeout_s=90)
+    seconds, messages = results[0]
+    assert seconds < 15
+    assert any("not every rank reached close()" in m for m in messages)
