@@ -227,11 +227,7 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         store = _default_store() if distributed else None
         prefix = f"shardbalance/g{self.generation}/s{instance}/"
         leader = (dist.get_rank() == 0) if distributed else True
-        if distributed and dist.get_world_size() > 1:
-            # Peers may legitimately be minutes apart (a checkpoint, an evaluation on one
-            # rank): waits for peers get the process group's patience, not the coordinator's.
-            self._group = dist.new_group(backend="gloo",
-                                         timeout=timedelta(seconds=self.peer_timeout_s))
+        self._peer_group()
         if leader:
             run_id = uuid.uuid4().hex[:12]
             if store is not None:
@@ -287,9 +283,7 @@ class WeightedDistributedSampler(Sampler[list[int]]):
                   self.initial_weights, self.rebalance_every, sorted(self._user_options.items()),
                   self.run_id]
         digest = int(hashlib.sha256(repr(config).encode()).hexdigest()[:15], 16)
-        both = torch.tensor([digest, -digest], dtype=torch.int64)
-        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self._group)
-        if int(both[0]) != digest or -int(both[1]) != digest:
+        if not self._same_on_every_rank(digest):
             raise ConfigError(
                 "the ranks built their samplers with different settings (dataset length, "
                 "global_batch_size, seed, shuffle, drop_last, policy, bounds, "
@@ -421,9 +415,26 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         digest = candidate.digest_int if candidate is not None else 0
         if self._group is None:
             return candidate is not None
-        both = torch.tensor([digest, -digest], dtype=torch.int64)
+        return digest != 0 and self._same_on_every_rank(digest)
+
+    def _peer_group(self):
+        """The dedicated gloo group for agreement among ranks (created on first use; None
+        without torch.distributed or with one rank). Every rank must ask at the same point.
+
+        Peers may legitimately be minutes apart (a checkpoint, an evaluation on one rank):
+        waits on this group get the peer timeout, not the coordinator's.
+        """
+        if self._group is None and dist.is_available() and dist.is_initialized() \
+                and dist.get_world_size() > 1:
+            self._group = dist.new_group(backend="gloo",
+                                         timeout=timedelta(seconds=self.peer_timeout_s))
+        return self._group
+
+    def _same_on_every_rank(self, value: int) -> bool:
+        """One all-reduce (max of value and of -value) tells whether every rank passed it."""
+        both = torch.tensor([value, -value], dtype=torch.int64)
         dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self._group)
-        return digest != 0 and int(both[0]) == digest and -int(both[1]) == digest
+        return int(both[0]) == value and -int(both[1]) == value
 
     @property
     def batch_sizes(self) -> tuple[int, ...]:
@@ -500,12 +511,10 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         repeats = _check_int("repeats", repeats, 1)
         seconds = _time_steps(step_fn, (small, large), repeats, model)
         times = torch.tensor(seconds, dtype=torch.float64)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            if self._group is None:
-                self._group = dist.new_group(backend="gloo",
-                                             timeout=timedelta(seconds=self.peer_timeout_s))
+        group = self._peer_group()
+        if group is not None:
             gathered = [torch.zeros(2, dtype=torch.float64) for _ in range(self.num_replicas)]
-            dist.all_gather(gathered, times, group=self._group)
+            dist.all_gather(gathered, times, group=group)
             times = torch.stack(gathered)
         else:
             times = times.reshape(1, 2)
@@ -580,11 +589,9 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         if not math.isfinite(value) or value < 0:
             raise ConfigError(f"Invalid step weight {count!r}, it should be a finite number >= 0")
         total = torch.tensor([value], dtype=torch.float64)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            if self._group is None:
-                self._group = dist.new_group(backend="gloo",
-                                             timeout=timedelta(seconds=self.peer_timeout_s))
-            dist.all_reduce(total, group=self._group)
+        group = self._peer_group()
+        if group is not None:
+            dist.all_reduce(total, group=group)
         if not total.item() > 0:
             raise ConfigError(f"The step weights sum to {total.item()} over all ranks; at least "
                               "one rank must have a positive weight")

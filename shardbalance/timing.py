@@ -13,7 +13,6 @@ monotonic clock. The hook runs on the autograd thread: it only appends to buffer
 from __future__ import annotations
 
 import collections
-import threading
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -167,7 +166,6 @@ class WeightedCommHook:
         self.steps = 0
         self._previous: LedgerEntry | None = None
         self._previous_done: Any = None
-        self._lock = threading.Lock()
 
     def on_bucket(self, bucket: dist.GradBucket) -> torch.futures.Future:
         if bucket.index() == 0:
