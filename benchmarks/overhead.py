@@ -85,8 +85,9 @@ from pathlib import Path
 
 import _launch
 
-VARIANTS = ("distributed", "hooked", "equal", "affine")
-TAGS = {"distributed": "(a)", "hooked": "(a')", "equal": "(b)", "affine": "(c)"}
+VARIANTS = ("distributed", "hooked", "equal", "output", "affine")
+TAGS = {"distributed": "(a)", "hooked": "(a')", "equal": "(b)", "output": "(b')",
+        "affine": "(c)"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -156,11 +157,11 @@ def _worker(args: argparse.Namespace, out_path: str, journal: str) -> None:
                 model.register_comm_hook(None, default_hooks.allreduce_hook)
         else:
             sampler = WeightedDistributedSampler(
-                dataset, global_batch_size=B, seed=0, policy=v,
+                dataset, global_batch_size=B, seed=0, policy="equal" if v == "output" else v,
                 rebalance_every=args.rebalance_every or None, coordinator_log=journal,
                 options={"band": args.affine_band} if v == "affine" else None)
             loader = DataLoader(dataset, batch_sampler=sampler)
-            sampler.attach(model)
+            sampler.attach(model, weighting="output" if v == "output" else "hook")
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         runs[v] = {"model": model, "sampler": sampler, "loader": loader, "opt": opt}
     # Where a plan fetch spends its time (private names: skipped if they ever change).
@@ -198,7 +199,7 @@ def _worker(args: argparse.Namespace, out_path: str, journal: str) -> None:
         epoch = {v: [] for v in VARIANTS}
         for i in range(args.steps):
             # Step-level interleaving in a rotating order: a burst of load from elsewhere on
-            # the machine hits the three variants alike, and each is first equally often.
+            # the machine hits the variants alike, and each is first equally often.
             k = (r * args.steps + i) % len(VARIANTS)
             for v in VARIANTS[k:] + VARIANTS[:k]:
                 run = runs[v]
@@ -448,7 +449,7 @@ def report(args, s: dict, micro: dict | None, wall_s: float, load: tuple) -> Non
         f"{t} {min(s[v]['repeat_medians_ms']):.1f}..{max(s[v]['repeat_medians_ms']):.1f}"
         for v, t in TAGS.items()))
     print("paired over (a') (any Python comm hook -> shardbalance's part): " + "; ".join(
-        f"{TAGS[v]} {s[v]['round_overhead_vs_hooked_pct']:+.2f} %" for v in ("equal", "affine")))
+        f"{TAGS[v]} {s[v]['round_overhead_vs_hooked_pct']:+.2f} %" for v in ("equal", "output", "affine")))
     f = s["fetch_ms"]
     if f:
         print(f"(c) plan fetch (each window's first step): step median "

@@ -26,7 +26,8 @@ from .client import (CoordinatorClient, EmbeddedCoordinator, StatsSender, extern
 from .order import EpochOrder
 from .plan import Plan, apportion, check_weights, normalize_bounds, water_fill
 from .policies import ADAPTIVE_POLICIES, POLICIES, check_options, fit_cost_model
-from .timing import LedgerEntry, StepLedger, WeightedCommHook, attach_hook
+from .timing import (LedgerEntry, OutputWeighting, StepLedger, WeightedCommHook,
+                     attach_hook, attach_output_weighting)
 
 __all__ = ["WeightedDistributedSampler"]
 
@@ -188,7 +189,7 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         self._serial = 0
         self._iterated_epoch: int | None = None
         self._resume: tuple[int, int] | None = None
-        self._hook: WeightedCommHook | None = None
+        self._hook: WeightedCommHook | OutputWeighting | None = None
         self._client: CoordinatorClient | None = None
         self._sender: StatsSender | None = None
         self._embedded: EmbeddedCoordinator | None = None
@@ -454,28 +455,48 @@ class WeightedDistributedSampler(Sampler[list[int]]):
 
     # -- training side ------------------------------------------------------------------
 
-    def attach(self, model: torch.nn.Module, comm_hook=None, comm_state: Any = None) -> None:
-        """Register the comm hook that weights each rank's gradient by ``b_i/B``.
+    def attach(self, model: torch.nn.Module, comm_hook=None, comm_state: Any = None,
+               weighting: str = "hook") -> None:
+        """Weight each rank's gradient by ``b_i/B`` and measure this rank's busy time per step.
 
-        The hook pre-scales each gradient bucket by ``k·b_i/B`` and hands it to ``comm_hook``
-        (default: all-reduce mean; e.g. ``default_hooks.bf16_compress_hook`` with
-        ``comm_state=process_group``), so the averaged gradient is the global-batch mean. It
-        also measures this rank's busy time per step. The model must be a
-        DistributedDataParallel without a comm hook of its own.
+        ``weighting="hook"`` (default) registers a DDP comm hook that pre-scales each gradient
+        bucket: by ``b_i/B`` before a summing all-reduce, or by ``k·b_i/B`` before
+        ``comm_hook`` (an averaging hook of yours, e.g. ``default_hooks.bf16_compress_hook``
+        with ``comm_state=process_group``). Exact for any loss that is a mean over the local
+        batch. The model must not have a comm hook of its own (pass it here instead).
+
+        ``weighting="output"`` registers no comm hook: the gradient of the model's outputs is
+        scaled by ``k·b_i/B`` in backward and DDP's own all-reduce (or ``comm_hook``, which must
+        average) does the rest, which saves the hook's pass over the gradient buckets. Exact
+        when the loss reaches the parameters only through the model's outputs (terms that are
+        equal on every rank, like weight decay, are fine); an auxiliary loss computed inside
+        the model is then averaged over ranks without the ``b_i/B`` weights.
+
+        Either way the averaged gradient is that of the mean loss over the global batch.
         """
         if self._hook is not None:
             raise ConfigError("attach() was already called on this sampler")
+        if weighting not in ("hook", "output"):
+            raise ConfigError(f"Invalid weighting {weighting!r}, it should be 'hook' or 'output'")
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         world = model.process_group.size() if hasattr(model, "process_group") \
             else self.num_replicas
         if world != self.num_replicas:
             raise ConfigError(f"the DDP model spans {world} ranks but the sampler "
                               f"num_replicas={self.num_replicas}")
-        if comm_hook is None and comm_state is None:
-            comm_state = getattr(model, "process_group", None)
-        hook = WeightedCommHook(self.ledger, self.global_batch_size, self.num_replicas,
-                                self._on_busy, device, comm_hook, comm_state)
-        attach_hook(model, hook)
+        hook: WeightedCommHook | OutputWeighting
+        if weighting == "output":
+            hook = OutputWeighting(self.ledger, self.global_batch_size, self.num_replicas,
+                                   self._on_busy, device)
+            attach_output_weighting(model, hook)
+            if comm_hook is not None:
+                model.register_comm_hook(comm_state, comm_hook)
+        else:
+            if comm_hook is None and comm_state is None:
+                comm_state = getattr(model, "process_group", None)
+            hook = WeightedCommHook(self.ledger, self.global_batch_size, self.num_replicas,
+                                    self._on_busy, device, comm_hook, comm_state)
+            attach_hook(model, hook)
         self.ledger.drop_untrained()
         self.ledger.tracking = True
         self._hook = hook
@@ -509,7 +530,13 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         if not 1 <= small < large:
             raise ConfigError(f"Invalid probe sizes {tuple(sizes)}: need two sizes 1 <= a < b")
         repeats = _check_int("repeats", repeats, 1)
-        seconds = _time_steps(step_fn, (small, large), repeats, model)
+        if self._hook is not None:
+            self._hook.paused = True
+        try:
+            seconds = _time_steps(step_fn, (small, large), repeats, model)
+        finally:
+            if self._hook is not None:
+                self._hook.paused = False
         times = torch.tensor(seconds, dtype=torch.float64)
         group = self._peer_group()
         if group is not None:
@@ -577,14 +604,18 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         """Weight this step's gradient by ``count`` instead of the local batch size.
 
         For losses normalised by something other than the local sample count, e.g. a
-        token-mean loss: pass this rank's token count for the step, before ``backward()``.
-        The global total comes from one scalar all-reduce, and the comm hook then weights this
+        token-mean loss: pass this rank's token count for the step, before its (first)
+        ``backward()``. The global total comes from one scalar all-reduce, and the comm hook
+        (or the output weighting) then weights this
         rank's gradient by ``count / total``, so the result is the gradient of the loss
         normalised over all tokens of the global batch. Call it on every rank at every step
         (or at none).
         """
         if self._hook is None:
             raise ConfigError("set_step_weight() needs attach(model) first")
+        if self._hook.mid_step:
+            raise ConfigError("with weighting='output', call set_step_weight() before the "
+                              "step's first backward()")
         value = float(count)
         if not math.isfinite(value) or value < 0:
             raise ConfigError(f"Invalid step weight {count!r}, it should be a finite number >= 0")

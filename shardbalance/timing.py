@@ -1,13 +1,15 @@
-"""Per-step bookkeeping on the training side: the step ledger, busy time, and the comm hook.
+"""Per-step bookkeeping on the training side: the step ledger, busy time, gradient weighting.
 
 The sampler runs ahead of training (DataLoader prefetch), so each batch it yields is written to
-a :class:`StepLedger` and the comm hook takes one entry per optimizer step: the gradient weight,
-the busy-time record and the resume position all come from the step actually being trained.
+a :class:`StepLedger`, and the gradient weighting takes one entry per optimizer step: the
+gradient weight, the busy-time record and the resume position all come from the step actually
+being trained. Two ways to weight: :class:`WeightedCommHook` (a DDP comm hook, the default,
+exact for any loss) and :class:`OutputWeighting` (a hook on the model's outputs, no comm hook).
 
 Busy time of step s is the time from the moment step s−1's all-reduce completed to the moment
 step s's last gradient bucket is ready: wall time minus waiting for peers. On CUDA it is taken
 with CUDA events that are read a step or more later (never a synchronize); on CPU with a
-monotonic clock. The hook runs on the autograd thread: it only appends to buffers.
+monotonic clock. The hooks run on the autograd thread: they only append to buffers.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ import torch.distributed as dist
 
 from ._exceptions import ConfigError, PlanError
 
-__all__ = ["LedgerEntry", "StepLedger", "BusyClock", "WeightedCommHook", "weighted_comm_hook",
-           "attach_hook"]
+__all__ = ["LedgerEntry", "StepLedger", "BusyClock", "WeightedCommHook", "OutputWeighting",
+           "weighted_comm_hook", "attach_hook", "attach_output_weighting"]
 
 
 class LedgerEntry(NamedTuple):
@@ -132,31 +134,19 @@ class BusyClock:
 HookFn = Callable[[Any, dist.GradBucket], torch.futures.Future]
 
 
-class WeightedCommHook:
-    """DDP comm hook: weight each rank's gradient by its share of the global batch.
+class _WeightedSteps:
+    """What both weighting modes share: one ledger entry per optimizer step, its gradient
+    weight ``b_i/B`` (or ``count/total`` from ``set_step_weight``), and the busy-time marks."""
 
-    Each bucket is pre-scaled by ``b_i/B`` and summed over ranks (one pass over the gradients,
-    like DDP's built-in all-reduce), or, with an averaging hook of the user's (e.g. fp16
-    compression), pre-scaled by ``k·b_i/B`` (in fp32 for 16-bit buckets) and handed to it.
-    Either way the result is ``Σ_i (b_i/B)·g_i``: the gradient of the mean loss over the whole
-    global batch. The step's ``b_i`` comes from the ledger. The last
-    bucket of each step also marks the end of the rank's busy time.
-    """
+    #: Whether the all-reduce after us sums (the weight is ``b_i/B``) or averages (``k·b_i/B``).
+    sums = False
 
     def __init__(self, ledger: StepLedger, global_batch_size: int, world_size: int,
-                 on_busy: Callable[[LedgerEntry, float], None], device: torch.device,
-                 inner_hook: HookFn | None = None, inner_state: Any = None) -> None:
-        # Without a user hook, the mean's 1/k is folded into the pre-scale and the buckets are
-        # summed: one pass over the gradients, as DDP's own all-reduce makes.
-        self.fused = inner_hook is None
-        if inner_hook is None:
-            inner_hook = _allreduce_sum
+                 on_busy: Callable[[LedgerEntry, float], None], device: torch.device) -> None:
         self.ledger = ledger
         self.global_batch_size = global_batch_size
         self.world_size = world_size
         self.on_busy = on_busy
-        self.inner_hook = inner_hook
-        self.inner_state = inner_state
         self.clock = BusyClock(device)
         self.entry: LedgerEntry | None = None
         self.weight = 1.0 / world_size
@@ -164,8 +154,64 @@ class WeightedCommHook:
         #: ``(count, global total)`` for the next step, set by ``set_step_weight``.
         self.next_weight: tuple[float, float] | None = None
         self.steps = 0
+        #: Set while ``probe()`` runs its untimed-by-us steps: they are no training steps.
+        self.paused = False
         self._previous: LedgerEntry | None = None
         self._previous_done: Any = None
+
+    @property
+    def mid_step(self) -> bool:
+        """A step's first backward has run and its synchronised one has not finished."""
+        return False
+
+    def _begin_step(self) -> None:
+        self.entry = self.ledger.pop()
+        if self.next_weight is not None:
+            count, total = self.next_weight
+            self.next_weight = None
+            share = count / total
+        else:
+            share = self.entry.batch_size / self.global_batch_size
+        #: This step's gradient weight: b_i/B (or count/total).
+        self.weight = share
+        self.scale = share if self.sums else self.world_size * share
+        self.steps += 1
+
+    def _mark_ready(self) -> None:
+        entry, previous = self.entry, self._previous
+        ready = self.clock.now()
+        # Discarded: DDP's first iteration, an iterator's first step, a step after a shape change.
+        if (previous is not None and self._previous_done is not None and self.steps > 1
+                and previous.serial == entry.serial and previous.batch_size == entry.batch_size):
+            self.clock.measure(self._previous_done, ready, entry)
+        for done_entry, seconds in self.clock.ready():
+            self.on_busy(done_entry, seconds)
+        self._previous, self._previous_done = entry, None
+
+    def _mark_done(self) -> None:
+        self._previous_done = self.clock.now()
+
+
+class WeightedCommHook(_WeightedSteps):
+    """DDP comm hook: weight each rank's gradient by its share of the global batch.
+
+    Each bucket is pre-scaled by ``b_i/B`` and summed over ranks (one pass over the gradients,
+    like DDP's built-in all-reduce), or, with an averaging hook of the user's (e.g. fp16
+    compression), pre-scaled by ``k·b_i/B`` (in fp32 for 16-bit buckets) and handed to it.
+    Either way the result is ``Σ_i (b_i/B)·g_i``: the gradient of the mean loss over the whole
+    global batch, whatever the loss is made of. The step's ``b_i`` comes from the ledger. The
+    last bucket of each step also marks the end of the rank's busy time.
+    """
+
+    def __init__(self, ledger: StepLedger, global_batch_size: int, world_size: int,
+                 on_busy: Callable[[LedgerEntry, float], None], device: torch.device,
+                 inner_hook: HookFn | None = None, inner_state: Any = None) -> None:
+        super().__init__(ledger, global_batch_size, world_size, on_busy, device)
+        # Without a user hook, the mean's 1/k is folded into the pre-scale and the buckets are
+        # summed: one pass over the gradients, as DDP's own all-reduce makes.
+        self.sums = inner_hook is None
+        self.inner_hook = _allreduce_sum if inner_hook is None else inner_hook
+        self.inner_state = inner_state
 
     def on_bucket(self, bucket: dist.GradBucket) -> torch.futures.Future:
         if bucket.index() == 0:
@@ -180,37 +226,86 @@ class WeightedCommHook:
             buffer.mul_(self.scale)
         fut = self.inner_hook(self.inner_state, bucket)
         if last:
-            fut = fut.then(self._mark_done)
+            fut = fut.then(self._done)
         return fut
 
-    def _begin_step(self) -> None:
-        self.entry = self.ledger.pop()
-        if self.next_weight is not None:
-            count, total = self.next_weight
-            self.next_weight = None
-            share = count / total
-        else:
-            share = self.entry.batch_size / self.global_batch_size
-        #: This step's gradient weight: b_i/B (or count/total).
-        self.weight = share
-        # An averaging hook divides by k after us; a summing one does not.
-        self.scale = share if self.fused else self.world_size * share
-        self.steps += 1
-
-    def _mark_ready(self) -> None:
-        entry, previous = self.entry, self._previous
-        ready = self.clock.now()
-        # Discarded: DDP's first iteration, an iterator's first step, a step after a shape change.
-        if (previous is not None and self._previous_done is not None and self.steps > 1
-                and previous.serial == entry.serial and previous.batch_size == entry.batch_size):
-            self.clock.measure(self._previous_done, ready, entry)
-        for done_entry, seconds in self.clock.ready():
-            self.on_busy(done_entry, seconds)
-        self._previous, self._previous_done = entry, None
-
-    def _mark_done(self, fut: torch.futures.Future) -> Any:
-        self._previous_done = self.clock.now()
+    def _done(self, fut: torch.futures.Future) -> Any:
+        self._mark_done()
         return fut.value()
+
+
+class OutputWeighting(_WeightedSteps):
+    """Weight each rank's gradient at the model's output; DDP's own all-reduce averages.
+
+    A forward hook on the DDP model puts a gradient hook on every output tensor that requires
+    grad: in backward it multiplies the output's gradient by ``k·b_i/B``, so every parameter
+    gradient that flows through the outputs arrives scaled, and DDP's built-in (or the user's
+    averaging) all-reduce yields ``Σ_i (b_i/B)·g_i``. No comm hook, so no extra pass over the
+    gradient buckets: per step it costs a few Python calls and one multiply of the output's
+    gradient. Exact when the loss reaches the parameters only through the model's outputs
+    (plus terms that are the same on every rank, such as weight decay); a term computed from
+    inside the model (an auxiliary loss kept on a module) is averaged over ranks unweighted.
+
+    Busy time: the end of the backward pass (an autograd final callback, queued before DDP's
+    own, so before it waits for the all-reduce) to the end of the previous step's all-reduce
+    (a callback queued from that one, so after DDP's).
+    """
+
+    def __init__(self, ledger: StepLedger, global_batch_size: int, world_size: int,
+                 on_busy: Callable[[LedgerEntry, float], None], device: torch.device) -> None:
+        super().__init__(ledger, global_batch_size, world_size, on_busy, device)
+        self._open = False
+        self._queued = False
+
+    @property
+    def mid_step(self) -> bool:
+        return self._open
+
+    def on_forward(self, module: torch.nn.Module, args: Any, output: Any) -> Any:
+        if self.paused or not torch.is_grad_enabled():
+            return output
+        from torch.utils._pytree import tree_flatten
+
+        synced = bool(getattr(module, "require_backward_grad_sync", True))
+        leaves, _ = tree_flatten(output)
+        hooked = 0
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
+                leaf.register_hook(self._backward_synced if synced else self._backward_local)
+                hooked += 1
+        if not hooked:
+            odd = [type(leaf).__name__ for leaf in leaves
+                   if not isinstance(leaf, (torch.Tensor, int, float, bool, str, type(None)))]
+            if odd:
+                raise ConfigError(
+                    f"weighting='output' found no tensor that requires grad in the model's "
+                    f"output, only objects of type {', '.join(sorted(set(odd)))}: return "
+                    "tensors in tuples, lists, dicts or dataclasses torch can flatten, or "
+                    "attach with the default weighting='hook'")
+        return output
+
+    def _backward_local(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad * self._step_scale()
+
+    def _backward_synced(self, grad: torch.Tensor) -> torch.Tensor:
+        scale = self._step_scale()
+        if not self._queued:
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+        return grad * scale
+
+    def _step_scale(self) -> float:
+        if not self._open:
+            self._begin_step()
+            self._open = True
+        return self.scale
+
+    def _end_of_backward(self) -> None:
+        # Every gradient is computed and DDP has launched its last bucket; DDP's own final
+        # callback (queued after this one) waits for the all-reduce, ours below runs after it.
+        self._mark_ready()
+        self._open = self._queued = False
+        torch.autograd.Variable._execution_engine.queue_callback(self._mark_done)
 
 
 def _allreduce_sum(process_group, bucket: dist.GradBucket) -> torch.futures.Future:
@@ -242,3 +337,14 @@ def attach_hook(model: torch.nn.Module, hook: WeightedCommHook) -> None:
         model.register_comm_hook(hook, weighted_comm_hook)
     except RuntimeError as exc:
         raise ConfigError(f"cannot register the shardbalance comm hook: {exc}") from exc
+
+
+def attach_output_weighting(model: torch.nn.Module, weighting: OutputWeighting) -> None:
+    """Put ``weighting`` on a DDP model's outputs (its comm hook, if any, must average)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not isinstance(model, DistributedDataParallel):
+        raise ConfigError(
+            f"attach() needs a DistributedDataParallel model, got {type(model).__name__}. "
+            "Without DDP, multiply the mean loss by sampler.loss_scale(len(batch)) instead")
+    model.register_forward_hook(weighting.on_forward)

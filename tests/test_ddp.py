@@ -1,5 +1,6 @@
 """Real DDP on gloo ranks: exact gradients, the step ledger under prefetch, plan agreement."""
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -43,13 +44,13 @@ def assert_same_tensors(per_rank, want, rtol=1e-5, atol=1e-7):
             torch.testing.assert_close(g, w, rtol=rtol, atol=atol, msg=f"rank {rank}")
 
 
-def _train_weighted(rank, world, steps):
+def _train_weighted(rank, world, steps, weighting):
     data = _data()
     sampler = WeightedDistributedSampler(data, global_batch_size=16, policy="static",
                                          initial_weights=[1, 3], shuffle=True, seed=3)
     loader = DataLoader(data, batch_sampler=sampler)
     model = DDP(_model())
-    sampler.attach(model)
+    sampler.attach(model, weighting=weighting)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     grads, sizes = [], []
     for step, (x, y) in enumerate(loader):
@@ -73,7 +74,8 @@ def _train_weighted(rank, world, steps):
     token_grads = [p.grad.clone() for p in model.parameters()]
     del model
 
-    # A model that already has a comm hook is refused, with a clear error.
+    # A model that already has a comm hook: refused with a clear error by the comm-hook
+    # weighting; kept as it is by the output weighting (it averages, the weights stay exact).
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
     hooked = DDP(_model())
@@ -81,13 +83,17 @@ def _train_weighted(rank, world, steps):
     other = WeightedDistributedSampler(data, global_batch_size=16, policy="static",
                                        initial_weights=[1, 3], seed=3)
     try:
-        other.attach(hooked)
-        refused = None
+        other.attach(hooked, weighting=weighting)
+        x, y = next(iter(DataLoader(data, batch_sampler=other)))
+        F.cross_entropy(hooked(x), y).backward()
+        refused = [p.grad.clone() for p in hooked.parameters()]
     except ValueError as exc:
         refused = str(exc)
     # A user's averaging hook (fp16 compression) is wrapped, not replaced.
+    other = WeightedDistributedSampler(data, global_batch_size=16, policy="static",
+                                       initial_weights=[1, 3], seed=3)
     compressed = DDP(_model())
-    other.attach(compressed, comm_hook=default_hooks.fp16_compress_hook)
+    other.attach(compressed, comm_hook=default_hooks.fp16_compress_hook, weighting=weighting)
     x, y = next(iter(DataLoader(data, batch_sampler=other)))
     F.cross_entropy(compressed(x), y).backward()
     fp16_grads = [p.grad.clone() for p in compressed.parameters()]
@@ -97,9 +103,10 @@ def _train_weighted(rank, world, steps):
             fp16_grads)
 
 
-def test_weighted_allreduce_equals_one_process_on_the_global_batch():
+@pytest.mark.parametrize("weighting", ["hook", "output"])
+def test_weighted_allreduce_equals_one_process_on_the_global_batch(weighting):
     steps = 3
-    results = run_ranks(_train_weighted, 2, steps)
+    results = run_ranks(_train_weighted, 2, steps, weighting)
     assert [r[2] for r in results] == [[4] * steps, [12] * steps]
     assert results[0][3] == results[1][3] == (4, 12)
 
@@ -126,11 +133,14 @@ def test_weighted_allreduce_equals_one_process_on_the_global_batch():
     ((per_sample * tokens).sum() / tokens.sum()).backward()
     assert_same_tensors([r[4] for r in results], [p.grad for p in model.parameters()])
 
-    for rank in range(2):
-        assert "already has a comm hook" in results[rank][6]
-    # With fp16 compression the weighted gradient matches to fp16 precision.
     reference = _model()
     F.cross_entropy(reference(x_all[idx]), y_all[idx]).backward()
+    if weighting == "hook":
+        for rank in range(2):
+            assert "already has a comm hook" in results[rank][6]
+    else:
+        assert_same_tensors([r[6] for r in results], [p.grad for p in reference.parameters()])
+    # With fp16 compression the weighted gradient matches to fp16 precision.
     assert_same_tensors([r[7] for r in results], [p.grad for p in reference.parameters()],
                         rtol=2e-3, atol=2e-4)
 
@@ -291,7 +301,7 @@ def test_accumulation_in_micro_batches_is_exact_and_the_probe_balances_epoch_zer
     assert_same_tensors([r[5] for r in results], [p.grad for p in model.parameters()])
 
 
-def _train_windows(rank, world, log_path):
+def _train_windows(rank, world, log_path, weighting):
     data = _data()
     sampler = WeightedDistributedSampler(data, global_batch_size=16, seed=1, policy="affine",
                                          rebalance_every=2, coordinator_log=log_path,
@@ -300,7 +310,7 @@ def _train_windows(rank, world, log_path):
                         persistent_workers=True)
     model = DDP(torch.nn.Sequential(EmulatedSpeed([1.0, 4.0][rank], per_sample_s=0.004,
                                                   overhead_s=0.002), _model()))
-    sampler.attach(model)
+    sampler.attach(model, weighting=weighting)
     steps = []
     for epoch in range(2):
         sampler.set_epoch(epoch)
@@ -316,8 +326,11 @@ def _train_windows(rank, world, log_path):
     return steps
 
 
-def test_windowed_plans_switch_at_the_same_step_on_every_rank_despite_prefetch(tmp_path):
-    steps0, steps1 = run_ranks(_train_windows, 2, str(tmp_path / "c.jsonl"), timeout_s=120)
+@pytest.mark.parametrize("weighting", ["hook", "output"])
+def test_windowed_plans_switch_at_the_same_step_on_every_rank_despite_prefetch(tmp_path,
+                                                                                 weighting):
+    steps0, steps1 = run_ranks(_train_windows, 2, str(tmp_path / "c.jsonl"), weighting,
+                               timeout_s=120)
     assert [s[:3] for s in steps0] == [s[:3] for s in steps1]
     assert all(a[3] + b[3] == 16 for a, b in zip(steps0, steps1))
     # A plan changes only at a window boundary (every 2 steps), and it did change mid-epoch.
@@ -326,3 +339,115 @@ def test_windowed_plans_switch_at_the_same_step_on_every_rank_despite_prefetch(t
     assert any(step > 0 for _, step in changes)
     sizes = {s[3] for s in steps1}
     assert max(sizes) > 8  # the fast rank ended up with more than the equal share
+
+
+def _busy_times(rank, world):
+    """Each weighting on the same two ranks: rank 0 sleeps 100 ms per step, rank 1 5 ms."""
+    data = _data()
+    busy = {}
+    for weighting in ("hook", "output"):
+        sampler = WeightedDistributedSampler(data, global_batch_size=16, policy="equal", seed=4)
+        model = DDP(torch.nn.Sequential(
+            EmulatedSpeed(1.0, per_sample_s=0.0, overhead_s=[0.1, 0.005][rank]), _model()))
+        sampler.attach(model, weighting=weighting)
+        for x, y in DataLoader(data, batch_sampler=sampler):
+            F.cross_entropy(model(x), y).backward()
+            model.zero_grad()
+        busy[weighting] = [rec[3] for rec in sampler.recent_busy]
+        del model
+    dist.barrier()
+    return busy
+
+
+def test_busy_time_counts_the_rank_own_work_not_the_wait_for_its_peers():
+    slow, fast = run_ranks(_busy_times, 2)
+    for weighting in ("hook", "output"):
+        # 4 steps: the first has no previous all-reduce to start from.
+        assert len(slow[weighting]) == len(fast[weighting]) == 3, weighting
+        slow_s, fast_s = np.median(slow[weighting]), np.median(fast[weighting])
+        # Both ranks take >= 100 ms a step (they meet at every all-reduce); the fast rank's
+        # busy time leaves out the ~95 ms it waits for the slow one, before and after.
+        assert slow_s >= 0.1, (weighting, slow_s)
+        assert fast_s < 0.5 * slow_s, (weighting, fast_s, slow_s)
+
+
+class _Pair(torch.nn.Module):
+    """A model whose output is a dict (as many model libraries return)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = _model()
+
+    def forward(self, x):
+        return {"logits": self.net(x), "aux": [self.net(x[:1]).detach()]}
+
+
+class _Opaque:
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
+def _output_weighting_cases(rank, world):
+    data = _data()
+    # Accumulation in micro-batches of 4, a dict output, and a probe on the attached model
+    # first: the probe's steps are no training steps (its plan replaces [4, 12]).
+    sampler = WeightedDistributedSampler(data, global_batch_size=16, policy="static",
+                                         initial_weights=[1, 3], seed=3, micro_batch_size=4)
+    loader = DataLoader(data, batch_sampler=sampler)
+    model = DDP(_Pair())
+    sampler.attach(model, weighting="output")
+    sampler.probe(lambda b: model(torch.randn(b, DIM))["logits"].sum().backward(), sizes=(4, 8),
+                  repeats=1, model=model)
+    probe_steps = sampler._hook.steps
+    refused_mid_step, micro_batches = None, 0
+    for micro, scale, last in sampler.accumulate(loader, model):
+        micro_batches += 1
+        x, y = micro
+        (F.cross_entropy(model(x)["logits"], y) * scale).backward()
+        if not last:
+            try:
+                sampler.set_step_weight(1.0)
+            except ValueError as exc:
+                refused_mid_step = str(exc)
+        if last:
+            break
+    grads = [p.grad.clone() for p in model.parameters()]
+    steps = sampler._hook.steps
+    # An output torch cannot look into is refused rather than left unweighted.
+    opaque = DDP(torch.nn.Sequential(_model()))
+    opaque.register_forward_hook(lambda module, args, out: _Opaque(out))
+    other = WeightedDistributedSampler(data, global_batch_size=16, policy="equal", seed=3)
+    other.attach(opaque, weighting="output")
+    try:
+        opaque(torch.randn(2, DIM))
+        refused_opaque = None
+    except ValueError as exc:
+        refused_opaque = str(exc)
+    try:
+        WeightedDistributedSampler(data, global_batch_size=16, policy="equal", seed=3).attach(
+            DDP(_model()), weighting="bucket")
+        refused_name = None
+    except ValueError as exc:
+        refused_name = str(exc)
+    del model, opaque
+    dist.barrier()
+    return (grads, probe_steps, steps, refused_mid_step, refused_opaque, refused_name,
+            micro_batches)
+
+
+def test_output_weighting_is_exact_with_accumulation_and_skips_the_probe():
+    results = run_ranks(_output_weighting_cases, 2)
+    x_all, y_all = _data().tensors
+    idx = torch.from_numpy(EpochOrder(N, seed=3, epoch=0).indices_range(0, 16))
+    reference = _model()
+    F.cross_entropy(reference(x_all[idx]), y_all[idx]).backward()
+    assert_same_tensors([r[0] for r in results], [p.grad for p in reference.parameters()])
+    assert all(r[1] == 0 and r[2] == 1 for r in results)
+    assert sum(r[6] for r in results) == 4
+    for result in results:
+        if result[6] > 1:  # set_step_weight() after a micro-batch's backward is refused
+            assert "before the step's first backward" in result[3]
+        else:
+            assert result[3] is None
+    assert all("_Opaque" in r[4] for r in results)
+    assert all("'bucket'" in r[5] for r in results)
