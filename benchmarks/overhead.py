@@ -368,13 +368,40 @@ def hook_micro(width: int, depth: int, batch: int, world: int = 2, rounds: int =
         for buf in buffers:
             buf.mul_(1.0)
 
+    # weighting="output": its whole per-step cost is a forward hook, a gradient hook on the
+    # output and two autograd callbacks, timed around a tiny model's step (no DDP needed).
+    from shardbalance.timing import OutputWeighting
+
+    tiny = torch.nn.Linear(8, 8)
+    weighted = torch.nn.Linear(8, 8)
+    out_ledger = StepLedger()
+    out_ledger.tracking = True
+    weighting = OutputWeighting(out_ledger, batch * world, world,
+                                lambda e, s: busy.append((e, s)), torch.device("cpu"))
+    weighted.register_forward_hook(weighting.on_forward)
+    x = torch.randn(4, 8)
+
+    def tiny_step():
+        tiny(x).sum().backward()
+
+    def weighted_step():
+        out_ledger.append(LedgerEntry(1, 0, step["n"], batch, "d", 0))
+        step["n"] += 1
+        weighted(x).sum().backward()
+        if len(busy) > 1024:
+            busy.clear()
+
     res = _interleaved({"allreduce_hook stand-in (div_ pass + future)": inner_only,
                         "shardbalance hook + that stand-in": with_hook,
-                        "one mul_ pass alone": mul_only}, rounds)
+                        "one mul_ pass alone": mul_only,
+                        "tiny model step": tiny_step,
+                        "tiny model step with weighting='output'": weighted_step}, rounds)
     med = {k: 1e6 * statistics.median(v) for k, v in res.items()}
     return {"bucket_elements": sizes, "median_us": med,
             "hook_overhead_us": med["shardbalance hook + that stand-in"]
-            - med["allreduce_hook stand-in (div_ pass + future)"]}
+            - med["allreduce_hook stand-in (div_ pass + future)"],
+            "output_overhead_us": med["tiny model step with weighting='output'"]
+            - med["tiny model step"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,6 +501,9 @@ def report(args, s: dict, micro: dict | None, wall_s: float, load: tuple) -> Non
         print(f"  shardbalance's hook over torch's allreduce_hook: {hm['hook_overhead_us']:.1f} "
               f"µs/step ({100 * hm['hook_overhead_us'] / step_us:.2f} %); DDP's built-in path "
               "does neither pass (it divides while copying grads into the bucket)")
+        print(f"  weighting='output' (no comm hook) over the same tiny step: "
+              f"{hm['output_overhead_us']:.1f} µs/step "
+              f"({100 * hm['output_overhead_us'] / step_us:.2f} % of (a)'s step)")
     print(f"total wall time {wall_s:.0f} s")
 
 

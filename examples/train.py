@@ -41,7 +41,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=6144, help="dataset size N")
     p.add_argument("--global-batch-size", type=int, default=192)
     p.add_argument("--initial-weights", default=None,
-                   help="comma-separated per-rank weights of the first plan (fixed for --policy static)")
+                   help="comma-separated per-rank weights of the first plan (fixed for --policy "
+                        "static), or 'probe': time two batch sizes on every rank first")
+    p.add_argument("--max-batch-size", default=None,
+                   help="per-rank cap: one integer, comma-separated per rank, or 'auto' (from "
+                        "free CUDA memory, measured by the probe)")
+    p.add_argument("--weighting", choices=["hook", "output"], default="hook",
+                   help="gradient weighting: a DDP comm hook (exact for any loss) or the "
+                        "gradient of the model's output (no comm hook, cheaper)")
     p.add_argument("--rebalance-every", type=int, default=None, help="steps per plan window")
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--lr", type=float, default=0.05)
@@ -64,6 +71,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the last rank dies at this global step of the first attempt "
                         "(to try torchrun --max-restarts)")
     return p.parse_args(argv)
+
+
+def _weights_arg(text):
+    if text is None or text == "probe":
+        return text
+    return [float(w) for w in text.split(",")]
+
+
+def _cap_arg(text):
+    if text is None or text == "auto":
+        return text
+    caps = [int(c) for c in text.split(",")]
+    return caps[0] if len(caps) == 1 else caps
 
 
 def save_checkpoint(path: str, model, opt, sampler, epoch: int) -> None:
@@ -97,8 +117,8 @@ def main(argv=None) -> None:
         sampler = WeightedDistributedSampler(
             dataset, global_batch_size=args.global_batch_size, seed=args.seed,
             policy=args.policy, rebalance_every=args.rebalance_every,
-            initial_weights=([float(w) for w in args.initial_weights.split(",")]
-                             if args.initial_weights else None),
+            initial_weights=_weights_arg(args.initial_weights),
+            max_batch_size=_cap_arg(args.max_batch_size),
             coordinator_log=args.coordinator_log)
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers)
     else:
@@ -122,7 +142,19 @@ def main(argv=None) -> None:
     model = DDP(torch.nn.Sequential(*layers).to(device),
                 device_ids=[device.index] if cuda else None)
     if args.sampler == "weighted":
-        sampler.attach(model)
+        sampler.attach(model, weighting=args.weighting)
+        if args.initial_weights == "probe" or args.max_batch_size == "auto":
+            # Random inputs of the right shape, no all-reduce (no_sync): the run's samples and
+            # random state are untouched.
+            def probe_step(b: int) -> None:
+                x = torch.randn(b, 32, device=device)
+                y = torch.randint(0, 10, (b,), device=device)
+                F.cross_entropy(model(x), y).backward()
+
+            weights = sampler.probe(probe_step, model=model)
+            if rank == 0:
+                print(f"probe: initial weights {[round(w, 3) for w in weights]}, caps "
+                      f"{list(sampler.max_sizes)}", flush=True)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
 
     first_epoch = 0

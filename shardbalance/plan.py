@@ -18,7 +18,8 @@ import numpy as np
 
 from ._exceptions import ConfigError, PlanError
 
-__all__ = ["Plan", "apportion", "water_fill", "equal_plan", "static_plan", "normalize_bounds"]
+__all__ = ["Plan", "apportion", "water_fill", "equal_plan", "static_plan", "normalize_bounds",
+           "memory_cap"]
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,28 @@ def normalize_bounds(world_size: int, global_batch_size: int, min_batch_size=1,
         raise ConfigError(f"global_batch_size={global_batch_size} is larger than the sum of the "
                           f"per-rank maximums {sum(hi)}; raise max_batch_size")
     return tuple(lo), tuple(hi)
+
+
+def memory_cap(sizes: Sequence[int], peak_bytes: Sequence[float], budget_bytes: float,
+               global_batch_size: int) -> int:
+    """Largest batch whose peak memory fits ``budget_bytes``, from peaks measured at two sizes.
+
+    Peak memory is modelled as ``fixed + per_sample·b`` through the two measurements. Memory
+    that does not grow with the batch (``per_sample <= 0``, e.g. allocator rounding) gives no
+    cap (``global_batch_size``); a budget below the fixed cost gives 0.
+    """
+    (b0, b1), (p0, p1) = (int(b) for b in sizes), (float(p) for p in peak_bytes)
+    if not 1 <= b0 < b1:
+        raise ConfigError(f"Invalid probe sizes {tuple(sizes)}: need two sizes 1 <= a < b")
+    for name, value in (("peak memory", p0), ("peak memory", p1), ("memory budget", budget_bytes)):
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"Invalid {name} {value!r} bytes, it should be finite and >= 0")
+    per_sample = (p1 - p0) / (b1 - b0)
+    if per_sample <= 0:
+        return int(global_batch_size)
+    fixed = p1 - per_sample * b1
+    cap = math.floor((budget_bytes - fixed) / per_sample)
+    return int(min(max(cap, 0), global_batch_size))
 
 
 def water_fill(slopes: Sequence[float], intercepts: Sequence[float], lo: Sequence[float],

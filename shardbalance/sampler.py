@@ -24,7 +24,7 @@ from ._exceptions import ConfigError, CoordinatorError, PlanError
 from .client import (CoordinatorClient, EmbeddedCoordinator, StatsSender, external_address,
                      routable_address)
 from .order import EpochOrder
-from .plan import Plan, apportion, check_weights, normalize_bounds, water_fill
+from .plan import Plan, apportion, check_weights, memory_cap, normalize_bounds, water_fill
 from .policies import ADAPTIVE_POLICIES, POLICIES, check_options, fit_cost_model
 from .timing import (LedgerEntry, OutputWeighting, StepLedger, WeightedCommHook,
                      attach_hook, attach_output_weighting)
@@ -75,7 +75,9 @@ class WeightedDistributedSampler(Sampler[list[int]]):
             of the first plan (and the fixed weights of ``static``). ``"probe"``: measured by
             :meth:`probe` before the first epoch, so epoch 0 is already balanced. Default: equal.
         min_batch_size (int or sequence, optional): per-rank lower bound. Default: ``1``.
-        max_batch_size (int or sequence, optional): per-rank upper bound (memory). Default: B.
+        max_batch_size (int, sequence or ``"auto"``, optional): per-rank upper bound (memory).
+            ``"auto"``: each rank's cap is derived by :meth:`probe` from its free CUDA memory
+            and the peak memory measured at two batch sizes (no cap on a CPU rank). Default: B.
         rebalance_every (int, optional): re-plan every this many steps inside an epoch.
             Default: ``None``, one plan per epoch.
         batch_size_multiple (int, optional): every per-rank batch size is a multiple of this
@@ -119,7 +121,7 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         policy: str = "affine",
         initial_weights: Sequence[float] | None = None,
         min_batch_size: int | Sequence[int] = 1,
-        max_batch_size: int | Sequence[int] | None = None,
+        max_batch_size: int | Sequence[int] | str | None = None,
         *,
         rebalance_every: int | None = None,
         batch_size_multiple: int = 1,
@@ -162,13 +164,20 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         if micro_batch_size is not None:
             self.micro_batch_size = _check_int("micro_batch_size", micro_batch_size, 1)
             self.quantum = math.lcm(self.quantum, self.micro_batch_size)
+        self._memory_caps_pending = isinstance(max_batch_size, str)
+        if self._memory_caps_pending:
+            if max_batch_size != "auto":
+                raise ConfigError(f"Invalid max_batch_size {max_batch_size!r}: expected an "
+                                  "integer, one per rank, or 'auto'")
+            max_batch_size = None
+        self._min_batch_size = min_batch_size
         self.min_sizes, self.max_sizes = normalize_bounds(
             self.num_replicas, self.global_batch_size, min_batch_size, max_batch_size, self.quantum)
-        self._probe_pending = isinstance(initial_weights, str)
-        if self._probe_pending and initial_weights != "probe":
+        if isinstance(initial_weights, str) and initial_weights != "probe":
             raise ConfigError(f"Invalid initial_weights {initial_weights!r}: expected per-rank "
                               "numbers or 'probe'")
-        self.initial_weights = (None if initial_weights is None or self._probe_pending
+        self._probe_pending = isinstance(initial_weights, str) or self._memory_caps_pending
+        self.initial_weights = (None if initial_weights is None or isinstance(initial_weights, str)
                                 else check_weights(initial_weights, self.num_replicas))
         if rebalance_every is not None:
             rebalance_every = _check_int("rebalance_every", rebalance_every, 1)
@@ -281,7 +290,7 @@ class WeightedDistributedSampler(Sampler[list[int]]):
             return
         config = [self.num_samples, self.global_batch_size, self.seed, self.shuffle,
                   self.drop_last, self.policy, self.min_sizes, self.max_sizes, self.quantum,
-                  self.initial_weights, self.rebalance_every, sorted(self._user_options.items()),
+                  self._memory_caps_pending, self.initial_weights, self.rebalance_every, sorted(self._user_options.items()),
                   self.run_id]
         digest = int(hashlib.sha256(repr(config).encode()).hexdigest()[:15], 16)
         if not self._same_on_every_rank(digest):
@@ -316,8 +325,8 @@ class WeightedDistributedSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         if self._probe_pending:
-            raise ConfigError("initial_weights='probe': call sampler.probe(step_fn) on every "
-                              "rank before the first epoch")
+            raise ConfigError("initial_weights='probe' or max_batch_size='auto': call "
+                              "sampler.probe(step_fn) on every rank before the first epoch")
         epoch = self.epoch
         if self._iterated_epoch == epoch:
             warnings.warn(f"iterating epoch {epoch} again without set_epoch(): the order and "
@@ -510,7 +519,8 @@ class WeightedDistributedSampler(Sampler[list[int]]):
             self._sender.push(record)
 
     def probe(self, step_fn: Callable[[int], Any], sizes: Sequence[int] | None = None,
-              repeats: int = 3, model: torch.nn.Module | None = None) -> tuple[float, ...]:
+              repeats: int = 3, model: torch.nn.Module | None = None,
+              memory_fraction: float = 0.9) -> tuple[float, ...]:
         """Time a training step at two batch sizes on every rank; balance the first plan on it.
 
         ``step_fn(b)`` runs one forward and backward pass on ``b`` samples it makes itself (for
@@ -520,6 +530,14 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         no sample of the dataset, restores every random number generator it may touch
         (Python, numpy, torch, CUDA) and clears the gradients it left. Call it on every rank,
         before the first epoch. Returns the per-rank weights it set as ``initial_weights``.
+
+        With ``max_batch_size="auto"`` it also sets each rank's cap: on CUDA, the peak memory
+        allocated at the two sizes gives a fixed and a per-sample cost, and the cap is the
+        largest batch whose peak fits ``memory_fraction`` of the memory this process can use
+        (its cached blocks plus the device's free memory, which counts other processes). State
+        created later (e.g. Adam's moments at the first ``opt.step()``) is not in the fixed
+        cost when the probe runs first: leave room with ``memory_fraction``. A CPU rank is not
+        capped.
         """
         per_rank = self.global_batch_size // self.num_replicas
         if sizes is None:
@@ -530,21 +548,45 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         if not 1 <= small < large:
             raise ConfigError(f"Invalid probe sizes {tuple(sizes)}: need two sizes 1 <= a < b")
         repeats = _check_int("repeats", repeats, 1)
+        group = self._peer_group()
+        if group is None and self.num_replicas > 1:
+            raise ConfigError(f"probe() needs torch.distributed initialized over the "
+                              f"num_replicas={self.num_replicas} ranks: every rank probes and "
+                              "the ranks exchange their figures")
+        fraction = float(memory_fraction)
+        if not 0 < fraction <= 1:
+            raise ConfigError(f"Invalid memory_fraction {memory_fraction!r}, it should be in "
+                              "(0, 1]")
+        device = _probe_device(model) if self._memory_caps_pending else torch.device("cpu")
         if self._hook is not None:
             self._hook.paused = True
         try:
-            seconds = _time_steps(step_fn, (small, large), repeats, model)
+            seconds, peaks = _time_steps(step_fn, (small, large), repeats, model, device)
         finally:
             if self._hook is not None:
                 self._hook.paused = False
-        times = torch.tensor(seconds, dtype=torch.float64)
-        group = self._peer_group()
+        cap = float(self.global_batch_size)
+        if peaks is not None:
+            free, _ = torch.cuda.mem_get_info(device)
+            budget = fraction * (free + torch.cuda.memory_reserved(device))
+            cap = float(memory_cap((small, large), peaks, budget, self.global_batch_size))
+        times = torch.tensor([*seconds, cap], dtype=torch.float64)
         if group is not None:
-            gathered = [torch.zeros(2, dtype=torch.float64) for _ in range(self.num_replicas)]
+            gathered = [torch.zeros(3, dtype=torch.float64) for _ in range(self.num_replicas)]
             dist.all_gather(gathered, times, group=group)
             times = torch.stack(gathered)
         else:
-            times = times.reshape(1, 2)
+            times = times.reshape(1, 3)
+        if self._memory_caps_pending:
+            caps = [int(c) for c in times[:, 2].tolist()]
+            try:
+                self.min_sizes, self.max_sizes = normalize_bounds(
+                    self.num_replicas, self.global_batch_size, self._min_batch_size, caps,
+                    self.quantum)
+            except ConfigError as exc:
+                raise ConfigError(f"max_batch_size='auto': the free memory of the ranks allows "
+                                  f"at most {caps} samples per step: {exc}") from None
+            self._memory_caps_pending = False
         # Every rank has the same numbers and does the same arithmetic: the same weights.
         history = tuple(np.array([[small, t[0]], [large, t[1]]]) for t in times.tolist())
         model_fit = fit_cost_model(history)
@@ -605,11 +647,10 @@ class WeightedDistributedSampler(Sampler[list[int]]):
 
         For losses normalised by something other than the local sample count, e.g. a
         token-mean loss: pass this rank's token count for the step, before its (first)
-        ``backward()``. The global total comes from one scalar all-reduce, and the comm hook
-        (or the output weighting) then weights this
-        rank's gradient by ``count / total``, so the result is the gradient of the loss
-        normalised over all tokens of the global batch. Call it on every rank at every step
-        (or at none).
+        ``backward()``. The global total comes from one scalar all-reduce, and the gradient
+        weighting then weights this rank's gradient by ``count / total``, so the result is the
+        gradient of the loss normalised over all tokens of the global batch. Call it on every
+        rank at every step (or at none).
         """
         if self._hook is None:
             raise ConfigError("set_step_weight() needs attach(model) first")
@@ -701,8 +742,21 @@ def _shutdown(sender: StatsSender | None, client: CoordinatorClient | None,
         embedded.stop()
 
 
-def _time_steps(step_fn, sizes, repeats: int, model) -> list[float]:
-    """Median seconds of ``step_fn(b)`` per size, leaving RNG states and gradients as found."""
+def _probe_device(model: torch.nn.Module | None) -> torch.device:
+    """Where the probe's steps allocate: the model's device, else the current CUDA device."""
+    if model is not None:
+        param = next(model.parameters(), None)
+        if param is not None:
+            return param.device
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _time_steps(step_fn, sizes, repeats: int, model, device: torch.device
+                ) -> tuple[list[float], list[int] | None]:
+    """Median seconds of ``step_fn(b)`` per size, and on CUDA the peak bytes allocated per size;
+    leaves RNG states and gradients as found."""
     import contextlib
     import random
     import time
@@ -712,10 +766,13 @@ def _time_steps(step_fn, sizes, repeats: int, model) -> list[float]:
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     context = model.no_sync if model is not None and hasattr(model, "no_sync") \
         else contextlib.nullcontext
-    medians = []
+    cuda = device.type == "cuda"
+    medians, peaks = [], []
     try:
         with context():
             for b in sizes:
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats(device)
                 step_fn(b)  # warm-up: allocations, autotuning
                 sync()
                 times = []
@@ -725,6 +782,8 @@ def _time_steps(step_fn, sizes, repeats: int, model) -> list[float]:
                     sync()
                     times.append(time.perf_counter() - start)
                 medians.append(float(np.median(times)))
+                if cuda:
+                    peaks.append(int(torch.cuda.max_memory_allocated(device)))
     finally:
         random.setstate(states[0])
         np.random.set_state(states[1])
@@ -733,7 +792,7 @@ def _time_steps(step_fn, sizes, repeats: int, model) -> list[float]:
             torch.cuda.set_rng_state_all(states[3])
         if model is not None:
             model.zero_grad(set_to_none=True)
-    return medians
+    return medians, (peaks if cuda else None)
 
 
 def _batch_len(batch) -> int:

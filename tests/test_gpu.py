@@ -1,4 +1,5 @@
-"""CUDA paths: busy time from CUDA events, the comm hook on nccl, the example on a GPU.
+"""CUDA paths: busy time from CUDA events, both gradient weightings on nccl, memory-derived
+caps, the example on a GPU.
 
 Skipped without CUDA (CI has none); run on a GPU machine with ``python -m pytest tests/test_gpu.py``.
 """
@@ -55,9 +56,10 @@ def nccl_world_of_one(monkeypatch):
     dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("weighting", ["hook", "output"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_comm_hook_on_nccl_gives_the_reference_gradient_and_cuda_busy_times(
-        nccl_world_of_one, tmp_path, dtype):
+def test_weighting_on_nccl_gives_the_reference_gradient_and_cuda_busy_times(
+        nccl_world_of_one, tmp_path, dtype, weighting):
     import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel as DDP
     from torch.utils.data import DataLoader, TensorDataset
@@ -76,7 +78,7 @@ def test_comm_hook_on_nccl_gives_the_reference_gradient_and_cuda_busy_times(
     sampler = WeightedDistributedSampler(data, global_batch_size=64, policy="affine",
                                          coordinator_log=str(tmp_path / "c.jsonl"))
     model = DDP(net, device_ids=[0])
-    sampler.attach(model)
+    sampler.attach(model, weighting=weighting)
     loader = DataLoader(data, batch_sampler=sampler)
     for epoch in range(2):
         sampler.set_epoch(epoch)
@@ -99,6 +101,31 @@ def test_comm_hook_on_nccl_gives_the_reference_gradient_and_cuda_busy_times(
     assert len(busy) >= 2 * len(sampler) - 4
     assert all(0 < rec[3] < 5.0 and rec[2] == 64 for rec in busy)
     del model
+    sampler.close()
+
+
+def test_auto_caps_come_from_free_cuda_memory_and_the_measured_peaks():
+    from shardbalance import WeightedDistributedSampler
+
+    torch.cuda.set_device(0)
+    # ~16 KiB of activations per sample: a large global batch cannot fit in one device.
+    net = torch.nn.Sequential(torch.nn.Linear(256, 4096), torch.nn.ReLU(),
+                              torch.nn.Linear(4096, 10)).cuda()
+    big = 1 << 30
+    sampler = WeightedDistributedSampler(range(big), global_batch_size=big, num_replicas=1,
+                                         rank=0, policy="equal", max_batch_size="auto",
+                                         batch_size_multiple=8)
+    sampler.probe(lambda b: net(torch.randn(b, 256, device="cuda")).sum().backward(),
+                  sizes=(256, 1024), model=net, memory_fraction=0.5)
+    cap = sampler.max_sizes[0]
+    assert 0 < cap < big and cap % 8 == 0
+    # A step at a quarter of the cap fits in the half of the memory the cap was cut to.
+    free, _ = torch.cuda.mem_get_info()
+    budget = 0.5 * (free + torch.cuda.memory_reserved())
+    torch.cuda.reset_peak_memory_stats()
+    net(torch.randn(cap // 4, 256, device="cuda")).sum().backward()
+    assert torch.cuda.max_memory_allocated() < budget
+    net.zero_grad(set_to_none=True)
     sampler.close()
 
 

@@ -16,7 +16,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from shardbalance._exceptions import ConfigError, PlanError
-from shardbalance.plan import Plan, apportion, equal_plan, normalize_bounds, static_plan, water_fill
+from shardbalance.plan import (Plan, apportion, equal_plan, memory_cap, normalize_bounds,
+                               static_plan, water_fill)
 
 FAST = settings(max_examples=60, deadline=None)
 
@@ -376,6 +377,45 @@ def test_normalize_bounds_defaults_and_scalars():
     assert normalize_bounds(3, 12) == ((1, 1, 1), (12, 12, 12))
     assert normalize_bounds(2, 12, 3, 100, 2) == ((4, 4), (12, 12))
     assert normalize_bounds(2, 12, np.int64(2), np.int64(8)) == ((2, 2), (8, 8))
+
+
+# --------------------------------------------------------------------------------------------
+# Memory caps (max_batch_size="auto")
+
+@FAST
+@given(st.integers(0, 1 << 34), st.integers(1, 1 << 24), st.integers(1, 4096),
+       st.integers(1, 4096), st.integers(0, 1 << 40), st.integers(1, 1 << 20))
+def test_memory_cap_is_the_largest_batch_whose_modelled_peak_fits(fixed, per_sample, b0, gap,
+                                                                   budget, total):
+    sizes = (b0, b0 + gap)
+    peaks = [fixed + per_sample * b for b in sizes]
+    cap = memory_cap(sizes, peaks, budget, total)
+    assert 0 <= cap <= total
+    if cap > 0:
+        assert fixed + per_sample * cap <= budget * (1 + 1e-12)
+    if cap < total:
+        assert fixed + per_sample * (cap + 1) > budget * (1 - 1e-12)
+
+
+def test_memory_cap_examples():
+    # 2 GiB fixed, 50 MiB per sample, 40 GiB budget: (40 - 2) GiB / 50 MiB = 778.24 -> 778.
+    gib, mib = 1 << 30, 1 << 20
+    assert memory_cap((32, 64), [2 * gib + 32 * 50 * mib, 2 * gib + 64 * 50 * mib],
+                      40 * gib, 4096) == 778
+    assert memory_cap((32, 64), [5 * gib, 5 * gib], 1 * gib, 4096) == 4096  # does not grow
+    assert memory_cap((32, 64), [5 * gib, 6 * gib], 1 * gib, 4096) == 0  # fixed cost too big
+
+
+@pytest.mark.parametrize("sizes, peaks, budget, match", [
+    ((64, 32), (1, 2), 10, r"probe sizes \(64, 32\)"),
+    ((0, 32), (1, 2), 10, r"probe sizes \(0, 32\)"),
+    ((16, 32), (float("nan"), 2), 10, r"peak memory nan"),
+    ((16, 32), (1, -2), 10, r"peak memory -2"),
+    ((16, 32), (1, 2), float("inf"), r"memory budget inf"),
+])
+def test_memory_cap_names_bad_input(sizes, peaks, budget, match):
+    with pytest.raises(ConfigError, match=match):
+        memory_cap(sizes, peaks, budget, 128)
 
 
 # --------------------------------------------------------------------------------------------

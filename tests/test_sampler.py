@@ -153,11 +153,33 @@ def test_static_weights_set_the_split():
     (dict(global_batch_size=8, num_replicas=2, rank=0, options={"bandwidth": 1}),
      "'bandwidth'"),
     (dict(global_batch_size=8), "torch.distributed is not initialized"),
+    (dict(global_batch_size=8, num_replicas=2, rank=0, max_batch_size="memory"), "'memory'"),
+    (dict(global_batch_size=8, num_replicas=2, rank=0, initial_weights="measure"), "'measure'"),
 ])
 def test_bad_arguments_raise_value_error_naming_the_value(kwargs, match):
     kwargs.setdefault("policy", "equal")
     with pytest.raises(ValueError, match=match):
         WeightedDistributedSampler(range(50), **kwargs)
+
+
+def test_auto_memory_caps_need_the_probe_which_leaves_a_cpu_rank_uncapped():
+    import torch
+
+    sampler = WeightedDistributedSampler(range(64), 16, num_replicas=1, rank=0, policy="equal",
+                                         max_batch_size="auto", batch_size_multiple=4)
+    with pytest.raises(ConfigError, match="max_batch_size='auto': call sampler.probe"):
+        iter(sampler).__next__()
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(ConfigError, match="memory_fraction 1.5"):
+        sampler.probe(lambda b: model(torch.randn(b, 3)).sum().backward(), memory_fraction=1.5)
+    sampler.probe(lambda b: model(torch.randn(b, 3)).sum().backward(), model=model)
+    assert sampler.max_sizes == (16,)
+    assert len(next(iter(sampler))) == 16
+    # Two replicas without torch.distributed cannot exchange their figures.
+    pair = WeightedDistributedSampler(range(64), 16, num_replicas=2, rank=0, policy="equal",
+                                      max_batch_size="auto")
+    with pytest.raises(ConfigError, match="num_replicas=2"):
+        pair.probe(lambda b: None)
 
 
 def test_empty_dataset_is_refused():
