@@ -234,17 +234,39 @@ class WeightedCommHook(_WeightedSteps):
         return fut.value()
 
 
+class _ScaleGradient(torch.autograd.Function):
+    """Identity on the model's output tensors; multiplies their gradients by the step's scale.
+
+    One node for all outputs, downstream of the model: an output computed inside the model
+    from another output (a loss from the logits) is scaled once, on its way out, and the
+    gradient it sends to the other one inside the model is not scaled again.
+    """
+
+    @staticmethod
+    def forward(ctx, weighting: "OutputWeighting", synced: bool, *tensors: torch.Tensor):
+        ctx.weighting, ctx.synced = weighting, synced
+        ctx.set_materialize_grads(False)
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        scale = ctx.weighting.on_backward(ctx.synced)
+        return (None, None, *(None if g is None else g * scale for g in grads))
+
+
 class OutputWeighting(_WeightedSteps):
     """Weight each rank's gradient at the model's output; DDP's own all-reduce averages.
 
-    A forward hook on the DDP model puts a gradient hook on every output tensor that requires
-    grad: in backward it multiplies the output's gradient by ``k·b_i/B``, so every parameter
-    gradient that flows through the outputs arrives scaled, and DDP's built-in (or the user's
-    averaging) all-reduce yields ``Σ_i (b_i/B)·g_i``. No comm hook, so no extra pass over the
-    gradient buckets: per step it costs a few Python calls and one multiply of the output's
-    gradient. Exact when the loss reaches the parameters only through the model's outputs
-    (plus terms that are the same on every rank, such as weight decay); a term computed from
-    inside the model (an auxiliary loss kept on a module) is averaged over ranks unweighted.
+    A forward hook on the DDP model passes the output tensors that require grad through one
+    autograd node (:class:`_ScaleGradient`) whose backward multiplies their gradients by
+    ``k·b_i/B``: every parameter gradient that flows through the outputs arrives scaled, and
+    DDP's built-in (or the user's averaging) all-reduce yields ``Σ_i (b_i/B)·g_i``. No comm
+    hook, so no extra pass over the gradient buckets: per step it costs a few Python calls and
+    one multiply of the outputs' gradients. Exact when the loss reaches the parameters only
+    through the model's outputs (plus terms that are the same on every rank, such as weight
+    decay); a term computed inside the model but not returned (an auxiliary loss kept on a
+    module) is averaged over ranks unweighted. The outputs become views (in-place changes to
+    them are refused by autograd).
 
     Busy time: the end of the backward pass (an autograd final callback, queued before DDP's
     own, so before it waits for the all-reduce) to the end of the previous step's all-reduce
@@ -264,40 +286,34 @@ class OutputWeighting(_WeightedSteps):
     def on_forward(self, module: torch.nn.Module, args: Any, output: Any) -> Any:
         if self.paused or not torch.is_grad_enabled():
             return output
-        from torch.utils._pytree import tree_flatten
+        from torch.utils._pytree import tree_flatten, tree_unflatten
 
+        leaves, spec = tree_flatten(output)
+        slots = [i for i, leaf in enumerate(leaves)
+                 if isinstance(leaf, torch.Tensor) and leaf.requires_grad]
+        opaque = sorted({type(leaf).__name__ for leaf in leaves if _holds_grad_tensor(leaf)})
+        if opaque:
+            raise ConfigError(
+                f"weighting='output' cannot see into the model's output objects of type "
+                f"{', '.join(opaque)}, which hold tensors that require grad: return tensors "
+                "in tuples, lists, dicts or containers torch.utils._pytree can flatten, or "
+                "attach with the default weighting='hook'")
+        if not slots:
+            return output
         synced = bool(getattr(module, "require_backward_grad_sync", True))
-        leaves, _ = tree_flatten(output)
-        hooked = 0
-        for leaf in leaves:
-            if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
-                leaf.register_hook(self._backward_synced if synced else self._backward_local)
-                hooked += 1
-        if not hooked:
-            odd = [type(leaf).__name__ for leaf in leaves
-                   if not isinstance(leaf, (torch.Tensor, int, float, bool, str, type(None)))]
-            if odd:
-                raise ConfigError(
-                    f"weighting='output' found no tensor that requires grad in the model's "
-                    f"output, only objects of type {', '.join(sorted(set(odd)))}: return "
-                    "tensors in tuples, lists, dicts or dataclasses torch can flatten, or "
-                    "attach with the default weighting='hook'")
-        return output
+        scaled = _ScaleGradient.apply(self, synced, *(leaves[i] for i in slots))
+        for i, tensor in zip(slots, scaled):
+            leaves[i] = tensor
+        return tree_unflatten(leaves, spec)
 
-    def _backward_local(self, grad: torch.Tensor) -> torch.Tensor:
-        return grad * self._step_scale()
-
-    def _backward_synced(self, grad: torch.Tensor) -> torch.Tensor:
-        scale = self._step_scale()
-        if not self._queued:
-            self._queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
-        return grad * scale
-
-    def _step_scale(self) -> float:
+    def on_backward(self, synced: bool) -> float:
+        """The step's scale; the first call of a step takes its ledger entry."""
         if not self._open:
             self._begin_step()
             self._open = True
+        if synced and not self._queued:
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
         return self.scale
 
     def _end_of_backward(self) -> None:
@@ -306,6 +322,17 @@ class OutputWeighting(_WeightedSteps):
         self._mark_ready()
         self._open = self._queued = False
         torch.autograd.Variable._execution_engine.queue_callback(self._mark_done)
+
+
+def _holds_grad_tensor(obj: Any) -> bool:
+    """An object (not a tensor or container) with a tensor attribute that requires grad."""
+    if isinstance(obj, (torch.Tensor, int, float, bool, str, bytes, type(None))):
+        return False
+    try:
+        values = vars(obj).values()
+    except TypeError:
+        return False
+    return any(isinstance(v, torch.Tensor) and v.requires_grad for v in values)
 
 
 def _allreduce_sum(process_group, bucket: dist.GradBucket) -> torch.futures.Future:

@@ -371,15 +371,20 @@ def test_busy_time_counts_the_rank_own_work_not_the_wait_for_its_peers():
         assert fast_s < 0.5 * slow_s, (weighting, fast_s, slow_s)
 
 
-class _Pair(torch.nn.Module):
-    """A model whose output is a dict (as many model libraries return)."""
+class _WithLoss(torch.nn.Module):
+    """Returns a dict with the logits and, given labels, the loss computed from them inside
+    the model (as many model libraries do): a gradient reaches the logits both ways."""
 
     def __init__(self):
         super().__init__()
         self.net = _model()
 
-    def forward(self, x):
-        return {"logits": self.net(x), "aux": [self.net(x[:1]).detach()]}
+    def forward(self, x, y=None):
+        logits = self.net(x)
+        out = {"logits": logits, "extra": [logits[:1].detach()]}
+        if y is not None:
+            out["loss"] = F.cross_entropy(logits, y)
+        return out
 
 
 class _Opaque:
@@ -394,16 +399,24 @@ def _output_weighting_cases(rank, world):
     sampler = WeightedDistributedSampler(data, global_batch_size=16, policy="static",
                                          initial_weights=[1, 3], seed=3, micro_batch_size=4)
     loader = DataLoader(data, batch_sampler=sampler)
-    model = DDP(_Pair())
+    model = DDP(_WithLoss())
     sampler.attach(model, weighting="output")
-    sampler.probe(lambda b: model(torch.randn(b, DIM))["logits"].sum().backward(), sizes=(4, 8),
-                  repeats=1, model=model)
+
+    def step_fn(b):
+        import time
+
+        time.sleep((0.002 + 0.002 * b) / (1 + 3 * rank))  # rank 1 is 4x faster
+        model(torch.randn(b, DIM))["logits"].sum().backward()
+
+    sampler.probe(step_fn, sizes=(4, 8), repeats=1, model=model)
     probe_steps = sampler._hook.steps
     refused_mid_step, micro_batches = None, 0
     for micro, scale, last in sampler.accumulate(loader, model):
         micro_batches += 1
         x, y = micro
-        (F.cross_entropy(model(x)["logits"], y) * scale).backward()
+        out = model(x, y)
+        # Half the loss through the returned loss, half through the returned logits.
+        ((out["loss"] + F.cross_entropy(out["logits"], y)) * scale / 2).backward()
         if not last:
             try:
                 sampler.set_step_weight(1.0)
@@ -432,7 +445,7 @@ def _output_weighting_cases(rank, world):
     del model, opaque
     dist.barrier()
     return (grads, probe_steps, steps, refused_mid_step, refused_opaque, refused_name,
-            micro_batches)
+            micro_batches, sampler.batch_sizes)
 
 
 def test_output_weighting_is_exact_with_accumulation_and_skips_the_probe():
@@ -444,6 +457,8 @@ def test_output_weighting_is_exact_with_accumulation_and_skips_the_probe():
     assert_same_tensors([r[0] for r in results], [p.grad for p in reference.parameters()])
     assert all(r[1] == 0 and r[2] == 1 for r in results)
     assert sum(r[6] for r in results) == 4
+    # The probe's plan is uneven, so a weight applied twice (or not at all) would show.
+    assert results[0][7] == results[1][7] and results[0][7][1] > results[0][7][0]
     for result in results:
         if result[6] > 1:  # set_step_weight() after a micro-batch's backward is refused
             assert "before the step's first backward" in result[3]
