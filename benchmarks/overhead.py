@@ -85,9 +85,9 @@ from pathlib import Path
 
 import _launch
 
-VARIANTS = ("distributed", "hooked", "equal", "output", "affine")
-TAGS = {"distributed": "(a)", "hooked": "(a')", "equal": "(b)", "output": "(b')",
-        "affine": "(c)"}
+VARIANTS = ("distributed", "control", "hooked", "equal", "output", "affine")
+TAGS = {"distributed": "(a)", "control": "(a2)", "hooked": "(a')", "equal": "(b)",
+        "output": "(b')", "affine": "(c)"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -150,7 +150,7 @@ def _worker(args: argparse.Namespace, out_path: str, journal: str) -> None:
         model = DDP(_make_model(args.width, args.depth),
                     gradient_as_bucket_view=args.bucket_view)
         model.module.load_state_dict(base.state_dict())
-        if v in ("distributed", "hooked"):
+        if v in ("distributed", "control", "hooked"):
             sampler = DistributedSampler(dataset, seed=0)
             loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch)
             if v == "hooked":

@@ -286,6 +286,11 @@ class OutputWeighting(_WeightedSteps):
     def on_forward(self, module: torch.nn.Module, args: Any, output: Any) -> Any:
         if self.paused or not torch.is_grad_enabled():
             return output
+        synced = bool(getattr(module, "require_backward_grad_sync", True))
+        if isinstance(output, torch.Tensor):  # the common case, without the tree walk
+            if not output.requires_grad:
+                return output
+            return _ScaleGradient.apply(self, synced, output)[0]
         from torch.utils._pytree import tree_flatten, tree_unflatten
 
         leaves, spec = tree_flatten(output)
@@ -300,7 +305,6 @@ class OutputWeighting(_WeightedSteps):
                 "attach with the default weighting='hook'")
         if not slots:
             return output
-        synced = bool(getattr(module, "require_backward_grad_sync", True))
         scaled = _ScaleGradient.apply(self, synced, *(leaves[i] for i in slots))
         for i, tensor in zip(slots, scaled):
             leaves[i] = tensor
