@@ -163,12 +163,19 @@ def memory_cap(sizes: Sequence[int], peak_bytes: Sequence[float], budget_bytes: 
     that does not grow with the batch (``per_sample <= 0``, e.g. allocator rounding) gives no
     cap (``global_batch_size``); a budget below the fixed cost gives 0.
     """
-    (b0, b1), (p0, p1) = (int(b) for b in sizes), (float(p) for p in peak_bytes)
+    try:
+        (b0, b1), (p0, p1) = (int(b) for b in sizes), (float(p) for p in peak_bytes)
+        budget_bytes = float(budget_bytes)
+    except (TypeError, ValueError):
+        raise ConfigError(f"Invalid memory figures: sizes {sizes!r}, peaks {peak_bytes!r}, "
+                          f"budget {budget_bytes!r}: expected two sizes, two peaks in bytes "
+                          "and a budget in bytes") from None
     if not 1 <= b0 < b1:
         raise ConfigError(f"Invalid probe sizes {tuple(sizes)}: need two sizes 1 <= a < b")
-    for name, value in (("peak memory", p0), ("peak memory", p1), ("memory budget", budget_bytes)):
+    for name, value in ((f"peak memory at batch {b0}", p0), (f"peak memory at batch {b1}", p1),
+                        ("memory budget", budget_bytes)):
         if not math.isfinite(value) or value < 0:
-            raise ConfigError(f"Invalid {name} {value!r} bytes, it should be finite and >= 0")
+            raise ConfigError(f"Invalid {name}: {value!r} bytes, it should be finite and >= 0")
     per_sample = (p1 - p0) / (b1 - b0)
     if per_sample <= 0:
         return int(global_batch_size)

@@ -176,7 +176,9 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         if isinstance(initial_weights, str) and initial_weights != "probe":
             raise ConfigError(f"Invalid initial_weights {initial_weights!r}: expected per-rank "
                               "numbers or 'probe'")
-        self._probe_pending = isinstance(initial_weights, str) or self._memory_caps_pending
+        #: The first plan's weights are to be measured by probe().
+        self._probe_weights = isinstance(initial_weights, str)
+        self._probe_pending = self._probe_weights or self._memory_caps_pending
         self.initial_weights = (None if initial_weights is None or isinstance(initial_weights, str)
                                 else check_weights(initial_weights, self.num_replicas))
         if rebalance_every is not None:
@@ -334,6 +336,8 @@ class WeightedDistributedSampler(Sampler[list[int]]):
                           "epoch", UserWarning, stacklevel=2)
         self._serial += 1
         self.ledger.drop_untrained()
+        if isinstance(self._hook, OutputWeighting):
+            self._hook.reset()
         # The resume point is dropped only once a generator of that epoch starts: a
         # multi-worker DataLoader creates an iterator it never uses before the one it does.
         return self._batches(epoch, self._start_position(epoch), self._serial)
@@ -496,10 +500,8 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         hook: WeightedCommHook | OutputWeighting
         if weighting == "output":
             hook = OutputWeighting(self.ledger, self.global_batch_size, self.num_replicas,
-                                   self._on_busy, device)
-            attach_output_weighting(model, hook)
-            if comm_hook is not None:
-                model.register_comm_hook(comm_state, comm_hook)
+                                   self._on_busy, device, list(model.parameters()))
+            attach_output_weighting(model, hook, comm_hook, comm_state)
         else:
             if comm_hook is None and comm_state is None:
                 comm_state = getattr(model, "process_group", None)
@@ -529,7 +531,9 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         collective ever sees unequal shapes), or call the underlying module. The probe consumes
         no sample of the dataset, restores every random number generator it may touch
         (Python, numpy, torch, CUDA) and clears the gradients it left. Call it on every rank,
-        before the first epoch. Returns the per-rank weights it set as ``initial_weights``.
+        before the first epoch. Returns the per-rank weights of the first plan: measured ones
+        (set as ``initial_weights``), or, when ``initial_weights`` were given as numbers or the
+        policy is ``equal`` or ``static``, those weights, kept.
 
         With ``max_batch_size="auto"`` it also sets each rank's cap: on CUDA, the peak memory
         allocated at the two sizes gives a fixed and a per-sample cost, and the cap is the
@@ -587,14 +591,19 @@ class WeightedDistributedSampler(Sampler[list[int]]):
                 raise ConfigError(f"max_batch_size='auto': the free memory of the ranks allows "
                                   f"at most {caps} samples per step: {exc}") from None
             self._memory_caps_pending = False
-        # Every rank has the same numbers and does the same arithmetic: the same weights.
-        history = tuple(np.array([[small, t[0]], [large, t[1]]]) for t in times.tolist())
-        model_fit = fit_cost_model(history)
-        targets, _ = water_fill(1.0 / model_fit.betas, -model_fit.alphas / model_fit.betas,
-                                self.min_sizes, self.max_sizes, self.global_batch_size)
-        weights = check_weights([max(float(t), 1e-9) for t in targets], self.num_replicas)
-        self.initial_weights = weights
-        self._probe_pending = False
+        if not self._probe_weights and (self.initial_weights is not None
+                                        or self.policy in ("equal", "static")):
+            # Weights the user chose (or the policy defines) stay; only the bounds moved.
+            weights = self.initial_weights or (1.0,) * self.num_replicas
+        else:
+            # Every rank has the same numbers and does the same arithmetic: the same weights.
+            history = tuple(np.array([[small, t[0]], [large, t[1]]]) for t in times.tolist())
+            model_fit = fit_cost_model(history)
+            targets, _ = water_fill(1.0 / model_fit.betas, -model_fit.alphas / model_fit.betas,
+                                    self.min_sizes, self.max_sizes, self.global_batch_size)
+            weights = check_weights([max(float(t), 1e-9) for t in targets], self.num_replicas)
+            self.initial_weights = weights
+        self._probe_pending = self._probe_weights = False
         initial = Plan("local", self.generation, 0, 0,
                        apportion(weights, self.global_batch_size, self.min_sizes,
                                  self.max_sizes, self.quantum),
@@ -655,19 +664,34 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         if self._hook is None:
             raise ConfigError("set_step_weight() needs attach(model) first")
         if self._hook.mid_step:
+            # A programming error on this rank alone (its peers are elsewhere in the step):
+            # raised here, before any collective.
             raise ConfigError("with weighting='output', call set_step_weight() before the "
                               "step's first backward()")
-        value = float(count)
+        problem = None
+        try:
+            value = float(count)
+        except (TypeError, ValueError):
+            value = float("nan")
         if not math.isfinite(value) or value < 0:
-            raise ConfigError(f"Invalid step weight {count!r}, it should be a finite number >= 0")
-        total = torch.tensor([value], dtype=torch.float64)
+            problem = f"Invalid step weight {count!r}, it should be a finite number >= 0"
+        # The all-reduce runs even when this rank's call is wrong, so every rank raises
+        # together instead of the others waiting for this one.
+        both = torch.tensor([0.0 if problem else value, 1.0 if problem else 0.0],
+                            dtype=torch.float64)
         group = self._peer_group()
         if group is not None:
-            dist.all_reduce(total, group=group)
-        if not total.item() > 0:
-            raise ConfigError(f"The step weights sum to {total.item()} over all ranks; at least "
+            dist.all_reduce(both, group=group)
+        total, bad = both.tolist()
+        if problem:
+            raise ConfigError(problem)
+        if bad:
+            raise ConfigError(f"set_step_weight() was called wrongly on {int(bad)} other "
+                              "rank(s) (their error says why); no rank took this step's weight")
+        if not total > 0:
+            raise ConfigError(f"The step weights sum to {total} over all ranks; at least "
                               "one rank must have a positive weight")
-        self._hook.next_weight = (value, float(total.item()))
+        self._hook.next_weight = (value, total)
 
     def loss_scale(self, local_batch_size: int) -> float:
         """``k·b/B``: multiply a local mean loss by this when not using :meth:`attach` (no DDP)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import collections
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
@@ -251,7 +251,16 @@ class _ScaleGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         scale = ctx.weighting.on_backward(ctx.synced)
-        return (None, None, *(None if g is None else g * scale for g in grads))
+        if scale is None:  # torch.autograd.grad (e.g. a gradient penalty): no training step
+            return (None, None, *grads)
+        return (None, None, *(None if g is None else _scaled(g, scale) for g in grads))
+
+
+def _scaled(grad: torch.Tensor, scale: float) -> torch.Tensor:
+    # In fp32 for 16-bit gradients, as the comm hook does for 16-bit buckets.
+    if grad.dtype in (torch.float16, torch.bfloat16):
+        return grad.float().mul_(scale).to(grad.dtype)
+    return grad * scale
 
 
 class OutputWeighting(_WeightedSteps):
@@ -274,10 +283,17 @@ class OutputWeighting(_WeightedSteps):
     """
 
     def __init__(self, ledger: StepLedger, global_batch_size: int, world_size: int,
-                 on_busy: Callable[[LedgerEntry, float], None], device: torch.device) -> None:
+                 on_busy: Callable[[LedgerEntry, float], None], device: torch.device,
+                 parameters: Sequence[torch.nn.Parameter] = ()) -> None:
         super().__init__(ledger, global_batch_size, world_size, on_busy, device)
         self._open = False
-        self._queued = False
+        #: The graph task whose end closes the open step (None: no synchronised pass yet).
+        self._queued_task: int | None = None
+        # The parameters' gradient accumulators tell a training backward (which accumulates
+        # into .grad) from torch.autograd.grad through the outputs (which does not).
+        edge = getattr(torch.autograd.graph, "get_gradient_edge", None)
+        self._accumulators = [edge(p).node for p in parameters if p.requires_grad] \
+            if edge is not None and hasattr(torch._C, "_will_engine_execute_node") else []
 
     @property
     def mid_step(self) -> bool:
@@ -296,7 +312,8 @@ class OutputWeighting(_WeightedSteps):
         leaves, spec = tree_flatten(output)
         slots = [i for i, leaf in enumerate(leaves)
                  if isinstance(leaf, torch.Tensor) and leaf.requires_grad]
-        opaque = sorted({type(leaf).__name__ for leaf in leaves if _holds_grad_tensor(leaf)})
+        opaque = sorted({type(leaf).__name__ for leaf in leaves
+                         if not isinstance(leaf, torch.Tensor) and _holds_grad_tensor(leaf)})
         if opaque:
             raise ConfigError(
                 f"weighting='output' cannot see into the model's output objects of type "
@@ -310,33 +327,57 @@ class OutputWeighting(_WeightedSteps):
             leaves[i] = tensor
         return tree_unflatten(leaves, spec)
 
-    def on_backward(self, synced: bool) -> float:
-        """The step's scale; the first call of a step takes its ledger entry."""
+    def on_backward(self, synced: bool) -> float | None:
+        """The step's scale (None for a pass that trains nothing); the first backward of a
+        step takes its ledger entry."""
+        if self._accumulators and not any(
+                torch._C._will_engine_execute_node(node) for node in self._accumulators):
+            return None
+        task = torch._C._current_graph_task_id()
+        if self._queued_task is not None and task != self._queued_task:
+            # The synchronised backward that should have closed the open step never finished
+            # (it raised, e.g. out of memory): that step is abandoned, this is the next one.
+            self.reset()
         if not self._open:
             self._begin_step()
             self._open = True
-        if synced and not self._queued:
-            self._queued = True
+        if synced and self._queued_task is None:
+            self._queued_task = task
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
         return self.scale
+
+    def reset(self) -> None:
+        """Forget a step left open (a failed backward, an iterator abandoned mid-step)."""
+        self._open, self._queued_task = False, None
+        self._previous = self._previous_done = None
 
     def _end_of_backward(self) -> None:
         # Every gradient is computed and DDP has launched its last bucket; DDP's own final
         # callback (queued after this one) waits for the all-reduce, ours below runs after it.
         self._mark_ready()
-        self._open = self._queued = False
+        self._open, self._queued_task = False, None
         torch.autograd.Variable._execution_engine.queue_callback(self._mark_done)
 
 
-def _holds_grad_tensor(obj: Any) -> bool:
-    """An object (not a tensor or container) with a tensor attribute that requires grad."""
-    if isinstance(obj, (torch.Tensor, int, float, bool, str, bytes, type(None))):
+def _holds_grad_tensor(obj: Any, depth: int = 3) -> bool:
+    """Whether ``obj`` (a leaf the tree walk could not open) holds a tensor that requires
+    grad in its attributes (``__dict__`` or ``__slots__``), lists, tuples or dicts, looking
+    ``depth`` levels deep."""
+    if isinstance(obj, torch.Tensor):
+        return obj.requires_grad
+    if depth == 0 or isinstance(obj, (int, float, complex, bool, str, bytes, type(None))):
         return False
-    try:
-        values = vars(obj).values()
-    except TypeError:
-        return False
-    return any(isinstance(v, torch.Tensor) and v.requires_grad for v in values)
+    if isinstance(obj, dict):
+        values = list(obj.values())
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        values = list(obj)
+    else:
+        values = list(getattr(obj, "__dict__", {}).values())
+        for cls in type(obj).__mro__:
+            for name in getattr(cls, "__slots__", ()):
+                if isinstance(name, str) and hasattr(obj, name):
+                    values.append(getattr(obj, name))
+    return any(_holds_grad_tensor(v, depth - 1) for v in values[:1000])
 
 
 def _allreduce_sum(process_group, bucket: dist.GradBucket) -> torch.futures.Future:
@@ -370,12 +411,19 @@ def attach_hook(model: torch.nn.Module, hook: WeightedCommHook) -> None:
         raise ConfigError(f"cannot register the shardbalance comm hook: {exc}") from exc
 
 
-def attach_output_weighting(model: torch.nn.Module, weighting: OutputWeighting) -> None:
-    """Put ``weighting`` on a DDP model's outputs (its comm hook, if any, must average)."""
+def attach_output_weighting(model: torch.nn.Module, weighting: OutputWeighting,
+                            comm_hook: HookFn | None = None, comm_state: Any = None) -> None:
+    """Put ``weighting`` on a DDP model's outputs, after registering ``comm_hook`` (which, as
+    any comm hook the model already has, must average)."""
     from torch.nn.parallel import DistributedDataParallel
 
     if not isinstance(model, DistributedDataParallel):
         raise ConfigError(
             f"attach() needs a DistributedDataParallel model, got {type(model).__name__}. "
             "Without DDP, multiply the mean loss by sampler.loss_scale(len(batch)) instead")
+    if comm_hook is not None:
+        try:
+            model.register_comm_hook(comm_state, comm_hook)
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot register the comm hook {comm_hook!r}: {exc}") from exc
     model.register_forward_hook(weighting.on_forward)

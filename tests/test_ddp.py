@@ -1,5 +1,7 @@
 """Real DDP on gloo ranks: exact gradients, the step ledger under prefetch, plan agreement."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -466,3 +468,116 @@ def test_output_weighting_is_exact_with_accumulation_and_skips_the_probe():
             assert result[3] is None
     assert all("_Opaque" in r[4] for r in results)
     assert all("'bucket'" in r[5] for r in results)
+
+
+class _FailOnce(torch.autograd.Function):
+    """Identity whose backward raises while ``armed`` (a failed backward, e.g. out of memory)."""
+
+    armed = False
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if _FailOnce.armed:
+            raise RuntimeError("simulated failure in backward")
+        return grad
+
+
+class _Fragile(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = _model()
+
+    def forward(self, x):
+        return _FailOnce.apply(self.net(x))
+
+
+@dataclasses.dataclass(slots=True)
+class _Slotted:
+    logits: torch.Tensor
+
+
+def _output_weighting_edges(rank, world):
+    data = _data()
+    x_all, y_all = data.tensors
+    sampler = WeightedDistributedSampler(data, global_batch_size=16, policy="static",
+                                         initial_weights=[1, 3], seed=3)
+    model = DDP(_Fragile())
+    sampler.attach(model, weighting="output")
+    hook = sampler._hook
+    batches = iter(DataLoader(data, batch_sampler=sampler))
+    # Step 0's backward fails after the output node ran; the run skips that batch.
+    x, y = next(batches)
+    _FailOnce.armed = True
+    try:
+        F.cross_entropy(model(x), y).backward()
+        failed = False
+    except RuntimeError:
+        failed = True
+    _FailOnce.armed = False
+    model.zero_grad()
+    # Step 1: a gradient penalty through the outputs (torch.autograd.grad), then backward.
+    x, y = next(batches)
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    (penalty_grad,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    steps_after_grad = hook.steps
+    F.cross_entropy(out, y).backward()
+    step1 = (hook.entry.step, hook.weight, len(y), hook.steps, len(sampler.ledger))
+    grads = [p.grad.clone() for p in model.parameters()]
+    # The penalty's gradient is the plain one: not scaled by the step's weight.
+    plain = model.module.net
+    x2 = x.detach().clone().requires_grad_(True)
+    (want_penalty,) = torch.autograd.grad(plain(x2).sum(), x2)
+    penalty_exact = torch.allclose(penalty_grad, want_penalty, rtol=1e-5, atol=1e-7)
+    idx1 = _indices_of(x.detach())
+    # A wrong set_step_weight on one rank: every rank raises, none waits.
+    try:
+        sampler.set_step_weight([-1.0, 5.0][rank])
+        weight_error = None
+    except ValueError as exc:
+        weight_error = str(exc)
+    # An output dataclass with __slots__ that torch cannot flatten is refused.
+    slotted = DDP(_model())
+    slotted.register_forward_hook(lambda module, args, out: [_Slotted(out)])
+    WeightedDistributedSampler(data, global_batch_size=16, policy="equal", seed=3).attach(
+        slotted, weighting="output")
+    try:
+        slotted(torch.randn(2, DIM))
+        slotted_error = None
+    except ValueError as exc:
+        slotted_error = str(exc)
+    # max_batch_size="auto" with the static policy keeps the user's weights (CPU: no caps).
+    kept = WeightedDistributedSampler(data, global_batch_size=16, policy="static",
+                                      initial_weights=[1, 3], max_batch_size="auto", seed=3)
+    kept.probe(lambda b: _model()(torch.randn(b, DIM)).sum().backward(), sizes=(2, 4),
+               repeats=1)
+    del model, slotted
+    dist.barrier()
+    return (failed, steps_after_grad, step1, grads, idx1, penalty_exact, weight_error,
+            slotted_error, kept.batch_sizes)
+
+
+def test_output_weighting_survives_a_failed_backward_and_ignores_autograd_grad():
+    results = run_ranks(_output_weighting_edges, 2)
+    x_all, y_all = _data().tensors
+    for rank, r in enumerate(results):
+        failed, steps_after_grad, (step, weight, size, steps, queued), *_ = r
+        assert failed
+        # torch.autograd.grad took no step; the failed step 0 was abandoned, and the next
+        # backward trained step 1 with its own weight b_i/B.
+        assert steps_after_grad == 1 and steps == 2
+        assert step == 1 and weight == size / 16 and size == [4, 12][rank]
+        assert r[5], "the gradient penalty must not carry the step's weight"
+        assert r[8] == (4, 12)
+        assert "_Slotted" in r[7]
+    assert "Invalid step weight -1.0" in results[0][6]
+    assert "on 1 other rank" in results[1][6]
+    # Step 1's gradient is the global-batch mean over both ranks' samples.
+    idx = torch.cat([results[0][4], results[1][4]])
+    reference = _model()
+    F.cross_entropy(reference(x_all[idx]), y_all[idx]).backward()
+    assert_same_tensors([r[3] for r in results], [p.grad for p in reference.parameters()])

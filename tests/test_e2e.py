@@ -60,6 +60,9 @@ def test_elastic_restart_resumes_from_the_checkpoint_as_a_new_generation(tmp_pat
                    "--checkpoint", str(tmp_path / "ckpt.pt"), "--checkpoint-every", "4",
                    "--simulate-failure", "10", "--metrics-out", str(metrics),
                    "--coordinator-log", str(journal),
+                   # The other gradient weighting, and each life starts from a probe.
+                   "--weighting", "output", "--initial-weights", "probe",
+                   "--max-batch-size", "auto",
                    # Restarts need a rendezvous that knows rounds (the static one reuses keys).
                    launcher_args=["--max-restarts=1", "--rdzv-backend=c10d",
                                   f"--rdzv-endpoint=127.0.0.1:{free_port()}"],
@@ -69,6 +72,10 @@ def test_elastic_restart_resumes_from_the_checkpoint_as_a_new_generation(tmp_pat
                    env={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
     assert "simulated failure at step 10" in out
     assert "resumed from" in out and "at epoch 1 (restart 1)" in out
+    # Both lives probed first; the 3x faster rank got the larger share from the start (on
+    # CPU the memory caps stay at the global batch).
+    probes = [line for line in out.splitlines() if "probe: initial weights" in line]
+    assert len(probes) == 2 and all("caps [64, 64]" in line for line in probes), out
     epochs = [json.loads(line) for line in metrics.read_text().splitlines()]
     # Epoch 0 completed before the crash (step 10 is in epoch 1); after the restart epoch 1
     # resumed mid-way (from the step-8 checkpoint) and epoch 2 ran whole.
@@ -80,3 +87,4 @@ def test_elastic_restart_resumes_from_the_checkpoint_as_a_new_generation(tmp_pat
     # Plans of the second life belong to generation 1: nothing of the first can change them.
     late = [r for r in runs if r["event"] == "plan"][-1]
     assert late["generation"] == 1 and late["epoch"] == 2
+    assert all(e["plan"][1] > e["plan"][0] for e in epochs), epochs

@@ -409,9 +409,11 @@ def test_memory_cap_examples():
 @pytest.mark.parametrize("sizes, peaks, budget, match", [
     ((64, 32), (1, 2), 10, r"probe sizes \(64, 32\)"),
     ((0, 32), (1, 2), 10, r"probe sizes \(0, 32\)"),
-    ((16, 32), (float("nan"), 2), 10, r"peak memory nan"),
-    ((16, 32), (1, -2), 10, r"peak memory -2"),
-    ((16, 32), (1, 2), float("inf"), r"memory budget inf"),
+    ((16, 32), (float("nan"), 2), 10, r"peak memory at batch 16: nan"),
+    ((16, 32), (1, -2), 10, r"peak memory at batch 32: -2"),
+    ((16, 32), (1, 2), float("inf"), r"memory budget: inf"),
+    ((16, "many"), (1, 2), 10, r"sizes \(16, 'many'\)"),
+    ((16,), (1, 2), 10, r"sizes \(16,\)"),
 ])
 def test_memory_cap_names_bad_input(sizes, peaks, budget, match):
     with pytest.raises(ConfigError, match=match):
