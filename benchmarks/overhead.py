@@ -1,46 +1,54 @@
-"""Per-step cost of shardbalance's comm hook + sampler (+ coordinator) next to plain DDP.
+"""Per-step cost of shardbalance's gradient weighting + sampler (+ coordinator) next to plain DDP.
 
-    python benchmarks/overhead.py            # ~85 s: 2-rank torchrun ~70 s, microbenchmarks ~10 s
+    python benchmarks/overhead.py            # ~140 s: 2-rank torchrun ~125 s, microbenchmarks ~10 s
 
-Measured on the 2-core x86 VM shared with other jobs (load average 2.0 -> 2.6), torch 2.13
-CPU, gloo, with the hook that folds 1/k into its pre-scale and sums (one pass over the
-gradients):
+Measured on the 2-core x86 VM shared with other jobs (load average 1.1 -> 2.6), torch 2.13
+CPU, gloo, ``--repeats 40``:
 
     variant | median step ms | overhead vs (a) % | p90 ms | mean ms (vs (a) %) | paired overhead % (all rounds) | per repeat: median [IQR] (min..max) | plans
-    (a) distributed | 25.23 | +0.00 | 29.07 | 25.41 (+0.00) | +0.00 | - | [64, 64]
-    (a') hooked | 25.84 | +2.42 | 30.47 | 26.26 (+3.36) | +3.17 | +3.15 [+0.42, +7.03] (-3.5..+15.8) | [64, 64]
-    (b) equal | 25.93 | +2.80 | 31.55 | 26.56 (+4.53) | +3.19 | +2.74 [+0.56, +8.92] (-5.6..+13.8) | [64, 64]
-    (c) affine | 26.05 | +3.28 | 33.05 | 27.02 (+6.33) | +4.98 | +4.99 [+3.17, +8.00] (-6.3..+16.7) | [64, 64]
-    paired over (a') (any Python comm hook -> shardbalance's part): (b) -0.08 %; (c) +1.96 %
-    (c) plan fetch (each window's first step): step median 34.01 ms vs 25.54 ms for other steps; 40 fetches, median 6.52 ms each = sender flush 0.04 + coordinator request 4.62 + digest all-reduce 0.52 + barrier and checks (rest)
-    sampler alone: DistributedSampler+BatchSampler 5.0 µs/step, WeightedDistributedSampler(equal) 14.0 µs/step
+    (a) distributed | 25.24 | +0.00 | 31.01 | 25.81 (+0.00) | +0.00 | - | [64, 64]
+    (a2) control | 25.42 | +0.72 | 30.76 | 25.88 (+0.25) | +1.12 | +1.16 [-1.52, +3.92] (-7.7..+10.8) | [64, 64]
+    (a') hooked | 25.83 | +2.33 | 31.13 | 26.32 (+1.99) | +1.97 | +2.05 [+0.68, +5.81] (-5.6..+10.9) | [64, 64]
+    (b) equal | 26.00 | +2.99 | 31.23 | 26.45 (+2.47) | +2.66 | +2.21 [-0.01, +5.45] (-7.8..+11.4) | [64, 64]
+    (b') output | 25.41 | +0.65 | 31.09 | 25.98 (+0.65) | +0.43 | +0.28 [-1.62, +1.91] (-7.4..+9.9) | [64, 64]
+    (c) affine | 26.65 | +5.56 | 32.99 | 27.31 (+5.82) | +4.69 | +5.72 [+1.53, +6.97] (-4.2..+15.1) | [64, 64]
+    paired over (a') (any Python comm hook -> shardbalance's part): (b) +0.53 %; (b') -1.98 %; (c) +1.78 %
+    (c) plan fetch (each window's first step): step median 34.03 ms vs 26.18 ms for other steps; 80 fetches, median 6.48 ms each = sender flush 0.05 + coordinator request 4.40 + digest all-reduce 0.98 + barrier and checks (rest)
+    sampler alone: DistributedSampler+BatchSampler 5.3 µs/step, WeightedDistributedSampler(equal) 15.1 µs/step
+    weighting='output' alone (forward hook, output node, two autograd callbacks): -25..+15 µs/step over 4 runs
 
-With ``--bucket-view`` (gradients as views into DDP's buckets, for every variant) the same
-machine, busier, gave (a) 23.70 ms, (a') +1.4 %, (b) +1.8 %, (c) +4.2 % (medians; paired
-(b) over (a') -0.6 %).
+Other runs of the same day (medians / paired, % over (a); (a2) is the noise floor):
 
-Read: shardbalance's hook now costs what any Python comm hook costs ((b) vs (a'): -0.1 %): one
-pass over the gradient buckets, which DDP's built-in all-reduce avoids by dividing while it
-copies gradients into the bucket. On this CPU that pass is ~0.5 ms over 8 MiB, 2-3 % of a 25 ms
-step; on a GPU it is a few microseconds. (c) adds a plan fetch of ~6.5 ms per window (here
-every 10 steps); with per-epoch plans it amortises away. The sampler is ~10 µs a step more than
-DistributedSampler. (The "hook alone" microbenchmark below still times the hook in front of
-an averaging stand-in, i.e. the user-hook path with its extra pass.) Earlier, with a separate
-pre-scale pass, (b) cost +6-8 % over (a).
+    --batch 256 (45-48 ms steps)  (a2) +1.3 / +2.1   (b) +2.7 / +2.4   (b') +0.8 / +1.4   (c) +3.9 / +4.3
+    --bucket-view (25 ms steps)   (a2) +0.6 / +1.0   (b) +2.6 / +3.2   (b') -0.1 / -0.3   (c) +4.0 / +4.7
+
+Read: ``attach(model, weighting="output")`` (b') is indistinguishable from plain DDP: its
+overhead sits inside the spread of (a2), the same plain DDP measured twice (the A/A control
+that says what "+1 %" means on this machine). Its own parts cost microseconds a step. The
+default comm hook (b) costs what any Python comm hook costs ((b) vs (a'): +0.5 %): one pass
+over the gradient buckets, which DDP's built-in all-reduce avoids by dividing while it copies
+gradients into the bucket. On this CPU that pass is ~0.5 ms over 8 MiB, 2-3 % of a 25 ms
+step; on a GPU, at HBM bandwidth, it is microseconds. (c) adds a plan fetch of ~6.5 ms per
+window (here every 10 steps); with per-epoch plans it amortises away. The sampler is ~10 µs
+a step more than DistributedSampler. (The "hook alone" microbenchmark below times the hook in
+front of an averaging stand-in, i.e. the user-hook path with its extra pass.)
 
 What runs. One torchrun of this file (2 gloo ranks on 127.0.0.1, a free port, OMP_NUM_THREADS=1,
 bounded by --timeout, its process group killed on timeout). Both ranks train the same MLP
 (``--depth`` Linear+ReLU layers of ``--width``, then a 10-way head) on the same in-memory data,
-``--batch`` samples per rank per step, num_workers=0, no emulated sleep, four ways, each with
+``--batch`` samples per rank per step, num_workers=0, no emulated sleep, six ways, each with
 its own DDP copy of the same initial weights:
 
 (a) ``distributed``: torch's DistributedSampler + DataLoader(batch_size=b), DDP's built-in
     all-reduce (no comm hook).
+(a2) ``control``: (a) again, a second DDP copy: the A/A control, the noise floor.
 (a') ``hooked``: as (a) plus torch's own ``allreduce_hook`` registered as the comm hook: the
     price of any Python comm hook, to separate it from shardbalance's own part.
 (b) ``equal``: WeightedDistributedSampler(policy="equal", B = 2b) as batch_sampler, and
     ``attach()``: the comm hook (pre-scale by b_i/B, then a summing all-reduce), the step
     ledger and the CPU busy clock. No coordinator.
+(b') ``output``: as (b) with ``attach(model, weighting="output")``: no comm hook (DDP's
+    built-in all-reduce), one autograd node on the output, busy time from autograd callbacks.
 (c) ``affine``: as (b) with policy="affine" and ``rebalance_every=--rebalance-every``: also the
     embedded coordinator (a child process of rank 0), the stats sender thread and, at each
     window's first step, a plan fetch (sender flush, gloo barrier, ZeroMQ request, digest
@@ -50,7 +58,7 @@ its own DDP copy of the same initial weights:
     different workload, not overhead.
 
 The variants are interleaved step by step, in an order that rotates every round (so a burst of
-load from elsewhere hits all four alike and each runs first equally often): one *round* is one
+load from elsewhere hits all variants alike and each runs first equally often): one *round* is one
 step of each. A step is timed on rank 0 with time.perf_counter from just before fetching its
 batch (sampler, collate, and for (c) any plan fetch) to the end of ``opt.step()``. An epoch of
 ``--steps`` rounds is one *repeat*; ``--warmup`` repeats are dropped. Reported per variant: the
@@ -58,10 +66,10 @@ median and p90 of all its steps and the overhead of that median over (a)'s; the 
 unlike the median, carries the once-per-window plan fetch); and the paired overhead, each
 step over (a)'s step of the same round: the median over all rounds, and the spread across
 repeats (per-repeat median of the paired ratios: median, IQR, min..max). With step-level
-interleaving, (b) and (c)'s busy clocks also count the other variants' steps: harmless here,
+interleaving, (b), (b') and (c)'s busy clocks also count the other variants' steps: harmless here,
 as the plan is pinned, but it is why the band must stay pinned.
 
-Then, in this process (one thread, as the ranks), two microbenchmarks:
+Then, in this process (one thread, as the ranks), three microbenchmarks:
 
 * sampler alone: one epoch of index batches for rank 0 of 2 at the training run's N and batch,
   ``BatchSampler(DistributedSampler)`` vs ``WeightedDistributedSampler(policy="equal")``,
@@ -69,7 +77,9 @@ Then, in this process (one thread, as the ranks), two microbenchmarks:
 * hook alone: ``WeightedCommHook.on_bucket`` on stand-in buckets of the model's gradient size
   (split as DDP's default 1 MiB first bucket and 25 MiB caps would), with a stand-in inner hook
   that does allreduce_hook's ``div_`` pass and returns a completed future (no communication),
-  vs that inner hook alone, and one ``mul_`` pass alone; per step in µs.
+  vs that inner hook alone, and one ``mul_`` pass alone; per step in µs;
+* output weighting alone: a tiny Linear(8, 8) step with and without ``OutputWeighting``'s
+  forward hook (its node and callbacks run in backward); the difference per step in µs.
 """
 
 from __future__ import annotations
