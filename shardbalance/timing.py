@@ -333,7 +333,7 @@ class OutputWeighting(_WeightedSteps):
         if self._accumulators and not any(
                 torch._C._will_engine_execute_node(node) for node in self._accumulators):
             return None
-        task = torch._C._current_graph_task_id()
+        task = _graph_task_id()
         if self._queued_task is not None and task != self._queued_task:
             # The synchronised backward that should have closed the open step never finished
             # (it raised, e.g. out of memory): that step is abandoned, this is the next one.
@@ -357,6 +357,12 @@ class OutputWeighting(_WeightedSteps):
         self._mark_ready()
         self._open, self._queued_task = False, None
         torch.autograd.Variable._execution_engine.queue_callback(self._mark_done)
+
+
+def _graph_task_id() -> int:
+    """The running backward pass's id (-2 where torch does not tell: every pass looks alike)."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return current() if current is not None else -2
 
 
 def _holds_grad_tensor(obj: Any, depth: int = 3) -> bool:
