@@ -214,7 +214,6 @@ def water_fill(slopes: Sequence[float], intercepts: Sequence[float], lo: Sequenc
     breaks = np.unique(np.concatenate([(lo_[live] - c[live]) / a[live],
                                        (hi_[live] - c[live]) / a[live]]))
     # S(level) is non-decreasing and piecewise linear with kinks only at `breaks`.
-    sums = None
     lo_i, hi_i = 0, len(breaks) - 1
     if shares(breaks[0]).sum() >= total:
         level = breaks[0]

@@ -114,6 +114,10 @@ class CostModel:
         """A synchronous step lasts as long as its slowest rank."""
         return float(self.busy_seconds(batch_sizes).max())
 
+    def equal_finish(self, lo, hi, total: float) -> tuple[np.ndarray, float]:
+        """Real batch sizes ``(T − α_i)/β_i`` summing to ``total`` within ``[lo, hi]``, and T."""
+        return water_fill(1.0 / self.betas, -self.alphas / self.betas, lo, hi, total)
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -557,8 +561,7 @@ def affine(inp: PolicyInput) -> Decision:
     model = fit_cost_model(inp.history, inp.options)
     if model is None:
         return _keep(inp, None, "waiting for measurements from every rank")
-    targets, finish = water_fill(1.0 / model.betas, -model.alphas / model.betas,
-                                 inp.min_sizes, inp.max_sizes, inp.global_batch_size)
+    targets, finish = model.equal_finish(inp.min_sizes, inp.max_sizes, inp.global_batch_size)
     sizes = apportion(targets, inp.global_batch_size, inp.min_sizes, inp.max_sizes, inp.quantum)
     band = _options(inp.options)["band"]
     if model.noise is not None and len(model.noise):

@@ -23,8 +23,8 @@ from ._env import read_environment
 from ._exceptions import ConfigError, CoordinatorError, PlanError
 from .client import (CoordinatorClient, EmbeddedCoordinator, StatsSender, external_address,
                      routable_address)
-from .order import EpochOrder
-from .plan import Plan, apportion, check_weights, memory_cap, normalize_bounds, water_fill
+from .order import _CHUNK, EpochOrder
+from .plan import Plan, apportion, check_weights, memory_cap, normalize_bounds
 from .policies import ADAPTIVE_POLICIES, POLICIES, check_options, fit_cost_model
 from .timing import (LedgerEntry, OutputWeighting, StepLedger, WeightedCommHook,
                      attach_hook, attach_output_weighting)
@@ -33,8 +33,6 @@ __all__ = ["WeightedDistributedSampler"]
 
 log = logging.getLogger("shardbalance")
 
-#: Positions evaluated per pass of the order (bounds the sampler's memory).
-_CHUNK_POSITIONS = 1 << 16
 #: Plans remembered by digest, for ``batch_sizes`` of steps still in flight.
 _PLANS_KEPT = 64
 _instances = itertools.count()
@@ -178,13 +176,12 @@ class WeightedDistributedSampler(Sampler[list[int]]):
                               "numbers or 'probe'")
         #: The first plan's weights are to be measured by probe().
         self._probe_weights = isinstance(initial_weights, str)
-        self._probe_pending = self._probe_weights or self._memory_caps_pending
         self.initial_weights = (None if initial_weights is None or isinstance(initial_weights, str)
                                 else check_weights(initial_weights, self.num_replicas))
         if rebalance_every is not None:
             rebalance_every = _check_int("rebalance_every", rebalance_every, 1)
         self.rebalance_every = rebalance_every
-        self.options = check_options(options)
+        check_options(options)
         self._user_options = dict(options or {})
         env = read_environment()
         self.timeout_s = float(env.timeout_s if timeout_s is None else timeout_s)
@@ -207,12 +204,7 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         self._group = None
         self.coordinator_address: str | None = None
         self.run_id = "local"
-        initial = Plan("local", self.generation, 0, 0,
-                       apportion(self.initial_weights or (1.0,) * self.num_replicas,
-                                 self.global_batch_size, self.min_sizes, self.max_sizes,
-                                 self.quantum), self.global_batch_size, self.policy)
-        self._agreed = initial
-        self._remember(initial)
+        self._adopt_initial_plan()
         if self.adaptive:
             try:
                 self._connect(coordinator or env.coordinator, env, coordinator_log, distributed)
@@ -223,6 +215,25 @@ class WeightedDistributedSampler(Sampler[list[int]]):
                                            self._embedded)
 
     # -- setup ---------------------------------------------------------------------------
+
+    @property
+    def _probe_pending(self) -> bool:
+        """probe() must run before the first epoch (for the weights or the memory caps)."""
+        return self._probe_weights or self._memory_caps_pending
+
+    @property
+    def _last_step(self) -> LedgerEntry | None:
+        """The newest step: trained (with a gradient weighting attached) or yielded."""
+        return self.ledger.last_trained if self._hook is not None else self.ledger.last_yielded
+
+    def _adopt_initial_plan(self) -> None:
+        """The local first plan: ``initial_weights`` (equal if None) within the bounds."""
+        initial = Plan("local", self.generation, 0, 0,
+                       apportion(self.initial_weights or (1.0,) * self.num_replicas,
+                                 self.global_batch_size, self.min_sizes, self.max_sizes,
+                                 self.quantum), self.global_batch_size, self.policy)
+        self._agreed = initial
+        self._remember(initial)
 
     @property
     def adaptive(self) -> bool:
@@ -336,7 +347,7 @@ class WeightedDistributedSampler(Sampler[list[int]]):
                           "epoch", UserWarning, stacklevel=2)
         self._serial += 1
         self.ledger.drop_untrained()
-        if isinstance(self._hook, OutputWeighting):
+        if self._hook is not None:
             self._hook.reset()
         # The resume point is dropped only once a generator of that epoch starts: a
         # multi-worker DataLoader creates an iterator it never uses before the one it does.
@@ -355,7 +366,8 @@ class WeightedDistributedSampler(Sampler[list[int]]):
             b = plan.batch_sizes[self.rank]
             offset = plan.offset(self.rank)
             last = min(first + window, steps)
-            per_chunk = max(1, _CHUNK_POSITIONS // max(b, 1))
+            # Steps per pass of the order: _CHUNK positions bound the sampler's memory.
+            per_chunk = max(1, _CHUNK // max(b, 1))
             lane = np.arange(b, dtype=np.int64)
             ledger = self.ledger
             ledger.window = (serial, epoch, b, plan.digest, start, big_b)
@@ -456,7 +468,7 @@ class WeightedDistributedSampler(Sampler[list[int]]):
 
         Identical on every rank; sums to ``global_batch_size``.
         """
-        entry = self.ledger.last_trained if self._hook is not None else self.ledger.last_yielded
+        entry = self._last_step
         if entry is not None and entry.digest in self._plans:
             return self._plans[entry.digest].batch_sizes
         return self._agreed.batch_sizes
@@ -590,27 +602,17 @@ class WeightedDistributedSampler(Sampler[list[int]]):
             except ConfigError as exc:
                 raise ConfigError(f"max_batch_size='auto': the free memory of the ranks allows "
                                   f"at most {caps} samples per step: {exc}") from None
-            self._memory_caps_pending = False
-        if not self._probe_weights and (self.initial_weights is not None
-                                        or self.policy in ("equal", "static")):
-            # Weights the user chose (or the policy defines) stay; only the bounds moved.
-            weights = self.initial_weights or (1.0,) * self.num_replicas
-        else:
+        if self._probe_weights or (self.initial_weights is None and self.adaptive):
             # Every rank has the same numbers and does the same arithmetic: the same weights.
             history = tuple(np.array([[small, t[0]], [large, t[1]]]) for t in times.tolist())
-            model_fit = fit_cost_model(history)
-            targets, _ = water_fill(1.0 / model_fit.betas, -model_fit.alphas / model_fit.betas,
-                                    self.min_sizes, self.max_sizes, self.global_batch_size)
-            weights = check_weights([max(float(t), 1e-9) for t in targets], self.num_replicas)
-            self.initial_weights = weights
-        self._probe_pending = self._probe_weights = False
-        initial = Plan("local", self.generation, 0, 0,
-                       apportion(weights, self.global_batch_size, self.min_sizes,
-                                 self.max_sizes, self.quantum),
-                       self.global_batch_size, self.policy)
-        self._agreed = initial
-        self._remember(initial)
-        return weights
+            targets, _ = fit_cost_model(history).equal_finish(
+                self.min_sizes, self.max_sizes, self.global_batch_size)
+            self.initial_weights = check_weights([max(float(t), 1e-9) for t in targets],
+                                                 self.num_replicas)
+        # Otherwise the weights the user chose (or the policy defines) stay; the bounds moved.
+        self._probe_weights = self._memory_caps_pending = False
+        self._adopt_initial_plan()
+        return self.initial_weights or (1.0,) * self.num_replicas
 
     def accumulate(self, loader: Iterable, model: torch.nn.Module | None = None
                    ) -> Iterator[tuple[Any, float, bool]]:
@@ -705,7 +707,7 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         With :meth:`attach` it counts steps actually trained; without, a batch counts as
         trained once the sampler yielded it. Plain JSON-serialisable data.
         """
-        entry = self.ledger.last_trained if self._hook is not None else self.ledger.last_yielded
+        entry = self._last_step
         epoch = self.epoch
         if entry is not None and entry.epoch == epoch:
             position = entry.position_after

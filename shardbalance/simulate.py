@@ -46,8 +46,8 @@ import numpy as np
 
 from ._exceptions import ConfigError
 from .coordinator import HISTORY_PER_RANK
-from .plan import apportion, normalize_bounds, water_fill
-from .policies import POLICIES, PolicyInput, check_options, decide
+from .plan import apportion, normalize_bounds
+from .policies import POLICIES, CostModel, PolicyInput, check_options, decide
 
 __all__ = ["SimulationConfig", "SimulationResult", "WindowRow", "Summary", "Slowdown",
            "simulate", "format_table", "paper_example", "format_paper_example",
@@ -362,7 +362,7 @@ def simulate(config: SimulationConfig) -> SimulationResult:
             alphas, betas = cluster.model_at(S + j)
             key = sum(1 for s in config.slowdowns if s.step <= S + j)
             if key not in oracle_cache:
-                targets, _ = water_fill(1.0 / betas, -alphas / betas, lo, hi, B)
+                targets, _ = CostModel(alphas, betas).equal_finish(lo, hi, B)
                 oracle_cache[key] = (float((alphas + betas * targets).max()),
                                      apportion(targets, B, lo, hi))
             optimum, oracle_sizes = oracle_cache[key]
@@ -504,7 +504,7 @@ def format_paper_example(results: list[SimulationResult]) -> str:
     alphas = (cfg.overhead_s / np.asarray(results[0].speeds) if cfg.overhead == "speed"
               else np.full(5, cfg.overhead_s))
     betas = cfg.per_sample_s / np.asarray(results[0].speeds)
-    opt, _ = water_fill(1 / betas, -alphas / betas, results[0].min_sizes, results[0].max_sizes, B)
+    opt, _ = CostModel(alphas, betas).equal_finish(results[0].min_sizes, results[0].max_sizes, B)
     lines.append("shares (node 1..5): capacity " + " ".join(f"{c:.3f}" for c in cap)
                  + " | equal-finish " + " ".join(f"{b / B:.3f}" for b in opt))
     for r in results:

@@ -20,6 +20,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._exceptions import ConfigError, PlanError
 
@@ -164,6 +165,10 @@ class _WeightedSteps:
         """A step's first backward has run and its synchronised one has not finished."""
         return False
 
+    def reset(self) -> None:
+        """Forget a step left open (a new iterator started). The comm hook has none: it
+        takes each step whole, in one synchronised backward."""
+
     def _begin_step(self) -> None:
         self.entry = self.ledger.pop()
         if self.next_weight is not None:
@@ -307,17 +312,18 @@ class OutputWeighting(_WeightedSteps):
             if not output.requires_grad:
                 return output
             return _ScaleGradient.apply(self, synced, output)[0]
-        from torch.utils._pytree import tree_flatten, tree_unflatten
-
         leaves, spec = tree_flatten(output)
-        slots = [i for i, leaf in enumerate(leaves)
-                 if isinstance(leaf, torch.Tensor) and leaf.requires_grad]
-        opaque = sorted({type(leaf).__name__ for leaf in leaves
-                         if not isinstance(leaf, torch.Tensor) and _holds_grad_tensor(leaf)})
+        slots, opaque = [], set()
+        for i, leaf in enumerate(leaves):
+            if isinstance(leaf, torch.Tensor):
+                if leaf.requires_grad:
+                    slots.append(i)
+            elif _holds_grad_tensor(leaf):
+                opaque.add(type(leaf).__name__)
         if opaque:
             raise ConfigError(
                 f"weighting='output' cannot see into the model's output objects of type "
-                f"{', '.join(opaque)}, which hold tensors that require grad: return tensors "
+                f"{', '.join(sorted(opaque))}, which hold tensors that require grad: return tensors "
                 "in tuples, lists, dicts or containers torch.utils._pytree can flatten, or "
                 "attach with the default weighting='hook'")
         if not slots:
@@ -359,10 +365,8 @@ class OutputWeighting(_WeightedSteps):
         torch.autograd.Variable._execution_engine.queue_callback(self._mark_done)
 
 
-def _graph_task_id() -> int:
-    """The running backward pass's id (-2 where torch does not tell: every pass looks alike)."""
-    current = getattr(torch._C, "_current_graph_task_id", None)
-    return current() if current is not None else -2
+#: The running backward pass's id (-2 where torch does not tell: every pass looks alike).
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -2)
 
 
 def _holds_grad_tensor(obj: Any, depth: int = 3) -> bool:
@@ -400,14 +404,18 @@ def weighted_comm_hook(state, bucket):
     return state.on_bucket(bucket)
 
 
-def attach_hook(model: torch.nn.Module, hook: WeightedCommHook) -> None:
-    """Register ``hook`` on a DDP model, refusing one that already has a comm hook."""
+def _require_ddp(model: torch.nn.Module) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     if not isinstance(model, DistributedDataParallel):
         raise ConfigError(
             f"attach() needs a DistributedDataParallel model, got {type(model).__name__}. "
             "Without DDP, multiply the mean loss by sampler.loss_scale(len(batch)) instead")
+
+
+def attach_hook(model: torch.nn.Module, hook: WeightedCommHook) -> None:
+    """Register ``hook`` on a DDP model, refusing one that already has a comm hook."""
+    _require_ddp(model)
     if getattr(model, "_comm_hooks", None):
         raise ConfigError("this DDP model already has a comm hook; pass it to "
                           "attach(model, comm_hook=...) instead so shardbalance can wrap it")
@@ -421,12 +429,7 @@ def attach_output_weighting(model: torch.nn.Module, weighting: OutputWeighting,
                             comm_hook: HookFn | None = None, comm_state: Any = None) -> None:
     """Put ``weighting`` on a DDP model's outputs, after registering ``comm_hook`` (which, as
     any comm hook the model already has, must average)."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    if not isinstance(model, DistributedDataParallel):
-        raise ConfigError(
-            f"attach() needs a DistributedDataParallel model, got {type(model).__name__}. "
-            "Without DDP, multiply the mean loss by sampler.loss_scale(len(batch)) instead")
+    _require_ddp(model)
     if comm_hook is not None:
         try:
             model.register_comm_hook(comm_state, comm_hook)
