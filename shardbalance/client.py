@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import math
 import os
 import select
 import socket
@@ -54,9 +55,7 @@ class CoordinatorClient:
 
     def _open(self) -> zmq.Socket:
         if self._socket is None:
-            sock = self._context.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES + 4096)
+            sock = protocol.configure_socket(self._context.socket(zmq.DEALER))
             try:
                 sock.connect(self.address)
             except zmq.ZMQError as exc:
@@ -147,6 +146,7 @@ class StatsSender:
         self._client_args = (address, secret, timeout_s, 1)
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._stop_deadline = math.inf
         self._idle = threading.Event()
         self._idle.set()
         self._warned = False
@@ -154,8 +154,9 @@ class StatsSender:
         self._thread.start()
 
     def push(self, record: tuple[int, int, int, float]) -> None:
-        self._idle.clear()
+        # Queued before idle is cleared: the sender can never mark idle with a record waiting.
         self._queue.append(record)
+        self._idle.clear()
 
     def _run(self) -> None:
         client = CoordinatorClient(*self._client_args)
@@ -169,7 +170,7 @@ class StatsSender:
                 if pending:
                     try:
                         client.request({"type": "stats", **self.identity,
-                                        "records": [list(r) for r in pending]})
+                                        "records": pending})
                         self.sent += len(pending)
                         pending = []
                         self._warned = False

@@ -29,14 +29,13 @@ import zmq
 from . import protocol
 from ._exceptions import ConfigError, PlanError, ProtocolError, ShardBalanceError
 from .plan import Plan, apportion
-from .policies import POLICIES, PolicyInput, check_options, decide, fit_cost_model
+from .policies import (HISTORY_PER_RANK, PolicyInput, check_options, check_policy, decide,
+                       fit_cost_model)
 
 __all__ = ["Coordinator", "serve"]
 
 log = logging.getLogger("shardbalance.coordinator")
 
-#: Measurements kept per rank; older ones only slow the policy down.
-HISTORY_PER_RANK = 512
 #: Decided plans kept per run (requests for older windows are refused).
 PLANS_PER_RUN = 256
 MAX_RUNS = 256
@@ -55,8 +54,11 @@ class RunState:
     history: list[OrderedDict] = field(default_factory=list)
     plans: OrderedDict = field(default_factory=OrderedDict)
     current: Plan | None = None
+    #: The policy's tunables: the run's options over the defaults (checked once, here).
+    options: dict = field(init=False)
 
     def __post_init__(self) -> None:
+        self.options = check_options(dict(self.config.options))
         if not self.history:
             self.history = [OrderedDict() for _ in range(self.config.world_size)]
 
@@ -108,12 +110,10 @@ class Coordinator:
             self._resume(journal_path)
         self._journal = open(journal_path, "a", encoding="utf-8") if journal_path else None
         self.context = zmq.Context()
-        self.socket = self.context.socket(zmq.ROUTER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES + 4096)
+        self.socket = protocol.configure_socket(self.context.socket(zmq.ROUTER))
         self.socket.setsockopt(zmq.SNDHWM, 10000)
         self.socket.setsockopt(zmq.RCVHWM, 10000)
-        bind = bind.replace(":0", ":*") if bind.endswith(":0") else bind
+        bind = bind[:-2] + ":*" if bind.endswith(":0") else bind
         try:
             self.socket.bind(bind)
         except zmq.ZMQError as exc:
@@ -159,8 +159,8 @@ class Coordinator:
 
     # -- requests ------------------------------------------------------------------------
 
-    def handle(self, frames: list[bytes]) -> list[bytes] | None:
-        """Answer one request (without its routing frame). None: drop without a reply."""
+    def handle(self, frames: list[bytes]) -> list[bytes]:
+        """Answer one request (without its routing frame): a reply, or an error reply."""
         msg_id = 0
         try:
             msg = protocol.decode(frames, self.secret)
@@ -202,10 +202,7 @@ class Coordinator:
             if req is None:
                 raise ProtocolError(f"unknown run {run!r} generation {generation}: ask for a "
                                     "plan first")
-            if req.config.policy not in POLICIES:
-                raise ConfigError(f"unknown policy {req.config.policy!r}; choose one of "
-                                  f"{sorted(POLICIES)}")
-            check_options(dict(req.config.options))
+            check_policy(req.config.policy)
             state = RunState(req.run, req.generation, req.config)
             state.initial_plan(0, 0)  # raises if the bounds cannot hold the batch
             self.runs[run] = state
@@ -258,7 +255,7 @@ class Coordinator:
                           min_sizes=cfg.min_sizes, max_sizes=cfg.max_sizes,
                           quantum=cfg.quantum, history=history,
                           static_weights=cfg.initial_weights,
-                          options=check_options(dict(cfg.options)))
+                          options=state.options)
         if state.current is None and cfg.initial_weights is not None:
             sizes, reason, model = previous.batch_sizes, "initial weights", None
         else:
@@ -299,7 +296,7 @@ class Coordinator:
             cfg = state.config
             equal = apportion([1.0] * cfg.world_size, cfg.global_batch_size, cfg.min_sizes,
                               cfg.max_sizes, cfg.quantum)
-            predicted_ms = model.step_seconds(plan.batch_sizes) * 1e3
+            predicted_ms = plan.predicted_step_s * 1e3
             equal_ms = model.step_seconds(equal) * 1e3
             record.update(predicted_step_ms=round(predicted_ms, 3), equal_step_ms=round(equal_ms, 3),
                           speedup_vs_equal=(round(equal_ms / predicted_ms, 4) if predicted_ms > 0
@@ -338,11 +335,10 @@ class Coordinator:
                     if len(frames) < 2:
                         continue
                     reply = self.handle(frames[1:])
-                    if reply is not None:
-                        try:
-                            self.socket.send_multipart([frames[0], *reply], zmq.NOBLOCK)
-                        except zmq.ZMQError:
-                            pass  # the peer is gone or not reading: never block on it
+                    try:
+                        self.socket.send_multipart([frames[0], *reply], zmq.NOBLOCK)
+                    except zmq.ZMQError:
+                        pass  # the peer is gone or not reading: never block on it
             self._housekeeping()
 
     def stop(self) -> None:

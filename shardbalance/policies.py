@@ -27,7 +27,11 @@ from ._exceptions import ConfigError
 from .plan import apportion, water_fill
 
 __all__ = ["PolicyInput", "Decision", "CostModel", "POLICIES", "ADAPTIVE_POLICIES",
-           "DEFAULT_OPTIONS", "decide", "fit_cost_model", "check_options"]
+           "DEFAULT_OPTIONS", "HISTORY_PER_RANK", "decide", "fit_cost_model", "check_options",
+           "check_policy"]
+
+#: Measurements the coordinator keeps per rank; older ones only slow a policy down.
+HISTORY_PER_RANK = 512
 
 #: Tunables and their defaults. Any of them can be passed as ``options``.
 DEFAULT_OPTIONS: Mapping[str, float] = {
@@ -590,13 +594,16 @@ POLICIES: dict[str, PolicyFn] = {
 ADAPTIVE_POLICIES = frozenset({"proportional", "seed", "affine"})
 
 
+def check_policy(name: str) -> str:
+    """``name`` if it is a registered policy, else a ConfigError naming it."""
+    if name not in POLICIES:
+        raise ConfigError(f"Invalid policy {name!r}, choose one of {sorted(POLICIES)}")
+    return name
+
+
 def decide(policy: str, inp: PolicyInput) -> tuple[tuple[int, ...], Decision]:
     """Run ``policy`` and apportion its weights into batch sizes that sum to B within bounds."""
-    try:
-        fn = POLICIES[policy]
-    except KeyError:
-        raise ConfigError(f"Unknown policy {policy!r}; choose one of {sorted(POLICIES)}") from None
-    decision = fn(inp)
+    decision = POLICIES[check_policy(policy)](inp)
     sizes = apportion(decision.weights, inp.global_batch_size, inp.min_sizes, inp.max_sizes,
                       inp.quantum)
     return sizes, decision

@@ -47,6 +47,16 @@ _RUN_ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
 _POLICY = re.compile(r"^[a-z_]{1,32}$")
 
 
+def configure_socket(sock):
+    """Both ends' socket options: drop unsent messages on close, refuse oversized ones."""
+    import zmq
+
+    sock.setsockopt(zmq.LINGER, 0)
+    # The frame envelope (routing id, signature) on top of the JSON body.
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES + 4096)
+    return sock
+
+
 def _mac(secret: bytes | None, body: bytes) -> bytes:
     if not secret:
         return b""

@@ -25,7 +25,7 @@ from .client import (CoordinatorClient, EmbeddedCoordinator, StatsSender, extern
                      routable_address)
 from .order import _CHUNK, EpochOrder
 from .plan import Plan, apportion, check_weights, memory_cap, normalize_bounds
-from .policies import ADAPTIVE_POLICIES, POLICIES, check_options, fit_cost_model
+from .policies import ADAPTIVE_POLICIES, check_options, check_policy, fit_cost_model
 from .timing import (LedgerEntry, OutputWeighting, StepLedger, WeightedCommHook,
                      attach_hook, attach_output_weighting)
 
@@ -154,9 +154,7 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         self.shuffle = bool(shuffle)
         self.seed = _check_int("seed", seed, 0)
         self.drop_last = bool(drop_last)
-        if policy not in POLICIES:
-            raise ConfigError(f"Invalid policy {policy!r}, choose one of {sorted(POLICIES)}")
-        self.policy = policy
+        self.policy = check_policy(policy)
         self.quantum = _check_int("batch_size_multiple", batch_size_multiple, 1)
         self.micro_batch_size = None
         if micro_batch_size is not None:

@@ -45,9 +45,9 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ._exceptions import ConfigError
-from .coordinator import HISTORY_PER_RANK
 from .plan import apportion, normalize_bounds
-from .policies import POLICIES, CostModel, PolicyInput, check_options, decide
+from .policies import (HISTORY_PER_RANK, POLICIES, CostModel, PolicyInput, check_options,
+                       check_policy, decide)
 
 __all__ = ["SimulationConfig", "SimulationResult", "WindowRow", "Summary", "Slowdown",
            "simulate", "format_table", "paper_example", "format_paper_example",
@@ -204,8 +204,7 @@ class SimulationConfig:
             raise ConfigError(f"Invalid per_sample_s {self.per_sample_s!r}, it should be > 0")
         if self.overhead not in ("speed", "fixed"):
             raise ConfigError(f"Invalid overhead {self.overhead!r}: use 'speed' or 'fixed'")
-        if self.policy not in POLICIES:
-            raise ConfigError(f"Unknown policy {self.policy!r}; choose one of {sorted(POLICIES)}")
+        check_policy(self.policy)
         if not _is_int(self.seed):
             raise ConfigError(f"Invalid seed {self.seed!r}, it should be an integer")
         slowdowns = []
