@@ -439,7 +439,10 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         digest = candidate.digest_int if candidate is not None else 0
         if self._group is None:
             return candidate is not None
-        return digest != 0 and self._same_on_every_rank(digest)
+        # Every rank joins the all-reduce, also one without a candidate: skipping it would
+        # leave the others waiting in it (and the ranks' collectives out of step).
+        same = self._same_on_every_rank(digest)
+        return digest != 0 and same
 
     def _peer_group(self):
         """The dedicated gloo group for agreement among ranks (created on first use; None
