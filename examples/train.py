@@ -176,7 +176,7 @@ def main(argv=None) -> None:
         sampler.set_epoch(epoch)
         dist.barrier()
         start = time.perf_counter()
-        total_loss, seen = torch.zeros((), device=device), 0
+        total_loss, seen, steps = torch.zeros((), device=device), 0, 0
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             loss = F.cross_entropy(model(x), y)  # mean over the local batch
@@ -185,6 +185,7 @@ def main(argv=None) -> None:
             opt.step()
             total_loss += loss.detach() * len(y)
             seen += len(y)
+            steps += 1
             global_step += 1
             if emulated is not None and global_step == slow_step and rank == slow_rank:
                 emulated.speed /= slow_factor
@@ -205,7 +206,7 @@ def main(argv=None) -> None:
             record = {"epoch": epoch, "seconds": round(elapsed, 4),
                       "samples_per_s": round(stats[1].item() / elapsed, 1),
                       "loss": round(stats[0].item() / stats[1].item(), 5), "plan": plan,
-                      "steps": len(loader), "sampler": args.sampler}
+                      "steps": steps, "sampler": args.sampler}
             print(f"epoch {epoch} | {elapsed:.2f} s | {record['samples_per_s']:.0f} samples/s "
                   f"| loss {record['loss']:.4f} | plan {plan}", flush=True)
             if args.metrics_out:

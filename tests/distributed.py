@@ -10,11 +10,18 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
+import select
 import signal
 import socket
+import subprocess
+import sys
+import time
 import traceback
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -65,7 +72,6 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args, timeout_s: float =
     results: dict[int, tuple[str, Any]] = {}
     try:
         import queue as queue_mod
-        import time
 
         deadline = time.monotonic() + timeout_s
         while len(results) < world_size:
@@ -96,3 +102,57 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args, timeout_s: float =
         raise AssertionError(f"ranks failed: {sorted(errors)}, no answer (hung or died): "
                              f"{missing} within {timeout_s:g} s\n{detail}")
     return [pickle.loads(results[r][1]) for r in range(world_size)]
+
+
+def read_line(proc, timeout_s: float = 30.0) -> str:
+    """The next line ``proc`` prints on its piped stdout, waiting at most ``timeout_s``.
+
+    Reads the pipe's descriptor directly (one line is all a caller ever needs); on a timeout
+    or an early exit the process is stopped and the test fails with what it said.
+    """
+    fd, data = proc.stdout.fileno(), b""
+    deadline = time.monotonic() + timeout_s
+    while not data.endswith(b"\n") and time.monotonic() < deadline:
+        if select.select([fd], [], [], 0.1)[0]:
+            chunk = os.read(fd, 1)
+            if not chunk:
+                break
+            data += chunk
+        elif proc.poll() is not None:
+            break
+    if not data.endswith(b"\n"):
+        stop_process(proc)
+        raise AssertionError(f"no line from PID {proc.pid} within {timeout_s:g} s "
+                             f"(said {data!r}, exit {proc.returncode})")
+    return data.decode()
+
+
+def stop_process(proc, timeout_s: float = 10.0) -> int:
+    """SIGTERM ``proc``, SIGKILL it if it has not exited within ``timeout_s``; its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout_s)
+    return proc.returncode
+
+
+def torchrun(nproc, *args, timeout_s=150, launcher_args=None, env=None):
+    """``torchrun`` examples/train.py on 127.0.0.1 and a free port; its output. The launch
+    gets its own process group, killed whole if it runs past ``timeout_s``."""
+    rendezvous = launcher_args or ["--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           *rendezvous, str(ROOT / "examples" / "train.py"), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"torchrun hung for {timeout_s} s:\n{out}")
+    assert proc.returncode == 0, out
+    return out

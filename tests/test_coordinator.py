@@ -11,6 +11,7 @@ import time
 import pytest
 import zmq
 
+from distributed import read_line, stop_process
 from shardbalance import protocol
 from shardbalance._exceptions import CoordinatorError, CoordinatorUnavailable
 from shardbalance.client import CoordinatorClient, EmbeddedCoordinator
@@ -217,14 +218,13 @@ def test_cli_coordinator_runs_and_stops_on_sigterm(tmp_path):
                              "tcp://127.0.0.1:0", "--log", str(tmp_path / "c.jsonl"),
                              "--token-file", str(token)], stdout=subprocess.PIPE, text=True)
     try:
-        line = proc.stdout.readline()
+        line = read_line(proc)
         assert line.startswith("READY tcp://127.0.0.1:")
         client = CoordinatorClient(line.split()[1], SECRET, timeout_s=5)
         client.ping()
         client.close()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(10) == 0
+        assert stop_process(proc) == 0
 
 
 def test_embedded_coordinator_exits_when_its_parent_dies(tmp_path):
@@ -234,7 +234,7 @@ def test_embedded_coordinator_exits_when_its_parent_dies(tmp_path):
               "print(c.pid, flush=True)\n"
               "time.sleep(60)\n")
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    child = int(parent.stdout.readline())
+    child = int(read_line(parent))
     parent.kill()
     parent.wait(10)
     deadline = time.monotonic() + 10

@@ -1,33 +1,9 @@
 """End to end: examples/train.py under real torchrun, with emulated rank speeds."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
-from distributed import free_port
+from distributed import free_port, torchrun
 from shardbalance.report import summarize
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def torchrun(nproc, *args, timeout_s=150, launcher_args=None, env=None):
-    rendezvous = launcher_args or ["--master_addr=127.0.0.1", f"--master_port={free_port()}"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           *rendezvous, str(ROOT / "examples" / "train.py"), *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-    try:
-        out, _ = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"torchrun hung for {timeout_s} s:\n{out}")
-    assert proc.returncode == 0, out
-    return out
 
 
 def test_the_fast_rank_ends_with_the_larger_batch(tmp_path):
@@ -58,7 +34,7 @@ def test_elastic_restart_resumes_from_the_checkpoint_as_a_new_generation(tmp_pat
     out = torchrun(2, "--emulate-speeds", "1,3", "--epochs", "3",
                    "--samples", "512", "--global-batch-size", "64", "--num-workers", "0",
                    "--checkpoint", str(tmp_path / "ckpt.pt"), "--checkpoint-every", "4",
-                   "--simulate-failure", "10", "--metrics-out", str(metrics),
+                   "--simulate-failure", "14", "--metrics-out", str(metrics),
                    "--coordinator-log", str(journal),
                    # The other gradient weighting, and each life starts from a probe.
                    "--weighting", "output", "--initial-weights", "probe",
@@ -70,17 +46,18 @@ def test_elastic_restart_resumes_from_the_checkpoint_as_a_new_generation(tmp_pat
                    # and then connects to a dead peer's stale address; a store per attempt
                    # (hosted by rank 0) does not.
                    env={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
-    assert "simulated failure at step 10" in out
+    assert "simulated failure at step 14" in out
     assert "resumed from" in out and "at epoch 1 (restart 1)" in out
     # Both lives probed first; the 3x faster rank got the larger share from the start (on
     # CPU the memory caps stay at the global batch).
     probes = [line for line in out.splitlines() if "probe: initial weights" in line]
     assert len(probes) == 2 and all("caps [64, 64]" in line for line in probes), out
     epochs = [json.loads(line) for line in metrics.read_text().splitlines()]
-    # Epoch 0 completed before the crash (step 10 is in epoch 1); after the restart epoch 1
-    # resumed mid-way (from the step-8 checkpoint) and epoch 2 ran whole.
+    # 8 steps an epoch. Epoch 0 completed before the crash at step 14 (epoch 1, step 6);
+    # after the restart epoch 1 resumed mid-way, from the checkpoint of step 12 (its step 4),
+    # so it trained its last 4 steps, and epoch 2 ran whole.
     assert [e["epoch"] for e in epochs] == [0, 1, 2]
-    assert epochs[1]["steps"] == 8 - 0 and epochs[2]["steps"] == 8
+    assert [e["steps"] for e in epochs] == [8, 4, 8]
     runs = [json.loads(line) for line in journal.read_text().splitlines()]
     generations = [r["generation"] for r in runs if r["event"] == "run"]
     assert generations == [0, 1]

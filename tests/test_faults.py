@@ -12,7 +12,7 @@ import time
 import torch.distributed as dist
 import zmq
 
-from distributed import free_port, run_ranks
+from distributed import free_port, read_line, run_ranks, stop_process
 from shardbalance import WeightedDistributedSampler, protocol
 
 SECRET = "fault-test-secret-0123456789abcdef"
@@ -24,7 +24,7 @@ def start_coordinator(port, journal):
         [sys.executable, "-m", "shardbalance", "coordinator", "--bind",
          f"tcp://127.0.0.1:{port}", "--log", journal], stdout=subprocess.PIPE, text=True,
         env={**os.environ, "SHARDBALANCE_TOKEN": SECRET})
-    assert proc.stdout.readline().startswith("READY")
+    assert read_line(proc).startswith("READY")
     return proc
 
 
@@ -64,19 +64,21 @@ def test_coordinator_killed_and_restarted_mid_run(tmp_path):
         procs[0].send_signal(signal.SIGKILL)
         procs[0].wait(10)
         time.sleep(3)
-        procs.append(start_coordinator(port, journal))
+        if not finished.is_set():
+            procs.append(start_coordinator(port, journal))
 
+    finished = threading.Event()
     killer = threading.Thread(target=outage)
     killer.start()
     try:
         results = run_ranks(_train_through_outage, 2, f"tcp://127.0.0.1:{port}",
                             env={"SHARDBALANCE_TOKEN": SECRET}, timeout_s=150)
     finally:
+        finished.set()
         killer.join(70)
+        assert not killer.is_alive(), "the outage thread did not finish"
         for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(10)
+            stop_process(proc)
     (steps0, idx0), (steps1, idx1) = results
     # Both ranks used the same plan at every step.
     assert [(e, s, d) for e, s, _, d in steps0] == [(e, s, d) for e, s, _, d in steps1]
@@ -131,10 +133,10 @@ def test_randomized_hostile_traffic_changes_nothing_while_a_sampler_gets_plans(t
     proc = start_coordinator(port, str(tmp_path / "c.jsonl"))
     address = f"tcp://127.0.0.1:{port}"
     os.environ["SHARDBALANCE_TOKEN"] = SECRET
+    stop, sampler, fuzzer = threading.Event(), None, None
     try:
         sampler = WeightedDistributedSampler(range(N), B, num_replicas=1, rank=0,
                                              coordinator=address, rebalance_every=1, timeout_s=5)
-        stop = threading.Event()
         sent = [0]
 
         def fuzz():
@@ -180,11 +182,14 @@ def test_randomized_hostile_traffic_changes_nothing_while_a_sampler_gets_plans(t
         rss_kib = int([line for line in open(f"/proc/{proc.pid}/status")
                        if line.startswith("VmRSS")][0].split()[1])
         assert rss_kib < 300 * 1024
-        sampler.close()
     finally:
+        stop.set()
+        if fuzzer is not None:
+            fuzzer.join(30)
+        if sampler is not None:
+            sampler.close()
         os.environ.pop("SHARDBALANCE_TOKEN", None)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(10)
+        stop_process(proc)
 
 
 def test_a_peer_that_never_reads_replies_does_not_stall_the_others(tmp_path):
@@ -214,8 +219,7 @@ def test_a_peer_that_never_reads_replies_does_not_stall_the_others(tmp_path):
     finally:
         stalled.close()
         ctx.term()
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(10)
+        stop_process(proc)
 
 
 def _close_without_peer(rank, world, log_path):
@@ -236,3 +240,63 @@ def test_close_does_not_wait_long_for_a_rank_that_never_closes(tmp_path):
     seconds, messages = results[0]
     assert seconds < 15
     assert any("not every rank reached close()" in m for m in messages)
+
+
+#: Faults injected on one rank only: (epoch, window) -> (rank, what its plan request does).
+_ONE_SIDED = {(1, 0): (1, "unreachable"), (2, 2): (0, "out of bounds")}
+
+
+def _train_with_one_sided_faults(rank, world, log_path):
+    import dataclasses
+    import warnings as warnings_mod
+
+    from shardbalance._exceptions import CoordinatorUnavailable
+
+    sampler = WeightedDistributedSampler(range(N), B, rebalance_every=2, timeout_s=10, seed=4,
+                                         coordinator_log=log_path)
+    real = sampler._client.plan
+
+    def plan(**request):
+        rank_hit, fault = _ONE_SIDED.get((request["epoch"], request["window"]), (None, None))
+        if rank_hit != rank:
+            return real(**request)
+        if fault == "unreachable":
+            raise CoordinatorUnavailable("injected: this rank cannot reach the coordinator")
+        return dataclasses.replace(real(**request), batch_sizes=(0, B))  # below min 1
+
+    sampler._client.plan = plan
+    steps, indices = [], []
+    with warnings_mod.catch_warnings(record=True) as caught:
+        warnings_mod.simplefilter("always")
+        for epoch in range(4):
+            sampler.set_epoch(epoch)
+            epoch_indices = []
+            for step, batch in enumerate(sampler):
+                entry = sampler.ledger.last_yielded
+                steps.append((epoch, step, entry.batch_size, entry.digest))
+                epoch_indices.extend(batch)
+                busy = 0.002 * len(batch) / (1 + rank)  # rank 1 twice as fast
+                time.sleep(busy)
+                sampler._on_busy(entry, busy)
+            indices.append(epoch_indices)
+    dist.barrier()
+    sampler.close()
+    return steps, indices, [str(w.message) for w in caught]
+
+
+def test_a_plan_only_some_ranks_hold_is_not_adopted_by_any(tmp_path):
+    (steps0, idx0, warn0), (steps1, idx1, warn1) = run_ranks(
+        _train_with_one_sided_faults, 2, str(tmp_path / "c.jsonl"), timeout_s=120)
+    # The same plan (digest) at every step on both ranks, and exact coverage every epoch.
+    assert [(e, s, d) for e, s, _, d in steps0] == [(e, s, d) for e, s, _, d in steps1]
+    for epoch in range(4):
+        assert sorted(idx0[epoch] + idx1[epoch]) == list(range(N))
+    # At each faulted window both ranks kept the plan of the window before.
+    sizes = {(e, s): (b0, b1) for (e, s, b0, _), (_, _, b1, _) in zip(steps0, steps1)}
+    assert sizes[(1, 0)] == sizes[(0, 5)] and sizes[(2, 2)] == sizes[(2, 1)]
+    assert sum(sizes[(1, 0)]) == B
+    # Each rank said why: the faulted rank had no plan, the other saw the ranks disagree.
+    assert any("no plan for epoch 1 step 0" in w for w in warn1)
+    assert any("disagree on the plan for epoch 1 step 0" in w for w in warn0)
+    assert any("no plan for epoch 2 step 2" in w and "outside" in w for w in warn0)
+    assert any("disagree on the plan for epoch 2 step 2" in w for w in warn1)
