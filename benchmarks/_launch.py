@@ -69,3 +69,12 @@ def torchrun(nproc: int, script: str | Path, script_args: list[str], timeout_s: 
             raise LaunchError(f"{name} failed (exit {proc.returncode})\n--- stdout ---\n"
                               f"{out[-3000:]}\n--- stderr ---\n{err[-3000:]}")
     raise AssertionError("unreachable")
+
+
+def torchrun_or_exit(nproc: int, script: str | Path, script_args: list[str],
+                     timeout_s: float) -> tuple[str, str]:
+    """:func:`torchrun`, where a failed launch ends the benchmark with its message."""
+    try:
+        return torchrun(nproc, script, script_args, timeout_s)
+    except LaunchError as exc:
+        raise SystemExit(str(exc)) from None

@@ -40,8 +40,7 @@ from pathlib import Path
 
 import _launch
 
-_REPO = Path(__file__).resolve().parent.parent
-_TRAIN = _REPO / "examples" / "train.py"
+_TRAIN = _launch.REPO / "examples" / "train.py"
 PLAN_TOLERANCE = 1.05
 BUSY_TOLERANCE = 1.10
 TARGET_WINDOWS = 2
@@ -87,14 +86,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=240.0, help="seconds for the torchrun launch")
     p.add_argument("--json-out", default=None)
     return p.parse_args(argv)
-
-
-def torchrun(nproc: int, script_args: list[str], timeout_s: float) -> tuple[str, str]:
-    """torchrun this file (see _launch.torchrun); a failed launch ends the benchmark."""
-    try:
-        return _launch.torchrun(nproc, Path(__file__).resolve(), script_args, timeout_s)
-    except _launch.LaunchError as exc:
-        raise SystemExit(str(exc)) from None
 
 
 def oracle(speeds, B: int, per_sample_ms: float, overhead_ms: float):
@@ -259,7 +250,8 @@ def main(argv=None) -> None:
                  "--coordinator-log", str(journal)]
         print(f"[drift] torchrun of examples/train.py {' '.join(train[:-2])} ...",
               file=sys.stderr, flush=True)
-        torchrun(k, ["--_worker", tmp, *train], args.timeout)
+        _launch.torchrun_or_exit(k, Path(__file__).resolve(), ["--_worker", tmp, *train],
+                                 args.timeout)
         decisions = [e for e in map(json.loads, journal.read_text().splitlines())
                      if e.get("event") == "plan"]
         busy = [json.loads((Path(tmp) / f"busy-rank{r}.json").read_text()) for r in range(k)]

@@ -97,13 +97,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from _launch import LaunchError, torchrun
+from _launch import REPO, LaunchError, torchrun
 
 from shardbalance.emulate import parse_speeds
 from shardbalance.plan import apportion, water_fill
 
-_REPO = Path(__file__).resolve().parent.parent
-_TRAIN = _REPO / "examples" / "train.py"
+_TRAIN = REPO / "examples" / "train.py"
 ADAPTIVE = ("affine", "proportional", "seed")
 POLICY_CHOICES = (*ADAPTIVE, "equal")
 MODES = ("epoch", "window")

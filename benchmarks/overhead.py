@@ -1,6 +1,6 @@
 """Per-step cost of shardbalance's gradient weighting + sampler (+ coordinator) next to plain DDP.
 
-    python benchmarks/overhead.py            # ~140 s: 2-rank torchrun ~125 s, microbenchmarks ~10 s
+    python benchmarks/overhead.py --repeats 40   # ~140 s: torchrun ~125 s, microbenchmarks ~10 s
 
 Measured on the 2-core x86 VM shared with other jobs (load average 1.1 -> 2.6), torch 2.13
 CPU, gloo, ``--repeats 40``:
@@ -246,17 +246,6 @@ def _worker(args: argparse.Namespace, out_path: str, journal: str) -> None:
                         "epoch", "window", "batch_sizes", "busy_ms", "reason")})
         Path(out_path).write_text(json.dumps({"times": times, "plans": plans, "fetch": fetch,
                                               "decisions": decisions}), encoding="utf-8")
-
-
-# ---------------------------------------------------------------------------------------------
-# Launching
-
-def torchrun(nproc: int, script_args: list[str], timeout_s: float) -> tuple[str, str]:
-    """torchrun this file (see _launch.torchrun); a failed launch ends the benchmark."""
-    try:
-        return _launch.torchrun(nproc, Path(__file__).resolve(), script_args, timeout_s)
-    except _launch.LaunchError as exc:
-        raise SystemExit(str(exc)) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -528,7 +517,7 @@ def main(argv=None) -> None:
         worker = ["--_worker", str(out), str(Path(tmp) / "coordinator.jsonl"),
                   *(argv if argv is not None else sys.argv[1:])]
         print("[overhead] torchrun, 2 ranks ...", file=sys.stderr, flush=True)
-        torchrun(2, worker, args.timeout)
+        _launch.torchrun_or_exit(2, Path(__file__).resolve(), worker, args.timeout)
         data = json.loads(out.read_text())
     load_after = os.getloadavg()[0]
     summary = summarize(data, args)

@@ -51,6 +51,8 @@ import time
 from pathlib import Path
 
 _REPO = Path(__file__).resolve().parent.parent
+#: Bound on one measuring child (N = 1e8 takes about a minute for DistributedSampler).
+_CHILD_TIMEOUT_S = 1800.0
 
 
 def _parse_sizes(text: str) -> list[int]:
@@ -155,7 +157,12 @@ def _run_child(kind: str, n: int, args: argparse.Namespace, repeats: int) -> dic
     cmd = [sys.executable, __file__, "--child", kind, "--sizes", str(n), "--ranks",
            str(args.ranks), "--per-rank-batch", str(args.per_rank_batch), "--repeats",
            str(repeats)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=_REPO)
+    try:
+        # The child is stopped (by PID) if it runs past the bound.
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=_REPO,
+                              timeout=_CHILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{kind} child for N={n} ran past {_CHILD_TIMEOUT_S:g} s") from None
     if done.returncode != 0:
         raise RuntimeError(f"{kind} child failed for N={n}:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -146,10 +146,10 @@ def main(argv=None) -> None:
         if args.initial_weights == "probe" or args.max_batch_size == "auto":
             # Random inputs of the right shape, no all-reduce (no_sync): the run's samples and
             # random state are untouched.
-            def probe_step(b: int) -> None:
+            def probe_step(b: int, net=model) -> None:
                 x = torch.randn(b, 32, device=device)
                 y = torch.randint(0, 10, (b,), device=device)
-                F.cross_entropy(model(x), y).backward()
+                F.cross_entropy(net(x), y).backward()
 
             weights = sampler.probe(probe_step, model=model)
             if rank == 0:

@@ -8,7 +8,7 @@
 # resumes from the journal.
 set -euo pipefail
 
-BIND=${BIND:-tcp://127.0.0.1:5555}
+: "${BIND:?set BIND=tcp://IP:PORT, an address of this host the ranks can reach}"
 LOG=${LOG:-shardbalance-coordinator.jsonl}
 TOKEN_FILE=${TOKEN_FILE:-shardbalance.token}
 

@@ -12,7 +12,8 @@ cd "$(dirname "$0")/.."
 NNODES=${NNODES:-2}
 NPROC=${NPROC:-$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')}
 MAX_RESTARTS=${MAX_RESTARTS:-0}
-RDZV_ID=${RDZV_ID:-shardbalance-$(date +%Y%m%d)}
+# The same on every node (a date in it would split nodes started either side of midnight).
+RDZV_ID=${RDZV_ID:-shardbalance}
 SCRIPT=${SCRIPT:-examples/train.py}
 
 exec torchrun --nnodes="$NNODES" --nproc_per_node="$NPROC" --max-restarts="$MAX_RESTARTS" \

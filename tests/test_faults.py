@@ -85,7 +85,6 @@ def test_coordinator_killed_and_restarted_mid_run(tmp_path):
     # Every epoch still covered the dataset exactly once.
     for epoch in range(4):
         assert sorted(idx0[epoch] + idx1[epoch]) == list(range(N))
-        assert idx0[epoch] + idx1[epoch] != [] and len(idx0[epoch]) + len(idx1[epoch]) == N
     records = [json.loads(line) for line in open(journal)]
     starts = [r for r in records if r["event"] == "start"]
     plans = [r for r in records if r["event"] == "plan"]
