@@ -13,12 +13,14 @@ dead or stalled rank can never stall the others.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import signal
 import sys
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,8 +74,9 @@ class RunState:
             hist.popitem(last=False)
 
     def observations(self) -> tuple[np.ndarray, ...]:
-        return tuple(np.array(list(hist.values()), dtype=np.float64).reshape(-1, 2)
-                     for hist in self.history)
+        """Each rank's ``(batch_size, busy_s)`` rows, oldest first."""
+        return tuple(np.fromiter(itertools.chain.from_iterable(hist.values()), np.float64,
+                                 2 * len(hist)).reshape(-1, 2) for hist in self.history)
 
     def initial_plan(self, epoch: int, window: int) -> Plan:
         cfg = self.config
@@ -275,8 +278,15 @@ class Coordinator:
 
     def _announce(self, state: RunState, plan: Plan, previous: Plan, history, model,
                   reason: str) -> None:
-        busy_ms = [round(float(np.median(h[-32:, 1])) * 1e3, 2) if len(h) else None
-                   for h in history]
+        # Each rank's median of its newest 32 busy times, in one pass over a padded table.
+        recent = np.full((len(history), 32), np.nan)
+        for row, h in zip(recent, history):
+            tail = h[-32:, 1]
+            row[:len(tail)] = tail
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN row: a rank not heard yet
+            medians = np.nanmedian(recent, axis=1)
+        busy_ms = [None if np.isnan(m) else round(float(m) * 1e3, 2) for m in medians]
         measured = [b for b in busy_ms if b is not None]
         imbalance = (max(measured) / (sum(measured) / len(measured))
                      if len(measured) == len(busy_ms) and measured and sum(measured) > 0
