@@ -3,35 +3,36 @@
     python benchmarks/coordinator_load.py [--ranks 256 --windows 50 --steps-per-window 10
                                           --workers 4 --json-out FILE]
 
-Measured on a 2-core x86 VM shared with other jobs (load 2-4), Python 3.11, pyzmq 27.3 /
-libzmq 4.3.5, numpy 2.4. Default run (``python benchmarks/coordinator_load.py``, ~75 s in all,
-of which ~34 s load, the rest the in-process replay):
+Measured on a 2-core x86 VM shared with other jobs, Python 3.11, pyzmq 27.3 / libzmq 4.3.5,
+numpy 2.4. Default run (``python benchmarks/coordinator_load.py``, ~60 s in all, of which
+~25 s load, the rest the in-process replay):
 
     ranks x windows x steps/window, workers            | 256 x 50 x 10, 4
-    requests (stats + plan)                            | 12800 + 13056 in 13.0 s
-    requests/s overall                                 | 1988
-    stats latency p50 / p99 / max ms                   | 28.3 / 61.6 / 73.8
-    plan latency p50 / p99 / max ms                    | 123.1 / 220.8 / 263.7
-    phase wall median ms: stats / plan                 | 67 / 179
+    requests (stats + plan)                            | 12800 + 13056 in 8.0 s
+    requests/s overall                                 | 3240
+    stats latency p50 / p99 / max ms                   | 19.6 / 42.2 / 52.5
+    plan latency p50 / p99 / max ms                    | 68.6 / 137.8 / 147.1
+    phase wall median ms: stats / plan                 | 46 / 111
     plans decided (expected), changed                  | 51 (51), 2
     plan digests agree across all ranks                | yes
     lost reports (sent - accepted)                     | 0 (128000 sent)
     missing replies / error replies                    | 0 / 0
-    coordinator RSS MiB: ready / connected / end / HWM | 36.9 / 44.1 / 86.4 / 91.7
-    coordinator CPU s (share of wall)                  | 9.2 (71%)
-    workers CPU s (all)                                | 9.8
-    replay: handle() stats / cached plan us            | 86 / 233
-    replay: deciding plan ms (mean, last)              | 58.2, 101.3
-    replay: observations / decide / announce ms        | 36.5 / 9.1 / 11.6
-    replay: coordinator Python ms per window           | 134
+    coordinator RSS MiB: ready / connected / end / HWM | 36.4 / 43.7 / 86.3 / 91.7
+    coordinator CPU s (share of wall)                  | 6.3 (79%)
+    workers CPU s (all)                                | 7.1
+    replay: handle() stats / cached plan us            | 53 / 154
+    replay: deciding plan ms (mean, last)              | 25.0, 57.3
+    replay: observations / decide / announce ms        | 13.7 / 6.5 / 4.2
+    replay: coordinator Python ms per window           | 75
     replay digests equal live digests                  | yes
 
-Where the time goes: a plan request waits for the one decision of its window (~60 ms at 256
-ranks, mostly building the per-rank history arrays) and for the burst of requests queued with
-it; stats cost ~0.1 ms each. Before the policy fit was vectorised the decision took 0.3-0.9 s
-(plan p50/p99 488/982 ms, 766 requests/s). RSS grows while each rank's history fills toward
-HISTORY_PER_RANK=512 steps (500 at window 50) and is bounded by that cap (~40 MiB per 256
-ranks), not a leak. No reports were lost.
+Where the time goes: a plan request waits for the one decision of its window (~25 ms at 256
+ranks, half of it building the per-rank history arrays) and for the burst of requests queued
+with it; stats cost ~0.05 ms each. Earlier figures on the same machine (busier): with the
+history built by ``np.array`` and per-rank medians in a loop, 1988 requests/s, plan p50/p99
+123/221 ms; before the policy fit was vectorised, 766 requests/s, plan p50/p99 488/982 ms.
+RSS grows while each rank's history fills toward HISTORY_PER_RANK=512 steps (500 at window
+50) and is bounded by that cap (~40 MiB per 256 ranks), not a leak. No reports were lost.
 
 What runs: ONE real coordinator (``python -m shardbalance coordinator --bind tcp://127.0.0.1:0
 --log <tmp>/coord.jsonl``, secret in ``SHARDBALANCE_TOKEN``), and ``--workers`` forked worker
