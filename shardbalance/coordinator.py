@@ -30,7 +30,7 @@ import zmq
 
 from . import protocol
 from ._exceptions import ConfigError, PlanError, ProtocolError, ShardBalanceError
-from .plan import Plan, apportion
+from .plan import Plan, apportion, initial_plan
 from .policies import (HISTORY_PER_RANK, PolicyInput, check_options, check_policy, decide,
                        fit_cost_model)
 
@@ -79,12 +79,7 @@ class RunState:
                                  2 * len(hist)).reshape(-1, 2) for hist in self.history)
 
     def initial_plan(self, epoch: int, window: int) -> Plan:
-        cfg = self.config
-        weights = cfg.initial_weights or (1.0,) * cfg.world_size
-        sizes = apportion(weights, cfg.global_batch_size, cfg.min_sizes, cfg.max_sizes,
-                          cfg.quantum)
-        return Plan(self.run_id, self.generation, epoch, window, sizes, cfg.global_batch_size,
-                    cfg.policy)
+        return initial_plan(self.config, self.run_id, self.generation, epoch, window)
 
 
 class Coordinator:

@@ -18,8 +18,8 @@ import numpy as np
 
 from ._exceptions import ConfigError, PlanError
 
-__all__ = ["Plan", "apportion", "water_fill", "equal_plan", "static_plan", "normalize_bounds",
-           "memory_cap"]
+__all__ = ["Plan", "apportion", "water_fill", "initial_plan", "equal_plan", "static_plan",
+           "normalize_bounds", "memory_cap"]
 
 
 @dataclass(frozen=True)
@@ -293,6 +293,20 @@ def apportion(weights: Sequence[float], total: int, min_sizes: Sequence[int],
         if not moved:
             raise PlanError(f"Cannot apportion {total}: every rank is at its minimum")
     return tuple(int(b) * quantum for b in base)
+
+
+def initial_plan(config, run_id: str = "local", generation: int = 0, epoch: int = 0,
+                 window: int = 0) -> Plan:
+    """A run's first plan: its ``initial_weights`` (equal if None) within its bounds.
+
+    The one place that builds it, for the sampler (local plans, the plan before any
+    coordinator answered) and the coordinator alike. ``config`` is a ``protocol.RunConfig``
+    (or anything with its fields).
+    """
+    weights = config.initial_weights or (1.0,) * config.world_size
+    sizes = apportion(weights, config.global_batch_size, config.min_sizes, config.max_sizes,
+                      config.quantum)
+    return Plan(run_id, generation, epoch, window, sizes, config.global_batch_size, config.policy)
 
 
 def equal_plan(world_size: int, global_batch_size: int, min_sizes, max_sizes, quantum: int = 1,

@@ -168,10 +168,10 @@ def _train_adaptive(rank, world, log_path):
                                   sampler.ledger.last_yielded.step))
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
-            hook = sampler._hook
+            entry = sampler.last_trained
             # The weight used in this step's all-reduce is this step's own b_i / B.
-            if hook.entry.batch_size != len(y) or abs(hook.weight - len(y) / 16) > 1e-12:
-                mismatches.append((epoch, hook.entry.step, len(y), hook.entry.batch_size))
+            if entry.batch_size != len(y) or abs(sampler.step_weight - len(y) / 16) > 1e-12:
+                mismatches.append((epoch, entry.step, len(y), entry.batch_size))
             opt.step()
         plans.append((sampler.batch_sizes, sampler.plan.digest))
     del model
@@ -241,7 +241,7 @@ def _accumulate_and_probe(rank, world):
         if last:
             break
     grads = [p.grad.clone() for p in model.parameters()]
-    hook_steps = sampler._hook.steps
+    hook_steps = sampler.trained_steps
     try:
         next(sampler.accumulate(loader))
         no_model = None
@@ -315,7 +315,7 @@ def _train_windows(rank, world, log_path, weighting):
         sampler.set_epoch(epoch)
         for x, y in loader:
             F.cross_entropy(model(x), y).backward()
-            entry = sampler._hook.entry
+            entry = sampler.last_trained
             assert entry.batch_size == len(y)
             steps.append((epoch, entry.step, entry.digest, len(y)))
             model.zero_grad()
@@ -408,7 +408,7 @@ def _output_weighting_cases(rank, world):
         net(torch.randn(b, DIM))["logits"].sum().backward()
 
     sampler.probe(step_fn, sizes=(4, 8), repeats=1, model=model)
-    probe_steps = sampler._hook.steps
+    probe_steps = sampler.trained_steps
     refused_mid_step, micro_batches = None, 0
     for micro, scale, last in sampler.accumulate(loader, model):
         micro_batches += 1
@@ -424,7 +424,7 @@ def _output_weighting_cases(rank, world):
         if last:
             break
     grads = [p.grad.clone() for p in model.parameters()]
-    steps = sampler._hook.steps
+    steps = sampler.trained_steps
     # An output torch cannot look into is refused rather than left unweighted.
     opaque = DDP(torch.nn.Sequential(_model()))
     opaque.register_forward_hook(lambda module, args, out: _Opaque(out))
@@ -504,7 +504,6 @@ def _output_weighting_edges(rank, world):
                                          initial_weights=[1, 3], seed=3)
     model = DDP(_Fragile())
     sampler.attach(model, weighting="output")
-    hook = sampler._hook
     batches = iter(DataLoader(data, batch_sampler=sampler))
     # Step 0's backward fails after the output node ran; the run skips that batch.
     x, y = next(batches)
@@ -521,9 +520,10 @@ def _output_weighting_edges(rank, world):
     x = x.clone().requires_grad_(True)
     out = model(x)
     (penalty_grad,) = torch.autograd.grad(out.sum(), x, create_graph=True)
-    steps_after_grad = hook.steps
+    steps_after_grad = sampler.trained_steps
     F.cross_entropy(out, y).backward()
-    step1 = (hook.entry.step, hook.weight, len(y), hook.steps, len(sampler.ledger))
+    step1 = (sampler.last_trained.step, sampler.step_weight, len(y), sampler.trained_steps,
+             len(sampler.ledger))
     grads = [p.grad.clone() for p in model.parameters()]
     # The penalty's gradient is the plain one: not scaled by the step's weight.
     plain = model.module.net

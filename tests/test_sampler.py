@@ -121,7 +121,7 @@ def test_equal_policy_is_the_distributed_sampler_split_and_starts_no_coordinator
     samplers = [WeightedDistributedSampler(range(100), 30, num_replicas=4, rank=r,
                                            policy="equal") for r in range(4)]
     assert all(s.batch_sizes == (8, 8, 7, 7) for s in samplers)
-    assert all(s.coordinator_address is None and s._embedded is None for s in samplers)
+    assert all(s.coordinator_address is None and s.session is None for s in samplers)
     assert len(samplers[0]) == 4
 
 

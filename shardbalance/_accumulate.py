@@ -1,0 +1,68 @@
+"""Micro-batch accumulation with fixed shapes: one step's local batch cut into equal pieces.
+
+``sampler.accumulate(loader, model)`` yields each batch's micro-batches of ``micro_batch_size``
+with the loss scale that makes their sum the batch's mean loss, runs all but a batch's last
+under ``model.no_sync()``, and tells the gradient weighting that those forwards train one
+batch (one ledger entry).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from ._exceptions import ConfigError, PlanError
+
+__all__ = ["accumulate", "batch_len", "slice_batch"]
+
+
+def accumulate(loader: Iterable, micro_batch_size: int, model: torch.nn.Module | None,
+               weighting) -> Iterator[tuple[Any, float, bool]]:
+    if model is not None and any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()):
+        raise ConfigError("accumulate() cannot be used with SyncBatchNorm: ranks run "
+                          "different numbers of micro-batches per step, and SyncBatchNorm "
+                          "would wait for a peer in every forward")
+    m = micro_batch_size
+    for batch in loader:
+        size = batch_len(batch)
+        if size % m:
+            raise PlanError(f"a step's batch of {size} samples is not a multiple of "
+                            f"micro_batch_size={m}")
+        count = size // m
+        if weighting is not None:
+            weighting.expect_micro_batches(count, m)
+        for j in range(count):
+            micro = slice_batch(batch, j * m, (j + 1) * m)
+            last = j == count - 1
+            if last or model is None:
+                yield micro, m / size, last
+            else:
+                with model.no_sync():
+                    yield micro, m / size, last
+
+
+def batch_len(batch) -> int:
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    if isinstance(batch, dict):
+        return batch_len(next(iter(batch.values())))
+    if isinstance(batch, (list, tuple)) and batch and \
+            isinstance(batch[0], (torch.Tensor, list, tuple, dict)):
+        return batch_len(batch[0])
+    return len(batch)  # e.g. a collated list of strings
+
+
+def slice_batch(batch, start: int, stop: int):
+    """The same structure as a collated batch (tensors, tuples, lists, dicts), rows sliced."""
+    if isinstance(batch, torch.Tensor):
+        return batch[start:stop]
+    if isinstance(batch, dict):
+        return {k: slice_batch(v, start, stop) for k, v in batch.items()}
+    if isinstance(batch, tuple):
+        return tuple(slice_batch(v, start, stop) for v in batch)
+    if isinstance(batch, list):
+        if batch and isinstance(batch[0], (torch.Tensor, list, tuple, dict)):
+            return [slice_batch(v, start, stop) for v in batch]
+        return batch[start:stop]
+    return batch[start:stop]

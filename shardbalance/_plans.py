@@ -1,0 +1,118 @@
+"""Where a window's plan comes from, and the ranks' agreement on it.
+
+:class:`LocalPlans` (``equal``, ``static``) computes every plan locally from the settings;
+:class:`CoordinatedPlans` (the adaptive policies) asks the coordinator and adopts a plan only if
+every rank holds it. Both run the agreement payload at the windows the sampler asks them to
+check (the settings digest, the epoch and resume position): ranks that would otherwise train
+overlapping or missing slices are refused together, on every rank.
+
+Tests inject plans by replacing :attr:`CoordinatedPlans.fetch`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Mapping
+
+from ._exceptions import ConfigError, CoordinatorError, PlanError
+from ._peers import PeerGroup
+from ._session import CoordinatorSession
+from ._settings import SamplerSettings
+from .plan import Plan
+
+__all__ = ["LocalPlans", "CoordinatedPlans"]
+
+#: What a disagreeing check means, by payload name.
+_CHECKS = {
+    "settings": "the ranks built their samplers with different settings (dataset length, "
+                "global_batch_size, seed, shuffle, drop_last, policy, bounds, "
+                "batch_size_multiple, initial_weights, rebalance_every, accumulation_steps or "
+                "options); every rank must pass the same values",
+    "epoch": "the ranks iterate different epochs: call set_epoch(epoch) on every rank",
+    "position": "the ranks resume at different positions: call load_state_dict() with the same "
+                "state on every rank before iterating",
+}
+
+
+class LocalPlans:
+    """Plans computed locally: the first plan of the settings, re-issued for every window."""
+
+    def __init__(self, settings: SamplerSettings, peers: PeerGroup, run_id: str,
+                 generation: int) -> None:
+        self.peers = peers
+        self.run_id = run_id
+        self.generation = generation
+        #: The newest plan every rank holds.
+        self.agreed: Plan = settings.first_plan(run_id, generation)
+
+    def restart(self, settings: SamplerSettings) -> None:
+        """New settings (after ``probe()``): a new first plan."""
+        self.agreed = settings.first_plan(self.run_id, self.generation)
+
+    def plan_for(self, epoch: int, window: int, checks: Mapping[str, int]) -> Plan:
+        """The plan of ``(epoch, window)``; ``checks`` are agreed on first (none: no collective)."""
+        if checks:
+            self.agree(checks)
+        return self.agreed.moved_to(epoch, window)
+
+    def agree(self, checks: Mapping[str, int], plan: Plan | None = None) -> bool:
+        """One all-reduce of ``checks`` and the plan's digest: raises ConfigError on every rank
+        if a check differs; True iff every rank holds ``plan``."""
+        agreed = self.peers.agree({**checks, "plan": 0 if plan is None else plan.digest_int})
+        for name, same in agreed.items():
+            if not same and name in _CHECKS:
+                raise ConfigError(_CHECKS[name])
+        return plan is not None and agreed["plan"]
+
+
+class CoordinatedPlans(LocalPlans):
+    """Plans decided by the coordinator, adopted only when every rank holds the same one."""
+
+    def __init__(self, settings: SamplerSettings, peers: PeerGroup, session: CoordinatorSession,
+                 rank: int, generation: int, timeout_s: float) -> None:
+        super().__init__(settings, peers, session.run_id, generation)
+        self.settings = settings
+        self.session = session
+        self.rank = rank
+        self.timeout_s = timeout_s
+        #: ``fetch(epoch, window) -> Plan``: one request to the coordinator (tests wrap it).
+        self.fetch: Callable[[int, int], Plan] = self._request
+
+    def restart(self, settings: SamplerSettings) -> None:
+        super().restart(settings)
+        self.settings = settings
+
+    def _request(self, epoch: int, window: int) -> Plan:
+        return self.session.client.plan(
+            run=self.run_id, generation=self.generation, rank=self.rank, epoch=epoch,
+            window=window, **self.settings.run_config().to_dict())
+
+    def plan_for(self, epoch: int, window: int, checks: Mapping[str, int]) -> Plan:
+        self.session.flush(min(1.0, self.timeout_s))
+        # Every rank's measurements so far are in before anyone asks for the next plan.
+        self.peers.barrier()
+        candidate: Plan | None = None
+        try:
+            candidate = self.fetch(epoch, window)
+            self._check(candidate)
+        except (CoordinatorError, PlanError) as exc:
+            warnings.warn(f"shardbalance: no plan for epoch {epoch} step {window} ({exc}); "
+                          "keeping the plan all ranks agreed on last", RuntimeWarning)
+            candidate = None
+        # Every rank joins the all-reduce, also one without a candidate: skipping it would
+        # leave the others waiting in it (and the ranks' collectives out of step).
+        if self.agree(checks, candidate):
+            self.agreed = candidate
+            return candidate
+        if candidate is not None:
+            warnings.warn(f"shardbalance: ranks disagree on the plan for epoch {epoch} step "
+                          f"{window}; keeping the last agreed plan", RuntimeWarning)
+        return self.agreed.moved_to(epoch, window)
+
+    def _check(self, plan: Plan) -> None:
+        s = self.settings
+        for rank, (b, lo, hi) in enumerate(zip(plan.batch_sizes, s.min_sizes, s.max_sizes)):
+            if not lo <= b <= hi or b % s.batch_size_multiple:
+                raise PlanError(f"plan {list(plan.batch_sizes)} gives rank {rank} {b} samples, "
+                                f"outside [{lo}, {hi}] or not a multiple of "
+                                f"{s.batch_size_multiple}")

@@ -1,0 +1,94 @@
+"""Every private torch API shardbalance uses, behind one shim each.
+
+torch exposes no public way to do these things; each shim says what it is for, what happens
+when a torch release drops the API, and has a test (``tests/test_torch_compat.py``) that fails
+on a torch where it no longer works. Where correctness depends on a shim, the feature that
+needs it refuses to start without it (:func:`missing_for_output_weighting`); where only
+convenience does, the shim degrades and warns once.
+
+Tested with torch 2.13 and 2.14 (``pyproject.toml`` declares the range).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["default_store", "tree_flatten", "tree_unflatten", "will_engine_execute_node",
+           "gradient_edge_node", "current_graph_task_id", "queue_callback", "has_comm_hook",
+           "missing_for_output_weighting"]
+
+try:  # the store torch.distributed rendezvoused with: the address exchange (DESIGN §8)
+    from torch.distributed.distributed_c10d import _get_default_store as _store_getter
+except ImportError:  # pragma: no cover - depends on the torch release
+    _store_getter = None
+
+try:  # output weighting walks the model's outputs
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+except ImportError:  # pragma: no cover
+    tree_flatten = tree_unflatten = None  # type: ignore[assignment]
+
+#: Whether the running backward pass will execute an autograd node: tells a training
+#: ``backward()`` (which reaches the parameters' gradient accumulators) from
+#: ``torch.autograd.grad`` (which does not).
+will_engine_execute_node: Callable[[Any], bool] | None = getattr(
+    torch._C, "_will_engine_execute_node", None)
+
+#: The running backward pass's id: tells a new backward from the one a step opened.
+current_graph_task_id: Callable[[], int] | None = getattr(
+    torch._C, "_current_graph_task_id", None)
+
+_get_gradient_edge = getattr(torch.autograd.graph, "get_gradient_edge", None)
+_engine = getattr(getattr(torch.autograd, "Variable", None), "_execution_engine", None)
+_warned: set[str] = set()
+
+
+def default_store():
+    """The torch.distributed store of the default process group (no public accessor exists).
+
+    Raises ``RuntimeError`` where this torch does not offer it: the embedded coordinator's
+    address cannot then be shared (use a standalone coordinator instead).
+    """
+    if _store_getter is None:
+        raise RuntimeError("this torch release has no torch.distributed default store accessor; "
+                           "start a standalone coordinator and set SHARDBALANCE_COORDINATOR")
+    return _store_getter()
+
+
+def gradient_edge_node(parameter: torch.Tensor) -> Any:
+    """The autograd node that accumulates ``parameter``'s gradient (public since torch 2.2)."""
+    return _get_gradient_edge(parameter).node
+
+
+def queue_callback(callback: Callable[[], None]) -> None:
+    """Run ``callback`` when the running backward pass finishes (after every gradient)."""
+    _engine.queue_callback(callback)
+
+
+def has_comm_hook(model: torch.nn.Module) -> bool:
+    """Whether a DDP model already has a comm hook. Convenience only: where torch does not
+    tell, this warns once and answers False (DDP itself then refuses a second hook)."""
+    hooks = getattr(model, "_comm_hooks", None)
+    if hooks is None:
+        _warn_once("comm_hooks", "shardbalance cannot see whether this DDP model already has a "
+                   "comm hook on this torch release; it relies on DDP to refuse a second one")
+        return False
+    return bool(hooks)
+
+
+def missing_for_output_weighting() -> list[str]:
+    """The shims ``weighting='output'`` needs for exact steps that this torch lacks."""
+    needed = {"torch.utils._pytree.tree_flatten": tree_flatten,
+              "torch._C._will_engine_execute_node": will_engine_execute_node,
+              "torch._C._current_graph_task_id": current_graph_task_id,
+              "torch.autograd.graph.get_gradient_edge": _get_gradient_edge,
+              "Variable._execution_engine.queue_callback": _engine}
+    return [name for name, value in needed.items() if value is None]
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
