@@ -194,10 +194,10 @@ def _worker(args: argparse.Namespace, out_path: str, journal: str) -> None:
         setattr(obj, name, wrapper)
 
     aff = runs["affine"]["sampler"]
-    timed(aff, "_plan_for", "total")
-    timed(aff, "_agree", "agree")
-    timed(getattr(aff, "_sender", None), "flush", "flush")
-    timed(getattr(aff, "_client", None), "plan", "request")
+    timed(aff.plan_source, "plan_for", "total")
+    timed(aff.plan_source, "agree", "agree")
+    timed(aff.session, "flush", "flush")
+    timed(aff.plan_source, "fetch", "request")
     times = {v: [] for v in VARIANTS}
     plans = {v: [] for v in VARIANTS}
     for r in range(args.warmup + args.repeats):
@@ -317,7 +317,9 @@ def _bucket_sizes(width: int, depth: int) -> list[int]:
 def hook_micro(width: int, depth: int, batch: int, world: int = 2, rounds: int = 400) -> dict:
     import torch
 
-    from shardbalance.timing import LedgerEntry, StepLedger, WeightedCommHook
+    from shardbalance._ledger import LedgerEntry, StepLedger
+    from shardbalance._weighting import OutputWeighting, WeightedCommHook
+    from shardbalance.plan import Plan
 
     torch.set_num_threads(1)  # as in the ranks (OMP_NUM_THREADS=1)
     sizes = _bucket_sizes(width, depth)
@@ -345,14 +347,18 @@ def hook_micro(width: int, depth: int, batch: int, world: int = 2, rounds: int =
         fut.set_result(bucket.buffer().div_(1.0))
         return fut
 
+    plan = Plan("bench", 0, 0, 0, (batch,) * world, batch * world, "equal")
     ledger, busy = StepLedger(), []
-    ledger.tracking = True  # as attach() sets it: the hook consumes one entry per step
+    ledger.consumed = True  # as attach() sets it: the weighting takes one entry per batch
     hook = WeightedCommHook(ledger, batch * world, world, lambda e, s: busy.append((e, s)),
-                            torch.device("cpu"), inner, None)
+                            torch.device("cpu"), inner, None, check_batch_size=False)
     step = {"n": 0}
+    no_module = torch.nn.Identity()
 
     def with_hook():
-        ledger.append(LedgerEntry(1, 0, step["n"], batch, "d", 0))
+        # The forward hook's part of a step (take the batch's entry), then every bucket.
+        ledger.append(LedgerEntry(1, 0, step["n"], batch, plan, 0))
+        hook.on_forward(no_module, (), {}, None)
         step["n"] += 1
         for b in buckets:
             hook.on_bucket(b).wait()
@@ -369,22 +375,21 @@ def hook_micro(width: int, depth: int, batch: int, world: int = 2, rounds: int =
 
     # weighting="output": its whole per-step cost is a forward hook, a gradient hook on the
     # output and two autograd callbacks, timed around a tiny model's step (no DDP needed).
-    from shardbalance.timing import OutputWeighting
-
     tiny = torch.nn.Linear(8, 8)
     weighted = torch.nn.Linear(8, 8)
     out_ledger = StepLedger()
-    out_ledger.tracking = True
+    out_ledger.consumed = True
     weighting = OutputWeighting(out_ledger, batch * world, world,
-                                lambda e, s: busy.append((e, s)), torch.device("cpu"))
-    weighted.register_forward_hook(weighting.on_forward)
+                                lambda e, s: busy.append((e, s)), torch.device("cpu"),
+                                list(weighted.parameters()), check_batch_size=False)
+    weighted.register_forward_hook(weighting.on_forward, with_kwargs=True)
     x = torch.randn(4, 8)
 
     def tiny_step():
         tiny(x).sum().backward()
 
     def weighted_step():
-        out_ledger.append(LedgerEntry(1, 0, step["n"], batch, "d", 0))
+        out_ledger.append(LedgerEntry(1, 0, step["n"], batch, plan, 0))
         step["n"] += 1
         weighted(x).sum().backward()
         if len(busy) > 1024:

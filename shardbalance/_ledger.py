@@ -67,7 +67,7 @@ class StepLedger:
             entry = self._entries.popleft()
         except IndexError:
             raise PlanError(
-                "the step ledger is empty: a backward pass ran for a batch the sampler did not "
+                "the step ledger is empty: the attached model trained a batch the sampler did not "
                 "yield. Every batch trained with an attached model must come from this "
                 "sampler's DataLoader") from None
         self.last_trained = entry

@@ -430,8 +430,9 @@ def _output_weighting_cases(rank, world):
     opaque.register_forward_hook(lambda module, args, out: _Opaque(out))
     other = WeightedDistributedSampler(data, global_batch_size=16, policy="equal", seed=3)
     other.attach(opaque, weighting="output")
+    x, _ = next(iter(DataLoader(data, batch_sampler=other)))
     try:
-        opaque(torch.randn(2, DIM))
+        opaque(x)
         refused_opaque = None
     except ValueError as exc:
         refused_opaque = str(exc)
@@ -540,10 +541,11 @@ def _output_weighting_edges(rank, world):
     # An output dataclass with __slots__ that torch cannot flatten is refused.
     slotted = DDP(_model())
     slotted.register_forward_hook(lambda module, args, out: [_Slotted(out)])
-    WeightedDistributedSampler(data, global_batch_size=16, policy="equal", seed=3).attach(
-        slotted, weighting="output")
+    equal = WeightedDistributedSampler(data, global_batch_size=16, policy="equal", seed=3)
+    equal.attach(slotted, weighting="output")
+    x_equal, _ = next(iter(DataLoader(data, batch_sampler=equal)))
     try:
-        slotted(torch.randn(2, DIM))
+        slotted(x_equal)
         slotted_error = None
     except ValueError as exc:
         slotted_error = str(exc)
@@ -564,9 +566,9 @@ def test_output_weighting_survives_a_failed_backward_and_ignores_autograd_grad()
     for rank, r in enumerate(results):
         failed, steps_after_grad, (step, weight, size, steps, queued), *_ = r
         assert failed
-        # torch.autograd.grad took no step; the failed step 0 was abandoned, and the next
-        # backward trained step 1 with its own weight b_i/B.
-        assert steps_after_grad == 1 and steps == 2
+        # Neither the failed backward of step 0 nor torch.autograd.grad is a trained step;
+        # the next backward trained step 1 with its own weight b_i/B.
+        assert steps_after_grad == 0 and steps == 1
         assert step == 1 and weight == size / 16 and size == [4, 12][rank]
         assert r[5], "the gradient penalty must not carry the step's weight"
         assert r[8] == (4, 12)

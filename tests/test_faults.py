@@ -42,7 +42,7 @@ def _train_through_outage(rank, world, address):
             # Pretend to train: rank 1 is twice as fast; busy times go to the coordinator.
             busy = 0.002 * len(batch) / (1 + rank)
             time.sleep(busy)
-            sampler._on_busy(entry, busy)
+            sampler.report_busy(busy, entry)
         indices.append(epoch_indices)
     dist.barrier()
     sampler.close()
@@ -253,17 +253,17 @@ def _train_with_one_sided_faults(rank, world, log_path):
 
     sampler = WeightedDistributedSampler(range(N), B, rebalance_every=2, timeout_s=10, seed=4,
                                          coordinator_log=log_path)
-    real = sampler._client.plan
+    real = sampler.plan_source.fetch
 
-    def plan(**request):
-        rank_hit, fault = _ONE_SIDED.get((request["epoch"], request["window"]), (None, None))
+    def plan(epoch, window):
+        rank_hit, fault = _ONE_SIDED.get((epoch, window), (None, None))
         if rank_hit != rank:
-            return real(**request)
+            return real(epoch, window)
         if fault == "unreachable":
             raise CoordinatorUnavailable("injected: this rank cannot reach the coordinator")
-        return dataclasses.replace(real(**request), batch_sizes=(0, B))  # below min 1
+        return dataclasses.replace(real(epoch, window), batch_sizes=(0, B))  # below min 1
 
-    sampler._client.plan = plan
+    sampler.plan_source.fetch = plan
     steps, indices = [], []
     with warnings_mod.catch_warnings(record=True) as caught:
         warnings_mod.simplefilter("always")
@@ -276,7 +276,7 @@ def _train_with_one_sided_faults(rank, world, log_path):
                 epoch_indices.extend(batch)
                 busy = 0.002 * len(batch) / (1 + rank)  # rank 1 twice as fast
                 time.sleep(busy)
-                sampler._on_busy(entry, busy)
+                sampler.report_busy(busy, entry)
             indices.append(epoch_indices)
     dist.barrier()
     sampler.close()

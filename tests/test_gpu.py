@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.gpu,
 
 
 def test_busy_clock_reads_cuda_events_without_waiting():
-    from shardbalance.timing import BusyClock
+    from shardbalance._weighting import BusyClock
 
     clock = BusyClock(torch.device("cuda"))
     a = torch.randn(4096, 4096, device="cuda")
