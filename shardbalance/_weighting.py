@@ -116,6 +116,8 @@ class _StepWeighting:
         #: Forwards still to come that train the newest entry's batch (its micro-batches).
         self._reuse = 0
         self._backward_ran = False
+        #: The newest batch's forward ran outside ``no_sync()``: its backward closes a step.
+        self._sync_forward = False
         self._previous: LedgerEntry | None = None
         self._previous_done: Any = None
 
@@ -128,6 +130,7 @@ class _StepWeighting:
         """Forget the open step (a new iterator started, the old one's batches are gone)."""
         self.group = []
         self.next_weight, self._micro, self._reuse, self._backward_ran = None, None, 0, False
+        self._sync_forward = False
         self._previous = self._previous_done = None
 
     # -- forward: one entry per trained batch ----------------------------------------------
@@ -139,17 +142,24 @@ class _StepWeighting:
             self._reuse -= 1
             entry = self.entry
         else:
-            entry = self._take(args, kwargs)
+            entry = self._take(module, args, kwargs)
         return self._wrap(module, output, entry)
 
     def expect_micro_batches(self, count: int, rows: int) -> None:
         """The next batch is trained in ``count`` forwards of ``rows`` samples each."""
         self._micro = (count, rows)
 
-    def _take(self, args: tuple, kwargs: dict) -> LedgerEntry:
+    def _take(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> LedgerEntry:
         entry = self.ledger.peek()
         if entry is None:
             self.ledger.pop()  # raises: a batch the sampler did not yield
+        if self.group and self._sync_forward:
+            # The previous batch's forward was a synchronised one (outside no_sync()) and no
+            # backward closed its step: the loop skipped it after its forward (a non-finite
+            # loss) or its backward failed. It trains nothing; the batches accumulated before
+            # it under no_sync() stay in the group.
+            self.group.pop()
+            self._backward_ran = False
         forwards, expected = self._micro or (1, entry.batch_size)
         self._micro = None
         rows = _leading_rows(args, kwargs) if self.check_batch_size else None
@@ -171,6 +181,7 @@ class _StepWeighting:
         self.ledger.pop()
         self.entry = entry
         self.group.append(entry)
+        self._sync_forward = bool(getattr(module, "require_backward_grad_sync", False))
         self._reuse = forwards - 1
         return entry
 

@@ -181,7 +181,10 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         self._serial = 0
         self._iterated_epoch: int | None = None
         #: ``(epoch, position)`` from load_state_dict(): where that epoch starts.
+        #: ``(epoch, position)`` after load_state_dict(): where that epoch starts.
         self._resume: tuple[int, int] | None = None
+        #: An iterator of the resumed epoch ran to its end: the next one starts the epoch over.
+        self._resume_spent = False
         self._weighting: WeightedCommHook | OutputWeighting | None = None
         self.peers = PeerGroup(num_replicas, self.peer_timeout_s)
         self.session: CoordinatorSession | None = None
@@ -240,9 +243,13 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         self.epoch = check_int("epoch", epoch, 0)
 
     def _start_position(self, epoch: int) -> int:
-        if self._resume is not None and self._resume[0] == epoch:
-            return self._resume[1]
-        return 0
+        if self._resume is None or self._resume[0] != epoch:
+            return 0
+        if self._resume_spent:
+            entry = self._last_step
+            if entry is not None and entry.epoch == epoch and not self._steps(entry.position_after):
+                return 0  # the resumed epoch is trained to its end: a new pass starts at 0
+        return self._resume[1]
 
     def _steps(self, start: int) -> int:
         remaining = self.num_samples - start
@@ -265,6 +272,8 @@ class WeightedDistributedSampler(Sampler[list[int]]):
             warnings.warn(f"iterating epoch {epoch} again without set_epoch(): the order and "
                           "the samples will repeat. Call sampler.set_epoch(epoch) before each "
                           "epoch", UserWarning, stacklevel=2)
+        if self._resume_spent:
+            self._resume, self._resume_spent = None, False
         self._serial += 1
         self.ledger.drop_untrained()
         if self._weighting is not None:
@@ -299,8 +308,10 @@ class WeightedDistributedSampler(Sampler[list[int]]):
                     append(LedgerEntry(serial, epoch, step, b, plan, start + (step + 1) * big_b))
                     yield row
         if self._resume is not None and self._resume[0] == epoch:
-            # The resumed epoch is done: iterating it again (or len()) starts it over.
-            self._resume = None
+            # Every batch of the resumed epoch is yielded (maybe into a prefetching loader's
+            # queue, not yet trained): len() and state_dict() keep the resume point; the next
+            # iterator starts the epoch over.
+            self._resume_spent = True
 
     # -- plans -----------------------------------------------------------------------------
 
@@ -549,7 +560,7 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         if epoch < 0 or position < 0:
             raise ConfigError(f"Invalid sampler state: epoch {epoch}, position {position}")
         self.epoch = epoch
-        self._resume = (epoch, position)
+        self._resume, self._resume_spent = (epoch, position), False
         self._iterated_epoch = None
         # Batches yielded before the resume belong to no step of the resumed run.
         self.ledger.drop_untrained()
