@@ -1,4 +1,9 @@
-"""Launching torchrun from a benchmark: free loopback ports, a time bound, no ranks left behind."""
+"""Starting and stopping processes for the tests and the benchmarks: free loopback ports,
+bounded waits, torchrun on 127.0.0.1, no process left behind.
+
+The one home of these helpers: ``tests/distributed.py`` and every benchmark import them from
+here (``tests/conftest.py`` puts this directory on the import path).
+"""
 
 from __future__ import annotations
 
@@ -8,28 +13,41 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (callers retry if it was taken)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+def stop_process(proc: subprocess.Popen, timeout_s: float = 10.0, group: bool = False) -> int:
+    """SIGTERM ``proc`` (its whole process group with ``group=True``, for a launch started with
+    ``start_new_session=True``), SIGKILL it if it has not exited within ``timeout_s``; return
+    its exit code."""
+    def send(sig):
+        try:
+            os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+    if proc.poll() is None or group:
+        send(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            send(signal.SIGKILL)
+            proc.wait(timeout_s)
+    return proc.returncode
+
+
 def kill_group(proc: subprocess.Popen) -> None:
     """Stop torchrun and its ranks (they share the session it was started in)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=10)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    stop_process(proc, group=True)
 
 
 class LaunchError(RuntimeError):
@@ -37,35 +55,44 @@ class LaunchError(RuntimeError):
 
 
 def torchrun(nproc: int, script: str | Path, script_args: list[str], timeout_s: float,
-             name: str = "torchrun", before_attempt=None) -> tuple[str, str]:
+             name: str = "torchrun", before_attempt: Callable[[], None] | None = None,
+             launcher_args: list[str] | None = None, env: dict[str, str] | None = None,
+             merge_output: bool = False) -> tuple[str, str]:
     """torchrun ``script`` on 127.0.0.1 with a free port (retried if taken), bounded in time.
 
-    ``before_attempt()`` runs before each try (e.g. to remove a previous try's output files).
-    Returns (stdout, stderr); raises LaunchError on failure or timeout.
+    ``launcher_args`` replace the rendezvous arguments (``--master_addr``/``--master_port``;
+    then there is no retry). ``before_attempt()`` runs before each try (e.g. to remove a
+    previous try's output files). ``merge_output``: stderr goes into stdout (in order).
+    Returns (stdout, stderr); raises LaunchError on failure or timeout, the whole launch
+    (torchrun and every rank) stopped.
     """
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for attempt in range(3):
+    run_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
+    attempts = 1 if launcher_args else 3
+    for attempt in range(attempts):
         if before_attempt is not None:
             before_attempt()
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), "--nnodes", "1",
+        rendezvous = launcher_args or ["--master_addr", "127.0.0.1", "--master_port",
+                                       str(free_port()), "--nnodes", "1"]
+        cmd = [sys.executable, "-m", "torch.distributed.run", *rendezvous,
                "--nproc_per_node", str(nproc), str(script), *script_args]
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=run_env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT if merge_output else subprocess.PIPE,
+                                text=True, start_new_session=True)
         try:
             out, err = proc.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             kill_group(proc)
             out, err = proc.communicate()
             raise LaunchError(f"{name} timed out after {timeout_s:.0f} s\n"
-                              f"--- stdout ---\n{out[-3000:]}\n--- stderr ---\n{err[-3000:]}")
+                              f"--- stdout ---\n{out[-3000:]}\n--- stderr ---\n{(err or '')[-3000:]}")
         except BaseException:  # Ctrl-C: do not leave the ranks behind
             kill_group(proc)
             raise
+        err = err or ""
         if proc.returncode == 0:
             return out, err
         # Another process may have taken the port between our probe and torchrun's bind.
-        if "address already in use" not in (out + err).lower() or attempt == 2:
+        if "address already in use" not in (out + err).lower() or attempt == attempts - 1:
             raise LaunchError(f"{name} failed (exit {proc.returncode})\n--- stdout ---\n"
                               f"{out[-3000:]}\n--- stderr ---\n{err[-3000:]}")
     raise AssertionError("unreachable")

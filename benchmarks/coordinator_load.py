@@ -75,7 +75,6 @@ import multiprocessing as mp
 import os
 import secrets
 import select
-import signal
 import subprocess
 import sys
 import tempfile
@@ -85,6 +84,7 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
+from _launch import stop_process
 from shardbalance import protocol
 from shardbalance.plan import Plan
 
@@ -288,18 +288,6 @@ def start_coordinator(tmp: str, secret: bytes, timeout_s: float) -> tuple[subpro
         raise RuntimeError(f"coordinator did not start within {timeout_s:g} s (said {text!r}, "
                            f"exit {proc.returncode})")
     return proc, text.split(" ", 1)[1]
-
-
-def stop_process(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout_s)
-    if proc.stdout is not None:
-        proc.stdout.close()
 
 
 # ---------------------------------------------------------------------------------------------

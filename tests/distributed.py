@@ -12,22 +12,16 @@ import os
 import pickle
 import select
 import signal
-import socket
-import subprocess
-import sys
 import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
+import _launch
+from _launch import free_port, stop_process  # noqa: F401 (the tests import them from here)
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _context():
@@ -127,32 +121,12 @@ def read_line(proc, timeout_s: float = 30.0) -> str:
     return data.decode()
 
 
-def stop_process(proc, timeout_s: float = 10.0) -> int:
-    """SIGTERM ``proc``, SIGKILL it if it has not exited within ``timeout_s``; its exit code."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout_s)
-    return proc.returncode
-
-
 def torchrun(nproc, *args, timeout_s=150, launcher_args=None, env=None):
-    """``torchrun`` examples/train.py on 127.0.0.1 and a free port; its output. The launch
-    gets its own process group, killed whole if it runs past ``timeout_s``."""
-    rendezvous = launcher_args or ["--master_addr=127.0.0.1", f"--master_port={free_port()}"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           *rendezvous, str(ROOT / "examples" / "train.py"), *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    """``torchrun`` examples/train.py on 127.0.0.1 and a free port; its output (stdout and
+    stderr in order). The launch is stopped whole if it fails or runs past ``timeout_s``."""
     try:
-        out, _ = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"torchrun hung for {timeout_s} s:\n{out}")
-    assert proc.returncode == 0, out
+        out, _ = _launch.torchrun(nproc, ROOT / "examples" / "train.py", list(args), timeout_s,
+                                  launcher_args=launcher_args, env=env, merge_output=True)
+    except _launch.LaunchError as exc:
+        raise AssertionError(str(exc)) from None
     return out

@@ -1,17 +1,38 @@
 """The public surface: exported names, the console script, the exception tree."""
 
+import importlib
 import subprocess
 import sys
+import types
+
+import pytest
 
 import shardbalance
 from shardbalance import _exceptions as exc
 
 
 def test_all_lists_exactly_the_public_names():
+    # Resolving every listed name imports its module; afterwards the package's real public
+    # attributes (its own globals, submodules aside) are exactly __all__: nothing listed is
+    # missing, nothing public leaks unlisted.
     for name in shardbalance.__all__:
         assert getattr(shardbalance, name) is not None, name
+    public = {name for name, value in vars(shardbalance).items()
+              if not name.startswith("_") and not isinstance(value, types.ModuleType)}
+    assert public == set(shardbalance.__all__) - {"__version__"}
     assert "WeightedDistributedSampler" in shardbalance.__all__
-    assert set(shardbalance.__all__) == set(dir(shardbalance))
+    # Each export is the object its module defines, and that module lists it as public.
+    for name, module in shardbalance._EXPORTS.items():
+        defining = importlib.import_module(f"shardbalance.{module}")
+        assert getattr(defining, name) is getattr(shardbalance, name), name
+        assert name in getattr(defining, "__all__", [name]), (name, module)
+
+
+def test_positional_arguments_after_the_global_batch_size_are_refused():
+    # DistributedSampler(ds, num_replicas, rank) ported as is would otherwise set B = 2.
+    with pytest.raises(TypeError, match="keyword") as info:
+        shardbalance.WeightedDistributedSampler(range(8), 2, 0)
+    assert "num_replicas" in str(info.value) and "rank" in str(info.value)
 
 
 def test_exception_tree():

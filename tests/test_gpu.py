@@ -11,7 +11,7 @@ from datetime import timedelta
 import pytest
 import torch
 
-from distributed import free_port, torchrun
+from distributed import free_port, run_ranks, torchrun
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -130,3 +130,65 @@ def test_example_trains_on_a_gpu_without_flags(tmp_path):
              str(tmp_path / "c.jsonl"), "--num-workers", "0", timeout_s=300)
     epochs = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert len(epochs) == 2 and epochs[-1]["loss"] < epochs[0]["loss"]
+
+
+def _two_ranks_on_cuda(rank, world, weighting):
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from shardbalance import WeightedDistributedSampler
+
+    # Both ranks share device 0 (gloo all-reduces CUDA tensors); the plan is uneven, so a
+    # wrong weight cannot match the reference by accident as it can with b_i/B = 1.
+    torch.cuda.set_device(0)
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(256, 32, generator=gen), torch.randint(0, 4, (256,),
+                                                                              generator=gen),
+                         torch.arange(256))
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(),
+                              torch.nn.Linear(64, 4)).cuda()
+    sampler = WeightedDistributedSampler(data, global_batch_size=32, policy="static",
+                                         initial_weights=[1, 3], seed=2)
+    model = DDP(net, device_ids=[0])
+    sampler.attach(model, weighting=weighting)
+    out = []
+    for step, (x, y, idx) in enumerate(DataLoader(data, batch_sampler=sampler)):
+        model.zero_grad()
+        F.cross_entropy(model(x.cuda()), y.cuda()).backward()
+        out.append(([p.grad.cpu() for p in model.parameters()], idx))
+        if step == 3:
+            break
+    torch.cuda.synchronize()
+    time.sleep(0.1)
+    busy = list(sampler.recent_busy)
+    del model
+    sampler.close()
+    return out, busy, sampler.batch_sizes
+
+
+@pytest.mark.parametrize("weighting", ["hook", "output"])
+def test_two_ranks_with_an_uneven_plan_give_the_reference_gradient_on_cuda(weighting):
+    import torch.nn.functional as F
+
+    results = run_ranks(_two_ranks_on_cuda, 2, weighting, timeout_s=180)
+    assert results[0][2] == results[1][2] == (8, 24)
+    gen = torch.Generator().manual_seed(0)
+    x_all, y_all = torch.randn(256, 32, generator=gen), torch.randint(0, 4, (256,),
+                                                                        generator=gen)
+    torch.manual_seed(1)
+    reference = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(),
+                                    torch.nn.Linear(64, 4))
+    for step in range(4):
+        (g0, i0), (g1, i1) = results[0][0][step], results[1][0][step]
+        assert (len(i0), len(i1)) == (8, 24)
+        idx = torch.cat([i0, i1])
+        reference.zero_grad()
+        F.cross_entropy(reference(x_all[idx]), y_all[idx]).backward()
+        for got in (g0, g1):
+            for g, w in zip(got, reference.parameters()):
+                torch.testing.assert_close(g, w.grad, rtol=1e-4, atol=1e-5)
+    # Busy times from CUDA events (the first steps are discarded), positive and bounded.
+    for _, busy, _ in results:
+        assert busy and all(0 < rec[3] < 5.0 for rec in busy)

@@ -19,7 +19,6 @@ Each case is an invariant of README's "Training loops" contract:
 import contextlib
 import dataclasses
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -130,7 +129,7 @@ def _accumulation_cases(rank, world):
 def test_accumulation_across_loader_batches_is_exact_and_counted():
     results = run_ranks(_accumulation_cases, 2, timeout_s=120)
     for case in (0, 1):  # weighting="output", weighting="hook" with accumulation_steps=3
-        (groups0, states, sizes, trained), (groups1, *_) = results[0][case], results[1][case]
+        (groups0, states, _, trained), (groups1, *_) = results[0][case], results[1][case]
         assert len(groups0) == 2 and trained == 2  # groups of 3 batches and 1 (short)
         for (grads0, idx0), (grads1, idx1) in zip(groups0, groups1):
             trained_idx = torch.cat([idx0, idx1])
