@@ -41,6 +41,8 @@ class SamplerSettings:
     shuffle: bool
     seed: int
     drop_last: bool
+    #: Pad the last global batch by wrapping around (False: evaluation, every sample once).
+    pad: bool
     policy: str
     #: Per-rank bounds, multiples of ``batch_size_multiple``.
     min_sizes: tuple[int, ...]
@@ -64,7 +66,7 @@ class SamplerSettings:
 
     @classmethod
     def from_arguments(cls, *, num_samples, global_batch_size, num_replicas, shuffle, seed,
-                       drop_last, policy, initial_weights, min_batch_size, max_batch_size,
+                       drop_last, policy, pad=True, initial_weights, min_batch_size, max_batch_size,
                        rebalance_every, batch_size_multiple, micro_batch_size,
                        accumulation_steps, options) -> "SamplerSettings":
         num_samples = check_int("dataset length", num_samples, 1)
@@ -97,7 +99,7 @@ class SamplerSettings:
         check_options(options)
         return cls(num_samples=num_samples, global_batch_size=batch, num_replicas=num_replicas,
                    shuffle=bool(shuffle), seed=check_int("seed", seed, 0),
-                   drop_last=bool(drop_last), policy=check_policy(policy), min_sizes=lo,
+                   drop_last=bool(drop_last), pad=bool(pad), policy=check_policy(policy), min_sizes=lo,
                    max_sizes=hi, batch_size_multiple=quantum, micro_batch_size=micro_batch_size,
                    initial_weights=weights, rebalance_every=rebalance_every,
                    accumulation_steps=accumulation,

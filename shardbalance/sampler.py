@@ -38,7 +38,7 @@ __all__ = ["WeightedDistributedSampler"]
 _RECENT_BUSY_KEPT = 4096
 _KEYWORDS = ("num_replicas", "rank", "shuffle", "seed", "drop_last", "coordinator", "policy",
              "initial_weights", "min_batch_size", "max_batch_size", "rebalance_every",
-             "batch_size_multiple", "micro_batch_size", "accumulation_steps",
+             "batch_size_multiple", "micro_batch_size", "accumulation_steps", "pad",
              "coordinator_log", "options", "timeout_s")
 
 
@@ -64,6 +64,12 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         seed (int, optional): seed of the order; must be the same on every rank. Default: ``0``.
         drop_last (bool, optional): drop the last incomplete global batch. If ``False`` it is
             padded to B with samples from the start of the order. Default: ``False``.
+        pad (bool, optional): ``False`` for evaluation without duplicates: the last global
+            batch is not padded, so every sample is yielded exactly once; its batches are short
+            and a rank with nothing left in it yields no batch for that step (so ranks may run
+            different numbers of steps: not for DDP training, which :meth:`attach` refuses; a
+            collective per forward, such as SyncBatchNorm, FSDP or a per-step
+            ``gather_for_metrics``, would deadlock). Default: ``True``.
         coordinator (str, optional): ``tcp://host:port`` of a standalone coordinator. Default:
             ``$SHARDBALANCE_COORDINATOR``, else global rank 0 starts one as a child process.
         policy (str, optional): ``"equal"``, ``"static"``, ``"proportional"``, ``"seed"`` or
@@ -122,6 +128,7 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         shuffle: bool = True,
         seed: int = 0,
         drop_last: bool = False,
+        pad: bool = True,
         coordinator: str | None = None,
         policy: str = "affine",
         initial_weights: Sequence[float] | str | None = None,
@@ -162,7 +169,7 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         self.settings = SamplerSettings.from_arguments(
             num_samples=num_samples, global_batch_size=global_batch_size,
             num_replicas=num_replicas, shuffle=shuffle, seed=seed, drop_last=drop_last,
-            policy=policy, initial_weights=initial_weights, min_batch_size=min_batch_size,
+            pad=pad, policy=policy, initial_weights=initial_weights, min_batch_size=min_batch_size,
             max_batch_size=max_batch_size, rebalance_every=rebalance_every,
             batch_size_multiple=batch_size_multiple, micro_batch_size=micro_batch_size,
             accumulation_steps=accumulation_steps, options=options)
@@ -180,7 +187,6 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         self.recent_busy: list[tuple[int, int, int, float]] = []
         self._serial = 0
         self._iterated_epoch: int | None = None
-        #: ``(epoch, position)`` from load_state_dict(): where that epoch starts.
         #: ``(epoch, position)`` after load_state_dict(): where that epoch starts.
         self._resume: tuple[int, int] | None = None
         #: An iterator of the resumed epoch ran to its end: the next one starts the epoch over.
@@ -260,8 +266,20 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         return math.ceil(remaining / self.global_batch_size)
 
     def __len__(self) -> int:
-        """Optimizer steps in the current epoch: the same on every rank, whatever the plan."""
-        return self._steps(self._start_position(self.epoch))
+        """Optimizer steps in the current epoch: the same on every rank, whatever the plan.
+
+        With ``pad=False`` a rank whose slice of the last, short global batch is empty yields
+        one batch fewer: counted exactly for ``equal`` and ``static``; for the adaptive
+        policies (whose last plan is decided later) from the newest agreed plan.
+        """
+        start = self._start_position(self.epoch)
+        steps = self._steps(start)
+        if not self.settings.pad and steps and not self.drop_last:
+            plan = self.plan_source.agreed
+            if start + (steps - 1) * self.global_batch_size + plan.offset(self.rank) \
+                    >= self.num_samples:
+                steps -= 1
+        return steps
 
     def __iter__(self) -> Iterator[list[int]]:
         if self.settings.probe_pending:
@@ -304,8 +322,15 @@ class WeightedDistributedSampler(Sampler[list[int]]):
                 step_ids = np.arange(c0, c1, dtype=np.int64)
                 positions = (start + offset + step_ids * big_b)[:, None] + lane[None, :]
                 rows = order.indices(positions).tolist()
+                if not self.settings.pad and c1 == steps:
+                    # The last global batch, unpadded: only positions inside the epoch.
+                    rows[-1] = [i for i, p in zip(rows[-1], positions[-1].tolist())
+                                if p < self.num_samples]
                 for step, row in enumerate(rows, c0):
-                    append(LedgerEntry(serial, epoch, step, b, plan, start + (step + 1) * big_b))
+                    if not row:
+                        continue  # pad=False: nothing left for this rank
+                    append(LedgerEntry(serial, epoch, step, len(row), plan,
+                                       min(start + (step + 1) * big_b, self.num_samples)))
                     yield row
         if self._resume is not None and self._resume[0] == epoch:
             # Every batch of the resumed epoch is yielded (maybe into a prefetching loader's
@@ -368,6 +393,10 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         """
         if self._weighting is not None:
             raise ConfigError("attach() was already called on this sampler")
+        if not self.settings.pad:
+            raise ConfigError("pad=False is for evaluation: ranks may run different numbers of "
+                              "steps, and DDP training would wait forever for the rank without "
+                              "a last batch. Train with pad=True (or drop_last=True)")
         if weighting not in ("hook", "output", "none"):
             raise ConfigError(f"Invalid weighting {weighting!r}, it should be 'hook', 'output' "
                               "or 'none'")

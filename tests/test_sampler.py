@@ -13,20 +13,21 @@ from shardbalance.order import EpochOrder
 from shardbalance.plan import Plan, apportion
 
 
-class ScriptedPlans(WeightedDistributedSampler):
-    """A sampler whose plans come from a script, the same on every rank (as the coordinator's are)."""
+def scripted_sampler(*args, plan_weights, **kwargs):
+    """A sampler whose plans come from a script, the same on every rank (as the coordinator's
+    are), injected through its plan source: ``plan_weights(epoch, window)`` -> weights."""
+    sampler = WeightedDistributedSampler(*args, policy="static", **kwargs)
+    settings, source = sampler.settings, sampler.plan_source
 
-    def __init__(self, *args, plan_weights=None, **kwargs):
-        super().__init__(*args, policy="static", **kwargs)
-        self.plan_weights = plan_weights
+    def plan_for(epoch, window, checks):
+        sizes = apportion(plan_weights(epoch, window), settings.global_batch_size,
+                          settings.min_sizes, settings.max_sizes, settings.batch_size_multiple)
+        source.agreed = Plan("scripted", 0, epoch, window, sizes, settings.global_batch_size,
+                             "static")
+        return source.agreed
 
-    def _plan_for(self, epoch, window):
-        weights = self.plan_weights(epoch, window)
-        sizes = apportion(weights, self.global_batch_size, self.min_sizes, self.max_sizes,
-                          self.quantum)
-        plan = Plan("scripted", 0, epoch, window, sizes, self.global_batch_size, "static")
-        self._remember(plan)
-        return plan
+    source.plan_for = plan_for
+    return sampler
 
 
 @st.composite
@@ -44,7 +45,8 @@ def setups(draw):
     return dict(k=k, B=B, N=N, seed=seed, table=table, q=q, cap=cap,
                 micro=draw(st.booleans()),
                 window=draw(st.one_of(st.none(), st.integers(1, 5))),
-                drop_last=draw(st.booleans()), epoch=draw(st.integers(0, 3)),
+                drop_last=draw(st.booleans()), pad=draw(st.booleans()),
+                epoch=draw(st.integers(0, 3)),
                 start=draw(st.integers(0, N)))
 
 
@@ -59,10 +61,10 @@ def run_epoch(setup):
     for rank in range(setup["k"]):
         quantum = ({"micro_batch_size": setup["q"]} if setup["micro"]
                    else {"batch_size_multiple": setup["q"]})
-        sampler = ScriptedPlans(range(setup["N"]), setup["B"], num_replicas=setup["k"],
-                                rank=rank, seed=setup["seed"], drop_last=setup["drop_last"],
-                                rebalance_every=setup["window"], plan_weights=weights,
-                                max_batch_size=setup["cap"], **quantum)
+        sampler = scripted_sampler(range(setup["N"]), setup["B"], num_replicas=setup["k"],
+                                   rank=rank, seed=setup["seed"], drop_last=setup["drop_last"],
+                                   pad=setup["pad"], rebalance_every=setup["window"],
+                                   plan_weights=weights, max_batch_size=setup["cap"], **quantum)
         sampler.set_epoch(setup["epoch"])
         if setup["start"]:
             sampler.load_state_dict({**sampler.state_dict(), "position": setup["start"]})
@@ -76,6 +78,8 @@ def run_epoch(setup):
 def test_each_epoch_covers_the_dataset_exactly_once_for_any_plan(setup):
     per_rank, lengths = run_epoch(setup)
     N, B, start = setup["N"], setup["B"], setup["start"]
+    if not setup["pad"] and not setup["drop_last"]:
+        return check_unpadded(setup, per_rank)
     # Every rank runs the same number of steps, and that number is len(sampler).
     assert len(set(lengths)) == 1
     assert all(len(batches) == lengths[0] for batches in per_rank)
@@ -100,10 +104,48 @@ def test_each_epoch_covers_the_dataset_exactly_once_for_any_plan(setup):
         assert max(got.values(), default=1) == 1
 
 
+def check_unpadded(setup, per_rank):
+    """pad=False: every sample not trained before the resume point exactly once, no empty
+    batch; all steps but the last are whole global batches, the last is the remainder."""
+    N, B, start = setup["N"], setup["B"], setup["start"]
+    steps = -(-(N - start) // B)
+    if steps == 0:
+        assert all(not batches for batches in per_rank)
+        return
+    assert all(steps - 1 <= len(batches) <= steps for batches in per_rank)
+    assert all(batch for batches in per_rank for batch in batches)
+    got = Counter(i for batches in per_rank for batch in batches for i in batch)
+    order = EpochOrder(N, setup["seed"], setup["epoch"])
+    assert got == Counter(order.indices_range(start, N).tolist())
+    assert max(got.values(), default=1) == 1
+    for s in range(steps - 1):
+        assert sum(len(batches[s]) for batches in per_rank) == B
+    last = [batches[steps - 1] for batches in per_rank if len(batches) == steps]
+    assert sum(len(batch) for batch in last) == N - start - (steps - 1) * B
+
+
+def test_unpadded_evaluation_counts_each_rank_and_refuses_training():
+    samplers = [WeightedDistributedSampler(range(10), 8, num_replicas=3, rank=r,
+                                           policy="static", initial_weights=[1, 1, 2], pad=False,
+                                           seed=1) for r in range(3)]
+    batches = [list(s) for s in samplers]
+    # Plan (2, 2, 4): the second step has positions 8 and 9 only, both in rank 0's slice.
+    assert [len(b) for b in batches] == [len(s) for s in samplers] == [2, 1, 1]
+    assert sorted(i for b in batches for batch in b for i in batch) == list(range(10))
+    assert samplers[0].state_dict()["epoch"] == 1  # the epoch is complete
+    import torch
+
+    with pytest.raises(ConfigError, match="pad=False is for evaluation"):
+        samplers[0].attach(torch.nn.Linear(2, 2))
+
+
 @settings(max_examples=100, deadline=None)
 @given(setups())
 def test_rank_slices_follow_the_plan_in_rank_order(setup):
     per_rank, lengths = run_epoch(setup)
+    if not setup["pad"]:
+        setup = {**setup, "pad": True}
+        per_rank, lengths = run_epoch(setup)
     order = EpochOrder(setup["N"], setup["seed"], setup["epoch"])
     B, start = setup["B"], setup["start"]
     for s in range(lengths[0]):
@@ -239,7 +281,7 @@ def test_loss_scale_is_the_share_times_world_size():
 
 def test_two_ranks_checkpoint_at_step_7_and_three_ranks_resume_with_another_batch():
     N, seed, epoch = 300, 11, 1
-    old = [ScriptedPlans(range(N), 24, num_replicas=2, rank=r, seed=seed,
+    old = [scripted_sampler(range(N), 24, num_replicas=2, rank=r, seed=seed,
                          plan_weights=lambda e, w: [1, 3]) for r in range(2)]
     trained = []
     for sampler in old:
@@ -249,7 +291,7 @@ def test_two_ranks_checkpoint_at_step_7_and_three_ranks_resume_with_another_batc
     states = [s.state_dict() for s in old]
     assert states[0] == states[1] and states[0]["position"] == 7 * 24
     state = json.loads(json.dumps(states[0]))
-    new = [ScriptedPlans(range(N), 30, num_replicas=3, rank=r, seed=seed, rebalance_every=2,
+    new = [scripted_sampler(range(N), 30, num_replicas=3, rank=r, seed=seed, rebalance_every=2,
                          plan_weights=lambda e, w: [1 + w, 2, 3]) for r in range(3)]
     rest = []
     for sampler in new:
