@@ -18,7 +18,8 @@ import torch
 
 __all__ = ["default_store", "tree_flatten", "tree_unflatten", "will_engine_execute_node",
            "gradient_edge_node", "current_graph_task_id", "queue_callback", "has_comm_hook",
-           "missing_for_output_weighting"]
+           "missing_for_output_weighting", "fsdp_module_type", "fsdp_param_groups",
+           "fsdp_reduces_gradients", "fsdp_data_parallel_degree", "fsdp_unsharded_parameters"]
 
 try:  # the store torch.distributed rendezvoused with: the address exchange (DESIGN §8)
     from torch.distributed.distributed_c10d import _get_default_store as _store_getter
@@ -86,6 +87,61 @@ def missing_for_output_weighting() -> list[str]:
               "torch.autograd.graph.get_gradient_edge": _get_gradient_edge,
               "Variable._execution_engine.queue_callback": _engine}
     return [name for name, value in needed.items() if value is None]
+
+
+def fsdp_module_type() -> type | None:
+    """FSDP2's ``FSDPModule`` (what ``fully_shard`` turns a module into), or None."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - depends on the torch release
+        return None
+    return FSDPModule
+
+
+def fsdp_param_groups(model: torch.nn.Module) -> list[Any]:
+    """The FSDP2 parameter groups of every ``fully_shard``ed module in ``model`` (private:
+    ``_get_fsdp_state()._fsdp_param_group``; empty where this torch hides them)."""
+    kind = fsdp_module_type()
+    groups = []
+    for module in model.modules():
+        if kind is not None and isinstance(module, kind):
+            state = getattr(module, "_get_fsdp_state", lambda: None)()
+            group = getattr(state, "_fsdp_param_group", None)
+            if group is not None:
+                groups.append(group)
+    return groups
+
+
+def fsdp_reduces_gradients(groups: list[Any]) -> bool:
+    """Whether the next backward reduce-scatters (False inside gradient accumulation:
+    ``set_requires_gradient_sync(False)``)."""
+    return any(getattr(g, "reduce_grads", True) for g in groups) if groups else True
+
+
+def fsdp_data_parallel_degree(groups: list[Any]) -> int | None:
+    """The number of ranks FSDP2 averages each gradient over: the shard mesh size, times the
+    replicate mesh size under HSDP. None if it cannot be read or differs between groups."""
+    sizes = set()
+    for group in groups:
+        info = getattr(group, "mesh_info", None)
+        shard = getattr(info, "shard_mesh_size", None)
+        if shard is None:
+            return None
+        sizes.add(int(shard) * int(getattr(info, "replicate_mesh_size", 1) or 1))
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def fsdp_unsharded_parameters(groups: list[Any]) -> list[torch.Tensor]:
+    """The unsharded parameters FSDP2's forward computes with (created at its first forward,
+    then kept): their gradient accumulators are in a training backward's graph, the sharded
+    parameters' are not. Empty where this torch hides them."""
+    params = []
+    for group in groups:
+        for fsdp_param in getattr(group, "fsdp_params", ()):
+            param = getattr(fsdp_param, "_unsharded_param", None)
+            if isinstance(param, torch.Tensor) and param.requires_grad:
+                params.append(param)
+    return params
 
 
 def _warn_once(key: str, message: str) -> None:

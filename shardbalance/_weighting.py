@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from . import _torch_compat as compat
+from ._compute import ComputeClock
 from ._exceptions import ConfigError, PlanError
 from ._ledger import LedgerEntry, StepLedger
 
@@ -93,6 +94,12 @@ class _StepWeighting:
     def __init__(self, ledger: StepLedger, global_batch_size: int, world_size: int,
                  on_busy: Callable[[LedgerEntry, float], None], device: torch.device,
                  check_batch_size: bool = True) -> None:
+        #: Compute-only busy time (set by attach() where collectives run inside the step).
+        self.compute: ComputeClock | None = None
+        #: FSDP2's parameter groups (an FSDP2 model): they tell a synchronised backward.
+        self.fsdp_groups: list[Any] | None = None
+        #: ``(entry, compute spans)`` of the open step's forwards.
+        self._spans: list[tuple[LedgerEntry, list]] = []
         self.ledger = ledger
         self.global_batch_size = global_batch_size
         self.world_size = world_size
@@ -131,11 +138,13 @@ class _StepWeighting:
         self.group = []
         self.next_weight, self._micro, self._reuse, self._backward_ran = None, None, 0, False
         self._sync_forward = False
+        self._spans = []
         self._previous = self._previous_done = None
 
     # -- forward: one entry per trained batch ----------------------------------------------
 
     def on_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        spans = self.compute.take() if self.compute is not None else None
         if self.paused or not module.training or not torch.is_grad_enabled():
             return output
         if self._reuse:
@@ -143,7 +152,17 @@ class _StepWeighting:
             entry = self.entry
         else:
             entry = self._take(module, args, kwargs)
+        self._sync_forward = self.synced(module)
+        if spans is not None:
+            self._spans.append((entry, spans))
         return self._wrap(module, output, entry)
+
+    def synced(self, module: torch.nn.Module) -> bool:
+        """Whether a backward of this forward synchronises gradients (outside ``no_sync()`` /
+        ``set_requires_gradient_sync(False)``)."""
+        if self.fsdp_groups is not None:
+            return compat.fsdp_reduces_gradients(self.fsdp_groups)
+        return bool(getattr(module, "require_backward_grad_sync", False))
 
     def expect_micro_batches(self, count: int, rows: int) -> None:
         """The next batch is trained in ``count`` forwards of ``rows`` samples each."""
@@ -158,7 +177,8 @@ class _StepWeighting:
             # backward closed its step: the loop skipped it after its forward (a non-finite
             # loss) or its backward failed. It trains nothing; the batches accumulated before
             # it under no_sync() stay in the group.
-            self.group.pop()
+            dropped = self.group.pop()
+            self._spans = [(e, sp) for e, sp in self._spans if e is not dropped]
             self._backward_ran = False
         forwards, expected = self._micro or (1, entry.batch_size)
         self._micro = None
@@ -181,7 +201,6 @@ class _StepWeighting:
         self.ledger.pop()
         self.entry = entry
         self.group.append(entry)
-        self._sync_forward = bool(getattr(module, "require_backward_grad_sync", False))
         self._reuse = forwards - 1
         return entry
 
@@ -203,14 +222,22 @@ class _StepWeighting:
         self.weight = self.share(group[-1])
         self.next_weight, self._backward_ran = None, False
         self.steps += 1
-        ready = self.clock.now()
         previous = self._previous
         # Discarded: DDP's first iteration, an iterator's first step, a step after a shape change.
-        if (previous is not None and self._previous_done is not None and self.steps > 1
-                and previous.serial == group[0].serial
-                and all(e.batch_size == previous.batch_size for e in group)):
-            self.clock.measure(self._previous_done, ready, tuple(group))
-        for entries, seconds in self.clock.ready():
+        steady = (previous is not None and self.steps > 1 and previous.serial == group[0].serial
+                  and all(e.batch_size == previous.batch_size for e in group))
+        if self.compute is not None:
+            spans = [span for _, entry_spans in self._spans for span in entry_spans]
+            self._spans = []
+            if steady:
+                self.compute.measure(tuple(group), spans)
+            measured = self.compute.ready()
+        else:
+            ready = self.clock.now()
+            if steady and self._previous_done is not None:
+                self.clock.measure(self._previous_done, ready, tuple(group))
+            measured = self.clock.ready()
+        for entries, seconds in measured:
             rows = sum(e.batch_size for e in entries)
             for e in entries:
                 self.on_busy(e, seconds * e.batch_size / rows)
@@ -345,7 +372,7 @@ class OutputWeighting(_StepWeighting):
         self._queued_task = None
 
     def _wrap(self, module: torch.nn.Module, output: Any, entry: LedgerEntry) -> Any:
-        synced = bool(getattr(module, "require_backward_grad_sync", True))
+        synced = self._sync_forward
         if isinstance(output, torch.Tensor):  # the common case, without the tree walk
             if not output.requires_grad:
                 return output
@@ -391,6 +418,10 @@ class OutputWeighting(_StepWeighting):
     def _trains_parameters(self) -> bool:
         """Whether the running backward accumulates into the parameters' ``.grad`` (a
         training backward) rather than being ``torch.autograd.grad``."""
+        if self.fsdp_groups is not None and not self._accumulators:
+            # FSDP2 computes with unsharded parameters, created at its first forward.
+            self._accumulators = [compat.gradient_edge_node(p) for p in
+                                  compat.fsdp_unsharded_parameters(self.fsdp_groups)]
         if not self._accumulators:
             return True
         try:
@@ -480,8 +511,13 @@ def attach_hook(model: torch.nn.Module, hook: WeightedCommHook) -> None:
 def attach_output_weighting(model: torch.nn.Module, weighting: OutputWeighting,
                             comm_hook: HookFn | None = None, comm_state: Any = None) -> None:
     """Put ``weighting`` on a DDP model's outputs, after registering ``comm_hook`` (which, as
-    any comm hook the model already has, must average)."""
-    _require_ddp(model)
+    any comm hook the model already has, must average). An FSDP2 model (``weighting`` has its
+    parameter groups) takes no comm hook: its reduce-scatter averages over the data-parallel
+    degree, which is the ``k`` of the output scale ``k·b_i/B``."""
+    if weighting.fsdp_groups is None:
+        _require_ddp(model)
+    elif comm_hook is not None:
+        raise ConfigError("an FSDP2 model has no comm hook: attach it without comm_hook")
     missing = compat.missing_for_output_weighting()
     if missing:
         raise ConfigError(f"weighting='output' and 'none' need {', '.join(missing)}, which this "

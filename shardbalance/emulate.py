@@ -31,6 +31,9 @@ class EmulatedSpeed(torch.nn.Module):
     Put it first in a model; change ``speed`` at any time to emulate throttling or a neighbour.
     """
 
+    #: Its sleep is this rank's compute: timed by compute-only busy time (``_compute.py``).
+    shardbalance_compute = True
+
     def __init__(self, speed: float, per_sample_s: float = 0.002, overhead_s: float = 0.005) -> None:
         super().__init__()
         if speed <= 0:

@@ -18,7 +18,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from . import _torch_compat as compat
 from ._accumulate import accumulate as _accumulate
+from ._compute import ComputeClock, lockstep_cause
 from ._env import read_environment
 from ._exceptions import ConfigError
 from ._ledger import LedgerEntry, StepLedger
@@ -363,14 +365,19 @@ class WeightedDistributedSampler(Sampler[list[int]]):
     # -- training side ------------------------------------------------------------------
 
     def attach(self, model: torch.nn.Module, comm_hook=None, comm_state: Any = None,
-               weighting: str = "hook", check_batch_size: bool = True) -> None:
+               weighting: str = "auto", check_batch_size: bool = True,
+               busy: str = "auto") -> None:
         """Weight each rank's gradient by ``b_i/B`` and measure this rank's busy time per step.
 
         Every forward of ``model`` in training mode with gradients enabled trains the next
         batch this sampler yielded (one forward per batch; batches accumulated under
         ``no_sync()`` form one optimizer step), and that batch's own ``b_i`` weights it.
 
-        ``weighting="hook"`` (default) registers a DDP comm hook that pre-scales each gradient
+        ``weighting="auto"`` (default): ``"hook"`` for a DDP model, ``"output"`` for an FSDP2
+        (``fully_shard``) model, whose reduce-scatter averages over its data-parallel degree
+        ``k`` (HSDP: shard × replicate size), which must be ``num_replicas``.
+
+        ``weighting="hook"`` registers a DDP comm hook that pre-scales each gradient
         bucket: by ``b_i/B`` before a summing all-reduce, or by ``k·b_i/B`` before
         ``comm_hook`` (an averaging hook of yours, e.g. ``default_hooks.bf16_compress_hook``
         with ``comm_state=process_group``). Exact for any loss that is a mean over the local
@@ -390,6 +397,14 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         ``check_batch_size``: refuse a forward whose first input's leading dimension is not
         the batch's ``b_i`` (a skipped or reordered batch); turn off for inputs that are not
         batch-first.
+
+        ``busy``: what this rank's busy time per step is. ``"step"``: from the end of the
+        previous step's all-reduce to this step's gradients. ``"compute"``: the forward time of
+        the model's compute leaves only (see ``_compute.py``), for models with collectives
+        inside the step, which keep ranks in lockstep and make the step time the slowest
+        rank's on every rank. ``"auto"`` (default): ``"compute"`` when the model has
+        SyncBatchNorm or is FSDP2, else ``"step"``; pass ``"compute"`` yourself for tensor
+        parallelism or collectives of your own inside the forward.
         """
         if self._weighting is not None:
             raise ConfigError("attach() was already called on this sampler")
@@ -397,15 +412,38 @@ class WeightedDistributedSampler(Sampler[list[int]]):
             raise ConfigError("pad=False is for evaluation: ranks may run different numbers of "
                               "steps, and DDP training would wait forever for the rank without "
                               "a last batch. Train with pad=True (or drop_last=True)")
-        if weighting not in ("hook", "output", "none"):
-            raise ConfigError(f"Invalid weighting {weighting!r}, it should be 'hook', 'output' "
-                              "or 'none'")
+        if weighting not in ("auto", "hook", "output", "none"):
+            raise ConfigError(f"Invalid weighting {weighting!r}, it should be 'auto', 'hook', "
+                              "'output' or 'none'")
+        if busy not in ("auto", "step", "compute"):
+            raise ConfigError(f"Invalid busy {busy!r}, it should be 'auto', 'step' or 'compute'")
+        fsdp_type = compat.fsdp_module_type()
+        fsdp_groups = compat.fsdp_param_groups(model) \
+            if fsdp_type is not None and isinstance(model, fsdp_type) else None
+        if weighting == "auto":
+            weighting = "hook" if fsdp_groups is None else "output"
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        world = model.process_group.size() if hasattr(model, "process_group") \
-            else self.num_replicas
+        if fsdp_groups is not None:
+            if weighting == "hook":
+                raise ConfigError("an FSDP2 model has no DDP comm hook: attach it with "
+                                  "weighting='output' (the default for FSDP2) or 'none'")
+            world = compat.fsdp_data_parallel_degree(fsdp_groups)
+            what = "the FSDP2 model's mesh averages gradients over"
+        else:
+            world = model.process_group.size() if hasattr(model, "process_group") \
+                else self.num_replicas
+            what = "the DDP model spans"
         if world != self.num_replicas:
-            raise ConfigError(f"the DDP model spans {world} ranks but the sampler "
+            raise ConfigError(f"{what} {world} ranks but the sampler "
                               f"num_replicas={self.num_replicas}")
+        cause = lockstep_cause(model)
+        if busy == "auto":
+            busy = "compute" if cause else "step"
+        elif busy == "step" and cause:
+            warnings.warn(f"shardbalance: the model has {cause}, which keeps ranks in lockstep "
+                          "inside each step: busy='step' then measures the slowest rank on every "
+                          "rank and the plan will not move. Use busy='compute' (the default)",
+                          RuntimeWarning, stacklevel=2)
         parts = (self.ledger, self.global_batch_size, self.num_replicas, self._on_busy, device)
         hook: WeightedCommHook | OutputWeighting
         if weighting == "hook":
@@ -415,9 +453,13 @@ class WeightedDistributedSampler(Sampler[list[int]]):
                                     check_batch_size=check_batch_size)
             attach_hook(model, hook)
         else:
-            hook = OutputWeighting(*parts, list(model.parameters()), scale=weighting == "output",
-                                   check_batch_size=check_batch_size)
+            hook = OutputWeighting(*parts, [] if fsdp_groups is not None
+                                   else list(model.parameters()),
+                                   scale=weighting == "output", check_batch_size=check_batch_size)
+            hook.fsdp_groups = fsdp_groups
             attach_output_weighting(model, hook, comm_hook, comm_state)
+        if busy == "compute":
+            hook.compute = ComputeClock(model, device)
         self.ledger.consumed = True
         self._weighting = hook
 
