@@ -38,6 +38,14 @@ __all__ = ["WeightedDistributedSampler"]
 
 #: Busy-time records kept on the rank (``recent_busy``) for inspection.
 _RECENT_BUSY_KEPT = 4096
+#: Early re-plans in the first epoch iterated (per-epoch plans, no probe): the first from the
+#: equal split's measurements, the second with two batch sizes measured per rank.
+_EARLY_REPLANS = 2
+#: Steps every rank must have measured on the current plan before an early re-plan.
+_EARLY_WARMUP = 3
+#: Early re-plans only in the first steps of that epoch (each step until then costs one
+#: scalar all-reduce at prefetch time).
+_EARLY_MAX_STEPS = 64
 _KEYWORDS = ("num_replicas", "rank", "shuffle", "seed", "drop_last", "coordinator", "policy",
              "initial_weights", "min_batch_size", "max_batch_size", "rebalance_every",
              "batch_size_multiple", "micro_batch_size", "accumulation_steps", "pad",
@@ -189,6 +197,13 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         self.recent_busy: list[tuple[int, int, int, float]] = []
         self._serial = 0
         self._iterated_epoch: int | None = None
+        #: Busy-time measurements this rank has made (they tell when an early re-plan is due).
+        self._measured = 0
+        #: Re-plans still to make inside the first epoch, once every rank has measured a few
+        #: steps: with per-epoch plans and no probe, epoch 0 is balanced long before epoch 1.
+        self._early_replans = _EARLY_REPLANS
+        #: The first epoch this sampler iterates: the only one with early re-plans.
+        self._early_epoch: int | None = None
         #: ``(epoch, position)`` after load_state_dict(): where that epoch starts.
         self._resume: tuple[int, int] | None = None
         #: An iterator of the resumed epoch ran to its end: the next one starts the epoch over.
@@ -306,21 +321,35 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         window = self.rebalance_every or max(steps, 1)
         big_b = self.global_batch_size
         self._iterated_epoch = epoch
+        if self._early_epoch is None:
+            self._early_epoch = epoch
         append = self.ledger.append
-        for first in range(0, steps, window):
+        first = 0
+        while first < steps:
             # The iterator's first window also checks that every rank starts the same epoch
             # at the same position (one all-reduce with the plan's agreement).
             checks = {} if first else {"settings": self.settings.digest, "epoch": epoch,
                                        "position": start}
             plan = self.plan_source.plan_for(epoch, first, checks)
+            measured_at_plan = self._measured
             b = plan.batch_sizes[self.rank]
             offset = plan.offset(self.rank)
             last = min(first + window, steps)
-            # Steps per pass of the order: _CHUNK positions bound the sampler's memory.
-            per_chunk = max(1, _CHUNK // max(b, 1))
+            # Steps per pass of the order (_CHUNK positions bound the sampler's memory); one
+            # at a time while an early re-plan may cut the window.
+            early = self._early_replans > 0 and epoch == self._early_epoch and \
+                self.settings.adaptive and self.rebalance_every is None and \
+                self.settings.initial_weights is None
             lane = np.arange(b, dtype=np.int64)
-            for c0 in range(first, last, per_chunk):
-                c1 = min(c0 + per_chunk, last)
+            c0 = first
+            while c0 < last:
+                if early and c0 >= _EARLY_MAX_STEPS:
+                    early = False  # (the same step on every rank)
+                if early and c0 > first and self._early_plan_due(measured_at_plan):
+                    self._early_replans -= 1
+                    last = c0  # the next window starts here
+                    break
+                c1 = min(c0 + (1 if early else max(1, _CHUNK // max(b, 1))), last)
                 step_ids = np.arange(c0, c1, dtype=np.int64)
                 positions = (start + offset + step_ids * big_b)[:, None] + lane[None, :]
                 rows = order.indices(positions).tolist()
@@ -334,6 +363,8 @@ class WeightedDistributedSampler(Sampler[list[int]]):
                     append(LedgerEntry(serial, epoch, step, len(row), plan,
                                        min(start + (step + 1) * big_b, self.num_samples)))
                     yield row
+                c0 = c1
+            first = last
         if self._resume is not None and self._resume[0] == epoch:
             # Every batch of the resumed epoch is yielded (maybe into a prefetching loader's
             # queue, not yet trained): len() and state_dict() keep the resume point; the next
@@ -479,7 +510,14 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         return None if self._weighting is None or not self._weighting.steps \
             else self._weighting.weight
 
+    def _early_plan_due(self, measured_at_plan: int) -> bool:
+        """Whether every rank has measured enough steps on the current plan for an early
+        re-plan (one scalar all-reduce, run at the same step on every rank)."""
+        ready = self._measured - measured_at_plan >= _EARLY_WARMUP
+        return self.peers.sum([1.0 if ready else 0.0])[0] >= self.num_replicas
+
     def _on_busy(self, entry: LedgerEntry, busy_s: float) -> None:
+        self._measured += 1
         record = (entry.epoch, entry.step, entry.batch_size, busy_s)
         self.recent_busy.append(record)
         if len(self.recent_busy) > _RECENT_BUSY_KEPT:
