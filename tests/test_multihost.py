@@ -1,0 +1,303 @@
+"""Multi-host for real: each "host" is a network namespace, the launchers run on each.
+
+A host here has its own network stack (one address on a veth link, its own loopback), its own
+host name (a UTS namespace inside the network namespace) and its own ``/etc/hosts`` (``ip netns
+exec`` mounts ``/etc/netns/<ns>/hosts`` over it). So the rendezvous, gloo and the coordinator
+see what they see on separate machines: a peer's name resolves to its routable address, and
+loopback reaches only the host itself, so an address that works only on one node fails.
+
+Needs root (CAP_NET_ADMIN) for ``ip netns``; skipped with the reason where that is missing,
+except where ``SHARDBALANCE_TEST_NETNS=required`` (CI sets it): there a missing ``ip netns``
+fails the test. Every namespace, link and ``/etc/netns`` entry is made with a name unique to the
+test run and removed afterwards, failure or not; every process is stopped by PID, those left
+inside a namespace too (``ip netns pids``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from distributed import ROOT, read_line, stop_process
+
+#: One launch of two nodes takes 15-20 s on 2 idle CPU cores; this bounds a hang, not a speed.
+LAUNCH_TIMEOUT_S = 240
+SUBNET = "10.231.7"  # exists only inside this test's namespaces
+RDZV_PORT = 29400
+COORDINATOR_PORT = 5555
+# Speeds 1:3 over two ranks; 12 steps per epoch, N divisible by B, so every sample exactly once.
+TRAIN_ARGS = ["--emulate-speeds", "1,3", "--epochs", "3", "--samples", "768",
+              "--global-batch-size", "64", "--num-workers", "0", "--check-coverage"]
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)} failed: {result.stderr.strip()}")
+    return result
+
+
+def _netns_unavailable() -> str | None:
+    """Why this machine cannot make network namespaces, or None when it can."""
+    if not sys.platform.startswith("linux"):
+        return "network namespaces are Linux-only"
+    if os.geteuid() != 0:
+        return "`ip netns` needs root (CAP_NET_ADMIN)"
+    for tool in ("ip", "unshare"):
+        if shutil.which(tool) is None:
+            return f"`{tool}` is not installed"
+    probe = f"sbprobe{uuid.uuid4().hex[:8]}"
+    made = _ip("netns", "add", probe, check=False)
+    if made.returncode != 0:
+        return f"`ip netns add` failed: {made.stderr.strip()}"
+    _ip("netns", "del", probe, check=False)
+    return None
+
+
+class Hosts:
+    """Network namespaces as hosts, each with a name, an address and its own /etc/hosts."""
+
+    def __init__(self) -> None:
+        self.tag = uuid.uuid4().hex[:6]  # unique per test run: names of namespaces and links
+        self.namespaces: dict[str, str] = {}  # host name -> namespace
+        self.addresses: dict[str, str] = {}  # host name -> IPv4 address
+        self.processes: list[subprocess.Popen] = []
+        self._links = 0
+        self._logs: list = []
+
+    def add(self, name: str) -> str:
+        """A new host named ``name`` (its address: the next one in SUBNET); returns it."""
+        namespace = f"sbmh-{self.tag}-{len(self.namespaces)}"
+        self.namespaces[name] = namespace  # before it exists: close() removes what was made
+        _ip("netns", "add", namespace)
+        _ip("-n", namespace, "link", "set", "lo", "up")
+        self.addresses[name] = f"{SUBNET}.{len(self.addresses) + 1}"
+        return self.addresses[name]
+
+    def _veth(self, a: str, b: str) -> tuple[str, str]:
+        """A veth pair between hosts a and b, made inside their namespaces; its two ends."""
+        self._links += 1
+        end_a, end_b = f"sb{self.tag}{self._links}a", f"sb{self.tag}{self._links}b"
+        _ip("link", "add", end_a, "netns", self.namespaces[a], "type", "veth",
+            "peer", "name", end_b, "netns", self.namespaces[b])
+        return end_a, end_b
+
+    def _address(self, name: str, device: str) -> None:
+        namespace = self.namespaces[name]
+        _ip("-n", namespace, "addr", "add", f"{self.addresses[name]}/24", "dev", device)
+        _ip("-n", namespace, "link", "set", device, "up")
+
+    def cable(self, a: str, b: str) -> None:
+        """Two hosts joined by one veth pair."""
+        end_a, end_b = self._veth(a, b)
+        self._address(a, end_a)
+        self._address(b, end_b)
+
+    def switch(self, hub: str, *spokes: str) -> None:
+        """A bridge in ``hub`` (which takes its address on it) with a veth to each spoke."""
+        namespace = self.namespaces[hub]
+        _ip("-n", namespace, "link", "add", "sbbr", "type", "bridge")
+        for spoke in spokes:
+            end_spoke, end_hub = self._veth(spoke, hub)
+            _ip("-n", namespace, "link", "set", end_hub, "master", "sbbr")
+            _ip("-n", namespace, "link", "set", end_hub, "up")
+            self._address(spoke, end_spoke)
+        self._address(hub, "sbbr")
+
+    def write_hosts_files(self) -> None:
+        """Each host's /etc/hosts, as on a cluster: every host's name -> its routable address."""
+        lines = ["127.0.0.1 localhost", "::1 localhost ip6-localhost ip6-loopback"]
+        lines += [f"{address} {name}" for name, address in self.addresses.items()]
+        for namespace in self.namespaces.values():
+            directory = Path("/etc/netns") / namespace
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / "hosts").write_text("\n".join(lines) + "\n")
+
+    def start(self, name: str, argv: list[str], env: dict[str, str], log: Path,
+              stdout_pipe: bool = False) -> subprocess.Popen:
+        """Run ``argv`` on host ``name`` (host name set in a UTS namespace of its own), from the
+        repository root, output to ``log`` (stdout piped instead with ``stdout_pipe``)."""
+        out = open(log, "w", encoding="utf-8")
+        self._logs.append(out)
+        cmd = ["ip", "netns", "exec", self.namespaces[name], "unshare", "--uts",
+               "sh", "-c", 'hostname "$0" && exec "$@"', name, *argv]
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE if stdout_pipe else out,
+                                stderr=out, start_new_session=True)
+        self.processes.append(proc)
+        return proc
+
+    def close(self) -> None:
+        """Stop every process (by PID), then remove the namespaces and their /etc/netns dirs."""
+        errors = []
+        for proc in self.processes:
+            try:
+                stop_process(proc, group=True)
+            except Exception as exc:  # keep cleaning up; report at the end
+                errors.append(f"stopping PID {proc.pid}: {exc}")
+            if proc.stdout is not None:
+                proc.stdout.close()
+        for out in self._logs:
+            out.close()
+        for namespace in self.namespaces.values():
+            try:
+                _stop_namespace_processes(namespace)
+                if _ip("netns", "list").stdout.split().count(namespace):
+                    _ip("netns", "del", namespace)
+            except Exception as exc:
+                errors.append(f"removing namespace {namespace}: {exc}")
+            shutil.rmtree(Path("/etc/netns") / namespace, ignore_errors=True)
+        if errors:
+            raise RuntimeError("cleanup failed: " + "; ".join(errors))
+
+
+def _namespace_pids(namespace: str) -> list[int]:
+    listed = _ip("netns", "pids", namespace, check=False)
+    return [int(pid) for pid in listed.stdout.split()] if listed.returncode == 0 else []
+
+
+def _stop_namespace_processes(namespace: str, timeout_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL, whatever still runs in ``namespace``, each by its PID."""
+    for sig, wait_s in ((signal.SIGTERM, timeout_s / 2), (signal.SIGKILL, timeout_s / 2)):
+        pids = _namespace_pids(namespace)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait_s
+        while pids and time.monotonic() < deadline:
+            time.sleep(0.1)
+            pids = _namespace_pids(namespace)
+        if not pids:
+            return
+    raise RuntimeError(f"processes {pids} in {namespace} survived SIGKILL")
+
+
+@pytest.fixture
+def hosts():
+    reason = _netns_unavailable()
+    if reason is not None:
+        if os.environ.get("SHARDBALANCE_TEST_NETNS") == "required":
+            pytest.fail(f"SHARDBALANCE_TEST_NETNS=required but {reason}")
+        pytest.skip(reason)
+    made = Hosts()
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def _node_env(**extra: str) -> dict[str, str]:
+    """This process's environment without anything that would steer the run from outside,
+    this checkout first on the import path, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SHARDBALANCE_", "MASTER_", "TORCHELASTIC_"))
+           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    path = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    env.update(PYTHONPATH=path, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def _launch_two_nodes(hosts: Hosts, tmp_path: Path, train_args: list[str],
+                      **env: str) -> list[str]:
+    """``launch/multi_node.sh`` on node0 and node1, one rank each; their output once both
+    exited 0 (the test fails with both outputs otherwise)."""
+    base = _node_env(NNODES="2", NPROC="1", RDZV_ENDPOINT=f"node0:{RDZV_PORT}",
+                     RDZV_ID=f"multihost-{hosts.tag}", **env)
+    logs = [tmp_path / f"node{i}.log" for i in range(2)]
+    procs = [hosts.start(f"node{i}", ["launch/multi_node.sh", *train_args],
+                         dict(base, NODE_RANK=str(i)), logs[i]) for i in range(2)]
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    codes = []
+    for proc in procs:
+        try:
+            codes.append(proc.wait(max(0.1, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            codes.append(f"still running after {LAUNCH_TIMEOUT_S} s")
+    outputs = [log.read_text(errors="replace") for log in logs]
+    if codes != [0, 0]:
+        detail = "\n".join(f"--- node{i} ({codes[i]}) ---\n{out[-4000:]}"
+                           for i, out in enumerate(outputs))
+        raise AssertionError(f"the two-node launch failed: {codes}\n{detail}")
+    return outputs
+
+
+def _journal(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _assert_balanced_with_exact_coverage(metrics: Path, journal: list[dict]) -> None:
+    epochs = _journal(metrics)
+    assert [e["epoch"] for e in epochs] == [0, 1, 2]
+    for e in epochs:
+        assert e["steps"] == 12 and sum(e["plan"]) == 64, e
+        # Every sample of the epoch trained exactly once, across the two hosts.
+        assert e["coverage"] == {"distinct": 768, "min": 1, "max": 1}, e
+    final = epochs[-1]["plan"]
+    assert final[1] > final[0], epochs  # node1's rank is 3x faster
+    plans = [r for r in journal if r["event"] == "plan"]
+    assert [p["epoch"] for p in plans] == [0, 1, 2]
+    assert plans[-1]["batch_sizes"] == final
+    assert plans[-1]["speedup_vs_equal"] > 1.2, plans[-1]
+    runs = [r for r in journal if r["event"] == "run"]
+    assert len(runs) == 1 and runs[0]["config"]["world_size"] == 2, runs
+
+
+def test_embedded_coordinator_on_node0_binds_its_routable_address(hosts, tmp_path):
+    node0, node1 = hosts.add("node0"), hosts.add("node1")
+    hosts.cable("node0", "node1")
+    hosts.write_hosts_files()
+    metrics, journal = tmp_path / "metrics.jsonl", tmp_path / "coordinator.jsonl"
+
+    outputs = _launch_two_nodes(hosts, tmp_path, [*TRAIN_ARGS, "--metrics-out", str(metrics),
+                                                  "--coordinator-log", str(journal)])
+
+    records = _journal(journal)
+    # Global rank 0 (node0) started the coordinator on node0's address on the veth link,
+    # the one node1 reaches: not loopback, not a wildcard.
+    start = [r for r in records if r["event"] == "start"]
+    assert len(start) == 1 and start[0]["endpoint"].startswith(f"tcp://{node0}:"), start
+    assert f"listening on tcp://{node0}:" in outputs[0]
+    assert "listening on" not in outputs[1]
+    assert node1 != node0
+    _assert_balanced_with_exact_coverage(metrics, records)
+
+
+def test_standalone_coordinator_on_a_third_host(hosts, tmp_path):
+    hosts.add("node0"), hosts.add("node1")
+    coordinator_address = hosts.add("coordhost")
+    hosts.switch("coordhost", "node0", "node1")
+    hosts.write_hosts_files()
+    journal, token = tmp_path / "coordinator.jsonl", tmp_path / "shardbalance.token"
+    embedded_journal, metrics = tmp_path / "embedded.jsonl", tmp_path / "metrics.jsonl"
+
+    bind = f"tcp://{coordinator_address}:{COORDINATOR_PORT}"
+    coordinator = hosts.start(
+        "coordhost", ["launch/coordinator.sh"],
+        _node_env(BIND=bind, LOG=str(journal), TOKEN_FILE=str(token)),
+        tmp_path / "coordinator.log", stdout_pipe=True)
+    assert read_line(coordinator, timeout_s=30).strip() == f"READY {bind}"
+    assert token.stat().st_mode & 0o777 == 0o600  # made by the launcher, private
+
+    # The nodes find it by its host name, through their own /etc/hosts.
+    _launch_two_nodes(hosts, tmp_path, [*TRAIN_ARGS, "--metrics-out", str(metrics),
+                                        "--coordinator-log", str(embedded_journal)],
+                      SHARDBALANCE_COORDINATOR=f"tcp://coordhost:{COORDINATOR_PORT}",
+                      SHARDBALANCE_TOKEN_FILE=str(token))
+
+    assert not embedded_journal.exists()  # no embedded coordinator was started
+    assert stop_process(coordinator) == 0
+    records = _journal(journal)
+    start = [r for r in records if r["event"] == "start"]
+    assert start == [{**start[0], "endpoint": bind, "authenticated": True}], start
+    _assert_balanced_with_exact_coverage(metrics, records)
