@@ -32,6 +32,7 @@ from distributed import ROOT, read_line, stop_process
 #: One launch of two nodes takes 15-20 s on 2 idle CPU cores; this bounds a hang, not a speed.
 LAUNCH_TIMEOUT_S = 240
 SUBNET = "10.231.7"  # exists only inside this test's namespaces
+SECOND_SUBNET = "10.231.8"
 RDZV_PORT = 29400
 COORDINATOR_PORT = 5555
 # Speeds 1:3 over two ranks; 12 steps per epoch, N divisible by B, so every sample exactly once.
@@ -91,16 +92,19 @@ class Hosts:
             "peer", "name", end_b, "netns", self.namespaces[b])
         return end_a, end_b
 
-    def _address(self, name: str, device: str) -> None:
+    def _address(self, name: str, device: str, address: str | None = None) -> None:
         namespace = self.namespaces[name]
-        _ip("-n", namespace, "addr", "add", f"{self.addresses[name]}/24", "dev", device)
+        _ip("-n", namespace, "addr", "add", f"{address or self.addresses[name]}/24",
+            "dev", device)
         _ip("-n", namespace, "link", "set", device, "up")
 
-    def cable(self, a: str, b: str) -> None:
-        """Two hosts joined by one veth pair."""
+    def cable(self, a: str, b: str, addresses: tuple[str, str] | None = None) -> str:
+        """Two hosts joined by one veth pair (with their own addresses, or ``addresses``);
+        returns the name of a's end."""
         end_a, end_b = self._veth(a, b)
-        self._address(a, end_a)
-        self._address(b, end_b)
+        self._address(a, end_a, addresses and addresses[0])
+        self._address(b, end_b, addresses and addresses[1])
+        return end_a
 
     def switch(self, hub: str, *spokes: str) -> None:
         """A bridge in ``hub`` (which takes its address on it) with a veth to each spoke."""
@@ -113,24 +117,29 @@ class Hosts:
             self._address(spoke, end_spoke)
         self._address(hub, "sbbr")
 
-    def write_hosts_files(self) -> None:
-        """Each host's /etc/hosts, as on a cluster: every host's name -> its routable address."""
-        lines = ["127.0.0.1 localhost", "::1 localhost ip6-localhost ip6-loopback"]
-        lines += [f"{address} {name}" for name, address in self.addresses.items()]
-        for namespace in self.namespaces.values():
+    def write_hosts_files(self, own_name_on_loopback: tuple[str, ...] = ()) -> None:
+        """Each host's /etc/hosts, as on a cluster: every host's name -> its routable address;
+        except that a host in ``own_name_on_loopback`` maps its own name to 127.0.1.1 (the
+        Debian and Ubuntu default), as torchrun tolerates."""
+        for name, namespace in self.namespaces.items():
+            lines = ["127.0.0.1 localhost", "::1 localhost ip6-localhost ip6-loopback"]
+            lines += [f"{'127.0.1.1' if host == name and name in own_name_on_loopback else address}"
+                      f" {host}" for host, address in self.addresses.items()]
             directory = Path("/etc/netns") / namespace
             directory.mkdir(parents=True, exist_ok=True)
             (directory / "hosts").write_text("\n".join(lines) + "\n")
 
     def start(self, name: str, argv: list[str], env: dict[str, str], log: Path,
-              stdout_pipe: bool = False) -> subprocess.Popen:
+              stdout_pipe: bool = False, stdin_pipe: bool = False) -> subprocess.Popen:
         """Run ``argv`` on host ``name`` (host name set in a UTS namespace of its own), from the
-        repository root, output to ``log`` (stdout piped instead with ``stdout_pipe``)."""
+        repository root, output to ``log`` (stdout piped instead with ``stdout_pipe``; stdin
+        piped with ``stdin_pipe``)."""
         out = open(log, "w", encoding="utf-8")
         self._logs.append(out)
         cmd = ["ip", "netns", "exec", self.namespaces[name], "unshare", "--uts",
                "sh", "-c", 'hostname "$0" && exec "$@"', name, *argv]
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env,
+                                stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
                                 stdout=subprocess.PIPE if stdout_pipe else out,
                                 stderr=out, start_new_session=True)
         self.processes.append(proc)
@@ -144,8 +153,9 @@ class Hosts:
                 stop_process(proc, group=True)
             except Exception as exc:  # keep cleaning up; report at the end
                 errors.append(f"stopping PID {proc.pid}: {exc}")
-            if proc.stdout is not None:
-                proc.stdout.close()
+            for pipe in (proc.stdin, proc.stdout):
+                if pipe is not None:
+                    pipe.close()
         for out in self._logs:
             out.close()
         for namespace in self.namespaces.values():
@@ -253,10 +263,75 @@ def _assert_balanced_with_exact_coverage(metrics: Path, journal: list[dict]) -> 
     assert len(runs) == 1 and runs[0]["config"]["world_size"] == 2, runs
 
 
+#: Rank 0's choice of the embedded coordinator's address. Each line on stdin: a JSON list of
+#: GLOO_SOCKET_IFNAME values (lists of names) to try; each answer a JSON line, errors as
+#: "Type: message". One process for all questions: /etc/hosts is read at every lookup, so a
+#: rewritten file (the same inode, which ``ip netns exec`` mounted) counts at once.
+_ADDRESS_PROBE = """
+import dataclasses, json, sys
+from shardbalance._env import read_environment
+from shardbalance._session import coordinator_host
+env = read_environment()
+for line in sys.stdin:
+    answers = []
+    for interfaces in json.loads(line):
+        asked = dataclasses.replace(env, socket_interfaces=tuple(interfaces))
+        try:
+            answers.append(coordinator_host(asked))
+        except Exception as exc:
+            answers.append(f"{type(exc).__name__}: {exc}")
+    print(json.dumps(answers), flush=True)
+"""
+
+
+def _ask(probe: subprocess.Popen, log: Path, *interface_lists: tuple[str, ...]) -> list[str]:
+    probe.stdin.write(json.dumps(interface_lists).encode() + b"\n")
+    probe.stdin.flush()
+    try:
+        return json.loads(read_line(probe, timeout_s=60))
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{log.read_text(errors='replace')[-3000:]}") from None
+
+
+def test_rank0_finds_its_routable_address_even_when_its_name_maps_to_loopback(hosts, tmp_path):
+    node0 = hosts.add("node0")
+    hosts.add("node1")
+    hosts.cable("node0", "node1")
+    hosts.write_hosts_files()
+    # Rank 0 of a two-node job on node0, as torchrun's c10d rendezvous sets it up (MASTER_ADDR:
+    # node0's own name).
+    env = _node_env(MASTER_ADDR="node0", MASTER_PORT=str(RDZV_PORT), WORLD_SIZE="2",
+                    LOCAL_WORLD_SIZE="1")
+    log = tmp_path / "probe.log"
+    probe = hosts.start("node0", [sys.executable, "-c", _ADDRESS_PROBE], env, log,
+                        stdout_pipe=True, stdin_pipe=True)
+    # /etc/hosts maps node0 to its address on the link: the route to it.
+    assert _ask(probe, log, ()) == [node0]
+
+    # Debian's default "127.0.1.1 node0": torchrun and gloo still run across the hosts, so
+    # the coordinator must too. The only interface up and running is the link.
+    hosts.write_hosts_files(own_name_on_loopback=("node0",))
+    assert _ask(probe, log, ()) == [node0]
+
+    # With a second link, which one node1 reaches is unknown: a clear error naming both,
+    # unless GLOO_SOCKET_IFNAME (which gloo needs there too) names it.
+    second = hosts.cable("node0", "node1", (f"{SECOND_SUBNET}.1", f"{SECOND_SUBNET}.2"))
+    ambiguous, named, missing = _ask(probe, log, (), (second,), ("nosuch0",))
+    assert ambiguous.startswith("ConfigError") and "loopback" in ambiguous, ambiguous
+    assert f"{node0}" in ambiguous and f"{second} {SECOND_SUBNET}.1" in ambiguous, ambiguous
+    assert "GLOO_SOCKET_IFNAME" in ambiguous and "SHARDBALANCE_BIND" in ambiguous
+    assert named == f"{SECOND_SUBNET}.1"
+    assert "GLOO_SOCKET_IFNAME=nosuch0 has no IPv4 address" in missing, missing
+    probe.stdin.close()
+    assert probe.wait(30) == 0
+
+
 def test_embedded_coordinator_on_node0_binds_its_routable_address(hosts, tmp_path):
     node0, node1 = hosts.add("node0"), hosts.add("node1")
     hosts.cable("node0", "node1")
-    hosts.write_hosts_files()
+    # node0 as a Debian host: its own name on loopback, the harder case for rank 0 (the
+    # plain one is in the test above).
+    hosts.write_hosts_files(own_name_on_loopback=("node0",))
     metrics, journal = tmp_path / "metrics.jsonl", tmp_path / "coordinator.jsonl"
 
     outputs = _launch_two_nodes(hosts, tmp_path, [*TRAIN_ARGS, "--metrics-out", str(metrics),
