@@ -226,7 +226,7 @@ def _launch_two_nodes(hosts: Hosts, tmp_path: Path, train_args: list[str],
                      RDZV_ID=f"multihost-{hosts.tag}", **env)
     logs = [tmp_path / f"node{i}.log" for i in range(2)]
     procs = [hosts.start(f"node{i}", ["launch/multi_node.sh", *train_args],
-                         dict(base, NODE_RANK=str(i)), logs[i]) for i in range(2)]
+                         base, logs[i]) for i in range(2)]
     deadline = time.monotonic() + LAUNCH_TIMEOUT_S
     codes = []
     for proc in procs:
@@ -338,7 +338,8 @@ def test_embedded_coordinator_on_node0_binds_its_routable_address(hosts, tmp_pat
                                                   "--coordinator-log", str(journal)])
 
     records = _journal(journal)
-    # Global rank 0 (node0) started the coordinator on node0's address on the veth link,
+    # The c10d rendezvous numbers nodes in the order of their host names: global rank 0 is on
+    # node0, and it started the coordinator on node0's address on the veth link,
     # the one node1 reaches: not loopback, not a wildcard.
     start = [r for r in records if r["event"] == "start"]
     assert len(start) == 1 and start[0]["endpoint"].startswith(f"tcp://{node0}:"), start
