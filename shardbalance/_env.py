@@ -38,8 +38,8 @@ class Environment:
     master_port: int | None
     world_size: int | None
     local_world_size: int | None
-    # Set where a node's own name maps to loopback (/etc/hosts: "127.0.1.1 node0"), since gloo
-    # then binds loopback too; the interfaces the job's traffic goes through.
+    # GLOO_SOCKET_IFNAME: the interfaces the job's gloo traffic goes through, so the other
+    # nodes reach this one there; used where this node's own name maps to loopback.
     socket_interfaces: tuple[str, ...] = ()
 
     @property

@@ -314,7 +314,7 @@ def test_rank0_finds_its_routable_address_even_when_its_name_maps_to_loopback(ho
     assert _ask(probe, log, ()) == [node0]
 
     # With a second link, which one node1 reaches is unknown: a clear error naming both,
-    # unless GLOO_SOCKET_IFNAME (which gloo needs there too) names it.
+    # unless GLOO_SOCKET_IFNAME (the interface gloo is told to use) names it.
     second = hosts.cable("node0", "node1", (f"{SECOND_SUBNET}.1", f"{SECOND_SUBNET}.2"))
     ambiguous, named, missing = _ask(probe, log, (), (second,), ("nosuch0",))
     assert ambiguous.startswith("ConfigError") and "loopback" in ambiguous, ambiguous
