@@ -29,7 +29,8 @@ import pytest
 
 from distributed import ROOT, read_line, stop_process
 
-#: One launch of two nodes takes 15-20 s on 2 idle CPU cores; this bounds a hang, not a speed.
+#: One launch of two nodes took 60-80 s on a 2-core machine shared with other jobs (most of it
+#: importing torch); this bounds a hang, not a speed.
 LAUNCH_TIMEOUT_S = 240
 SUBNET = "10.231.7"  # exists only inside this test's namespaces
 SECOND_SUBNET = "10.231.8"
@@ -256,7 +257,7 @@ def _assert_balanced_with_exact_coverage(metrics: Path, journal: list[dict]) -> 
     final = epochs[-1]["plan"]
     assert final[1] > final[0], epochs  # node1's rank is 3x faster
     plans = [r for r in journal if r["event"] == "plan"]
-    assert [p["epoch"] for p in plans] == [0, 1, 2]
+    assert {p["epoch"] for p in plans} == {0, 1, 2} and plans[-1]["epoch"] == 2, plans
     assert plans[-1]["batch_sizes"] == final
     assert plans[-1]["speedup_vs_equal"] > 1.2, plans[-1]
     runs = [r for r in journal if r["event"] == "run"]
