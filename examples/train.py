@@ -13,7 +13,9 @@
 
 The data is generated (a fixed random teacher network labels Gaussian inputs), so the script
 needs no download. Rank 0 prints one line per epoch: time, throughput, loss and the plan.
-``--metrics-out FILE`` also writes those lines as JSON for benchmarks.
+``--metrics-out FILE`` also writes those lines as JSON for benchmarks; with
+``--check-coverage`` each line also counts how often every sample was trained in the epoch,
+over all ranks (``coverage``: distinct samples and the lowest and highest count).
 """
 
 from __future__ import annotations
@@ -62,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="from global step STEP on, rank RANK runs FACTOR times slower "
                         "(emulated throttling; needs --emulate-speeds)")
     p.add_argument("--metrics-out", default=None, help="rank 0 appends one JSON line per epoch")
+    p.add_argument("--check-coverage", action="store_true",
+                   help="count every sample's uses per epoch over all ranks (one all-reduce of "
+                        "N counters per epoch) and report them in each epoch's line")
     p.add_argument("--coordinator-log", default=None, help="journal of the embedded coordinator")
     p.add_argument("--checkpoint", default=None,
                    help="save model, optimizer and sampler here; resume from it if it exists")
@@ -102,6 +107,19 @@ def make_dataset(num_samples: int, dim: int = 32, classes: int = 10) -> TensorDa
     return TensorDataset(x, y)
 
 
+class IndexedDataset(torch.utils.data.Dataset):
+    """``dataset[i] + (i,)``: each batch also carries its sample indices (for --check-coverage)."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return (*self.dataset[index], index)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -113,6 +131,8 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
 
     dataset = make_dataset(args.samples)
+    if args.check_coverage:
+        dataset = IndexedDataset(dataset)
     if args.sampler == "weighted":
         sampler = WeightedDistributedSampler(
             dataset, global_batch_size=args.global_batch_size, seed=args.seed,
@@ -177,7 +197,12 @@ def main(argv=None) -> None:
         dist.barrier()
         start = time.perf_counter()
         total_loss, seen, steps = torch.zeros((), device=device), 0, 0
-        for x, y in loader:
+        uses = torch.zeros(len(dataset), dtype=torch.int64, device=device) \
+            if args.check_coverage else None
+        for x, y, *indices in loader:
+            if uses is not None:  # index_add_, not uses[i] += 1: repeats must count
+                index = indices[0].to(device)
+                uses.index_add_(0, index, torch.ones_like(index))
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             loss = F.cross_entropy(model(x), y)  # mean over the local batch
             opt.zero_grad(set_to_none=True)
@@ -200,6 +225,8 @@ def main(argv=None) -> None:
         elapsed = time.perf_counter() - start
         stats = torch.tensor([total_loss.item(), float(seen)], dtype=torch.float64, device=device)
         dist.all_reduce(stats)
+        if uses is not None:
+            dist.all_reduce(uses)
         plan = list(sampler.batch_sizes) if args.sampler == "weighted" else \
             [args.global_batch_size // world] * world
         if rank == 0:
@@ -207,6 +234,9 @@ def main(argv=None) -> None:
                       "samples_per_s": round(stats[1].item() / elapsed, 1),
                       "loss": round(stats[0].item() / stats[1].item(), 5), "plan": plan,
                       "steps": steps, "sampler": args.sampler}
+            if uses is not None:
+                record["coverage"] = {"distinct": int((uses > 0).sum()),
+                                      "min": int(uses.min()), "max": int(uses.max())}
             print(f"epoch {epoch} | {elapsed:.2f} s | {record['samples_per_s']:.0f} samples/s "
                   f"| loss {record['loss']:.4f} | plan {plan}", flush=True)
             if args.metrics_out:

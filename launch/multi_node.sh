@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Several nodes: run this on every node with the same RDZV_ENDPOINT (host:port of node 0).
-#   NNODES=2 NODE_RANK=0 RDZV_ENDPOINT=node0:29500 launch/multi_node.sh
-#   NNODES=2 NODE_RANK=1 RDZV_ENDPOINT=node0:29500 launch/multi_node.sh
-# Global rank 0 starts the coordinator and binds the interface that routes to the rendezvous
-# host; set SHARDBALANCE_BIND=tcp://IP:PORT to choose, or SHARDBALANCE_COORDINATOR to use a
+#   node0$ NNODES=2 RDZV_ENDPOINT=node0:29500 launch/multi_node.sh
+#   node1$ NNODES=2 RDZV_ENDPOINT=node0:29500 launch/multi_node.sh
+# No node rank to give: the c10d rendezvous numbers the nodes itself (torch 2.x: in the order
+# of their host names; global rank 0 need not be on the RDZV_ENDPOINT host). Global rank 0 starts
+# the coordinator and binds the interface its host name routes to (if that name maps to
+# loopback, as Debian's "127.0.1.1 node0" does: GLOO_SOCKET_IFNAME's interface, else the only
+# one up); set SHARDBALANCE_BIND=tcp://IP:PORT to choose, or SHARDBALANCE_COORDINATOR to use a
 # standalone one (launch/coordinator.sh). Extra arguments go to the training script.
 set -euo pipefail
 cd "$(dirname "$0")/.."

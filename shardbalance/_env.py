@@ -11,6 +11,8 @@
     TORCHELASTIC_RESTART_COUNT torchrun's restart count: the plan generation
     MASTER_ADDR, MASTER_PORT   torchrun's rendezvous address
     WORLD_SIZE, LOCAL_WORLD_SIZE  torchrun's rank counts (does the job span nodes?)
+    GLOO_SOCKET_IFNAME         gloo's interfaces (comma-separated): where the embedded
+                               coordinator binds when rank 0's host name maps to loopback
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ class Environment:
     master_port: int | None
     world_size: int | None
     local_world_size: int | None
+    # GLOO_SOCKET_IFNAME: the interfaces the job's gloo traffic goes through, so the other
+    # nodes reach this one there; used where this node's own name maps to loopback.
+    socket_interfaces: tuple[str, ...] = ()
 
     @property
     def spans_nodes(self) -> bool:
@@ -85,4 +90,7 @@ def read_environment() -> Environment:
         master_port=port,
         world_size=_number("WORLD_SIZE", None, int),
         local_world_size=_number("LOCAL_WORLD_SIZE", None, int),
+        socket_interfaces=tuple(name.strip() for name in
+                                os.environ.get("GLOO_SOCKET_IFNAME", "").split(",")
+                                if name.strip()),
     )

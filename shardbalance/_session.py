@@ -23,7 +23,7 @@ from ._env import Environment
 from ._exceptions import ConfigError, CoordinatorError
 from ._peers import PeerGroup
 from .client import (CoordinatorClient, EmbeddedCoordinator, StatsSender, external_address,
-                     routable_address)
+                     routable_address, running_interfaces)
 
 __all__ = ["CoordinatorSession"]
 
@@ -144,12 +144,19 @@ def coordinator_host(env: Environment) -> str:
     """The address the other ranks reach rank 0 by; never loopback when the job spans nodes."""
     host = routable_address(env.master_addr, env.master_port)
     if host.startswith("127.") and env.spans_nodes:
-        # MASTER_ADDR is this host's name and /etc/hosts maps it to a loopback address.
-        host = external_address()
+        # MASTER_ADDR is this host's name and /etc/hosts maps it to a loopback address (the
+        # Debian default); torchrun and gloo still work there, so find the address otherwise.
+        host = external_address(env.socket_interfaces)
         if host is None:
+            named = (f"GLOO_SOCKET_IFNAME={','.join(env.socket_interfaces)} has no IPv4 "
+                     f"address; " if env.socket_interfaces else "")
+            running = ", ".join(f"{name} {address}"
+                                for name, address in running_interfaces().items())
             raise ConfigError(
-                "the job spans several nodes but rank 0's host name resolves only to a "
-                "loopback address; set SHARDBALANCE_BIND=tcp://<this node's IP>:0")
+                f"the job spans several nodes but rank 0's host name resolves only to a "
+                f"loopback address ({named}interfaces up: {running or 'none'}); "
+                f"set GLOO_SOCKET_IFNAME=<the interface the other nodes reach> or "
+                f"SHARDBALANCE_BIND=tcp://<this node's IP>:0")
     return host
 
 

@@ -28,7 +28,7 @@ from ._exceptions import CoordinatorError, CoordinatorUnavailable, ProtocolError
 from .plan import Plan
 
 __all__ = ["CoordinatorClient", "StatsSender", "EmbeddedCoordinator", "routable_address",
-           "external_address"]
+           "external_address", "running_interfaces"]
 
 log = logging.getLogger("shardbalance")
 
@@ -226,8 +226,60 @@ def routable_address(peer_host: str | None, peer_port: int | None = None) -> str
             return "127.0.0.1"
 
 
-def external_address() -> str | None:
-    """A non-loopback IPv4 address of this host, or None."""
+def _interface_ioctl(name: str, request: int) -> bytes | None:
+    """``ioctl(request)`` on a ``struct ifreq`` for interface ``name`` (Linux); None on error."""
+    import fcntl
+    import struct
+
+    if not name or len(name.encode()) > 15:  # IFNAMSIZ - 1: no interface has a longer name
+        return None
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            return fcntl.ioctl(probe.fileno(), request, struct.pack("256s", name.encode()))
+        except OSError:  # no such interface, or (SIOCGIFADDR) no IPv4 address on it
+            return None
+
+
+def _interface_address(name: str) -> str | None:
+    """The IPv4 address of network interface ``name``, or None."""
+    reply = _interface_ioctl(name, 0x8915)  # SIOCGIFADDR
+    # struct ifreq: the name (16 bytes), then a sockaddr_in whose address is at offset 4.
+    return socket.inet_ntoa(reply[20:24]) if reply else None
+
+
+def running_interfaces() -> dict[str, str]:
+    """Interface name -> IPv4 address, for every interface up, running and not loopback
+    (Linux; elsewhere none)."""
+    found: dict[str, str] = {}
+    if not sys.platform.startswith("linux"):
+        return found
+    for _, name in socket.if_nameindex():
+        reply = _interface_ioctl(name, 0x8913)  # SIOCGIFFLAGS
+        flags = int.from_bytes(reply[16:18], sys.byteorder) if reply else 0
+        # IFF_UP and IFF_RUNNING (a bridge without ports, like an idle docker0, is not
+        # running), not IFF_LOOPBACK.
+        if flags & 0x1 and flags & 0x40 and not flags & 0x8:
+            address = _interface_address(name)
+            if address is not None and not address.startswith("127."):
+                found[name] = address
+    return found
+
+
+def external_address(interfaces: tuple[str, ...] = ()) -> str | None:
+    """A non-loopback IPv4 address of this host that other hosts can reach, or None.
+
+    For a host whose own name maps to loopback ("127.0.1.1 node0" in /etc/hosts, the Debian
+    and Ubuntu default), where torchrun still works: the address of the first of
+    ``interfaces`` (GLOO_SOCKET_IFNAME) that has one; else one of the host name's addresses
+    that is not loopback; else the address of the only interface that is up and running
+    (None when there are several: which one the other hosts reach is then unknown).
+    """
+    if not sys.platform.startswith("linux"):
+        interfaces = ()
+    for name in interfaces:
+        address = _interface_address(name)
+        if address is not None and not address.startswith("127."):
+            return address
     try:
         _, _, addresses = socket.gethostbyname_ex(socket.gethostname())
     except OSError:
@@ -235,7 +287,8 @@ def external_address() -> str | None:
     for address in addresses:
         if not address.startswith("127."):
             return address
-    return None
+    running = running_interfaces()
+    return next(iter(running.values())) if len(running) == 1 else None
 
 
 class EmbeddedCoordinator:
