@@ -19,7 +19,8 @@ import torch
 __all__ = ["default_store", "tree_flatten", "tree_unflatten", "will_engine_execute_node",
            "gradient_edge_node", "current_graph_task_id", "queue_callback", "has_comm_hook",
            "missing_for_output_weighting", "fsdp_module_type", "fsdp_param_groups",
-           "fsdp_reduces_gradients", "fsdp_data_parallel_degree", "fsdp_unsharded_parameters"]
+           "fsdp_reduces_gradients", "fsdp_data_parallel_degree", "fsdp_unsharded_parameters",
+           "fsdp_divide_factor"]
 
 try:  # the store torch.distributed rendezvoused with: the address exchange (DESIGN §8)
     from torch.distributed.distributed_c10d import _get_default_store as _store_getter
@@ -106,6 +107,10 @@ def fsdp_param_groups(model: torch.nn.Module) -> list[Any]:
     for module in model.modules():
         if kind is not None and isinstance(module, kind):
             state = getattr(module, "_get_fsdp_state", lambda: None)()
+            several = getattr(state, "_fsdp_param_groups", None)
+            if several is not None:
+                groups.extend(g for g in several if g is not None)
+                continue
             group = getattr(state, "_fsdp_param_group", None)
             if group is not None:
                 groups.append(group)
@@ -115,7 +120,20 @@ def fsdp_param_groups(model: torch.nn.Module) -> list[Any]:
 def fsdp_reduces_gradients(groups: list[Any]) -> bool:
     """Whether the next backward reduce-scatters (False inside gradient accumulation:
     ``set_requires_gradient_sync(False)``)."""
-    return any(getattr(g, "reduce_grads", True) for g in groups) if groups else True
+    # HSDP: set_requires_all_reduce(False) also keeps a step open (no all-reduce across the
+    # replicas yet).
+    return any(getattr(g, "reduce_grads", True) and getattr(g, "all_reduce_grads", True)
+               for g in groups) if groups else True
+
+
+def fsdp_divide_factor(groups: list[Any]) -> float | None:
+    """The custom factor FSDP2 divides each reduced gradient by (``set_gradient_divide_factor``;
+    None: the default, the data-parallel degree). Raises ValueError if the groups differ."""
+    factors = {getattr(g, "gradient_divide_factor", None) for g in groups}
+    if len(factors) > 1:
+        raise ValueError(f"the FSDP2 modules divide their gradients by different factors "
+                         f"{sorted(map(str, factors))}")
+    return factors.pop() if factors else None
 
 
 def fsdp_data_parallel_degree(groups: list[Any]) -> int | None:

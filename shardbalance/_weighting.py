@@ -116,6 +116,8 @@ class _StepWeighting:
         self.next_weight: tuple[float, float] | None = None
         #: Optimizer steps (synchronised backward passes) weighted so far.
         self.steps = 0
+        #: The most loader batches one step has accumulated so far.
+        self.largest_group = 0
         #: Set while ``probe()`` runs its steps: they train no batch of the dataset.
         self.paused = False
         #: Set by ``accumulate()``: ``(forwards, rows each)`` of the next batch's micro-batches.
@@ -219,6 +221,7 @@ class _StepWeighting:
     def _close_step(self) -> list[LedgerEntry]:
         """The open step's batches, now synchronised; the step's busy time ends here."""
         group, self.group = self.group, []
+        self.largest_group = max(self.largest_group, len(group))
         self.weight = self.share(group[-1])
         self.next_weight, self._backward_ran = None, False
         self.steps += 1
@@ -356,6 +359,9 @@ class OutputWeighting(_StepWeighting):
         super().__init__(ledger, global_batch_size, world_size, on_busy, device,
                          check_batch_size)
         self.scales = scale
+        #: What the all-reduce after us divides by, where it is not the world size (FSDP2's
+        #: ``set_gradient_divide_factor``).
+        self.divide_factor: float | None = None
         #: The graph task whose end closes the open step (None: no synchronised pass yet).
         self._queued_task: int | None = None
         # The parameters' gradient accumulators tell a training backward (which accumulates
@@ -413,7 +419,9 @@ class OutputWeighting(_StepWeighting):
         if not self.scales:
             return None
         share = self.share(entry)
-        return share if self.sums else self.world_size * share
+        if self.sums:
+            return share
+        return (self.divide_factor or self.world_size) * share
 
     def _trains_parameters(self) -> bool:
         """Whether the running backward accumulates into the parameters' ``.grad`` (a

@@ -197,13 +197,14 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         self.recent_busy: list[tuple[int, int, int, float]] = []
         self._serial = 0
         self._iterated_epoch: int | None = None
-        #: Busy-time measurements this rank has made (they tell when an early re-plan is due).
-        self._measured = 0
         #: Re-plans still to make inside the first epoch, once every rank has measured a few
         #: steps: with per-epoch plans and no probe, epoch 0 is balanced long before epoch 1.
         self._early_replans = _EARLY_REPLANS
-        #: The first epoch this sampler iterates: the only one with early re-plans.
-        self._early_epoch: int | None = None
+        #: The first iterator that yields (its epoch is the only one with early re-plans),
+        #: the plan of its current window, and the batches measured on that plan.
+        self._early_serial: int | None = None
+        self._early_plan: Plan | None = None
+        self._early_measured = 0
         #: ``(epoch, position)`` after load_state_dict(): where that epoch starts.
         self._resume: tuple[int, int] | None = None
         #: An iterator of the resumed epoch ran to its end: the next one starts the epoch over.
@@ -321,8 +322,8 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         window = self.rebalance_every or max(steps, 1)
         big_b = self.global_batch_size
         self._iterated_epoch = epoch
-        if self._early_epoch is None:
-            self._early_epoch = epoch
+        if self._early_serial is None:
+            self._early_serial = serial  # the first iterator that yields
         append = self.ledger.append
         first = 0
         while first < steps:
@@ -331,21 +332,24 @@ class WeightedDistributedSampler(Sampler[list[int]]):
             checks = {} if first else {"settings": self.settings.digest, "epoch": epoch,
                                        "position": start}
             plan = self.plan_source.plan_for(epoch, first, checks)
-            measured_at_plan = self._measured
             b = plan.batch_sizes[self.rank]
             offset = plan.offset(self.rank)
             last = min(first + window, steps)
             # Steps per pass of the order (_CHUNK positions bound the sampler's memory); one
             # at a time while an early re-plan may cut the window.
-            early = self._early_replans > 0 and epoch == self._early_epoch and \
+            early = self._early_replans > 0 and serial == self._early_serial and \
                 self.settings.adaptive and self.rebalance_every is None and \
-                self.settings.initial_weights is None
+                self.settings.initial_weights is None and self.settings.pad
+            if early:
+                self._early_plan, self._early_measured = plan, 0
             lane = np.arange(b, dtype=np.int64)
             c0 = first
             while c0 < last:
                 if early and c0 >= _EARLY_MAX_STEPS:
                     early = False  # (the same step on every rank)
-                if early and c0 > first and self._early_plan_due(measured_at_plan):
+                # Cut only between accumulation groups (as a window boundary is).
+                if early and c0 > first and c0 % self.accumulation_steps == 0 and \
+                        self._early_plan_due():
                     self._early_replans -= 1
                     last = c0  # the next window starts here
                     break
@@ -358,11 +362,10 @@ class WeightedDistributedSampler(Sampler[list[int]]):
                     rows[-1] = [i for i, p in zip(rows[-1], positions[-1].tolist())
                                 if p < self.num_samples]
                 for step, row in enumerate(rows, c0):
-                    if not row:
-                        continue  # pad=False: nothing left for this rank
                     append(LedgerEntry(serial, epoch, step, len(row), plan,
                                        min(start + (step + 1) * big_b, self.num_samples)))
-                    yield row
+                    if row:  # pad=False: nothing left for this rank in the last step
+                        yield row
                 c0 = c1
             first = last
         if self._resume is not None and self._resume[0] == epoch:
@@ -459,6 +462,15 @@ class WeightedDistributedSampler(Sampler[list[int]]):
                 raise ConfigError("an FSDP2 model has no DDP comm hook: attach it with "
                                   "weighting='output' (the default for FSDP2) or 'none'")
             world = compat.fsdp_data_parallel_degree(fsdp_groups)
+            if world is None:
+                raise ConfigError("cannot read the data-parallel degree of this FSDP2 model's "
+                                  "mesh (a replicate-only mesh, or modules on different meshes): "
+                                  "shardbalance supports fully_shard over the data-parallel "
+                                  "ranks, and HSDP")
+            try:
+                divide_factor = compat.fsdp_divide_factor(fsdp_groups)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
             what = "the FSDP2 model's mesh averages gradients over"
         else:
             world = model.process_group.size() if hasattr(model, "process_group") \
@@ -488,9 +500,16 @@ class WeightedDistributedSampler(Sampler[list[int]]):
                                    else list(model.parameters()),
                                    scale=weighting == "output", check_batch_size=check_batch_size)
             hook.fsdp_groups = fsdp_groups
+            if fsdp_groups is not None:
+                hook.divide_factor = divide_factor
             attach_output_weighting(model, hook, comm_hook, comm_state)
         if busy == "compute":
             hook.compute = ComputeClock(model, device)
+            if not hook.compute.leaves:
+                warnings.warn("shardbalance: busy='compute' found no compute leaf in the model "
+                              "(a module without children that holds parameters, or marked "
+                              "shardbalance_compute = True): no busy time will be measured and "
+                              "the plan will not move", RuntimeWarning, stacklevel=2)
         self.ledger.consumed = True
         self._weighting = hook
 
@@ -510,14 +529,21 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         return None if self._weighting is None or not self._weighting.steps \
             else self._weighting.weight
 
-    def _early_plan_due(self, measured_at_plan: int) -> bool:
-        """Whether every rank has measured enough steps on the current plan for an early
-        re-plan (one scalar all-reduce, run at the same step on every rank)."""
-        ready = self._measured - measured_at_plan >= _EARLY_WARMUP
+    def _early_plan_due(self) -> bool:
+        """Whether every rank has measured enough steps trained on the current window's plan
+        for an early re-plan (one scalar all-reduce, run at the same step on every rank)."""
+        ready = self._early_measured >= _EARLY_WARMUP * self.accumulation_steps
+        weighting = self._weighting
+        if isinstance(weighting, WeightedCommHook) and self.accumulation_steps == 1 and \
+                weighting.largest_group > 1:
+            # The loop accumulates under no_sync() without accumulation_steps: a plan change
+            # could fall inside a group, which the comm hook cannot weight. Keep the plan.
+            ready = False
         return self.peers.sum([1.0 if ready else 0.0])[0] >= self.num_replicas
 
     def _on_busy(self, entry: LedgerEntry, busy_s: float) -> None:
-        self._measured += 1
+        if entry.plan is self._early_plan:
+            self._early_measured += 1
         record = (entry.epoch, entry.step, entry.batch_size, busy_s)
         self.recent_busy.append(record)
         if len(self.recent_busy) > _RECENT_BUSY_KEPT:
@@ -559,6 +585,13 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         cost when the probe runs first: leave room with ``memory_fraction``. A CPU rank is not
         capped.
         """
+        cause = lockstep_cause(model) if model is not None else None
+        if cause and (self.settings.probe_weights or self.settings.initial_weights is None):
+            warnings.warn(f"shardbalance: the model has {cause}: the probe's steps wait for the "
+                          "slowest rank inside each step, so its timings cannot tell the ranks "
+                          "apart and the first plan will be about equal. Without a probe, the "
+                          "first epoch re-plans early from compute-only busy time",
+                          RuntimeWarning, stacklevel=2)
         if self._weighting is not None:
             self._weighting.paused = True
         try:

@@ -1,5 +1,6 @@
 """Real DDP on gloo ranks: exact gradients, the step ledger under prefetch, plan agreement."""
 
+import contextlib
 import dataclasses
 
 import numpy as np
@@ -582,19 +583,23 @@ def test_output_weighting_survives_a_failed_backward_and_ignores_autograd_grad()
     assert_same_tensors([r[3] for r in results], [p.grad for p in reference.parameters()])
 
 
-def _first_epoch_without_probe(rank, world):
+def _first_epoch_without_probe(rank, world, group):
     data = TensorDataset(torch.randn(384, DIM), torch.randint(0, CLASSES, (384,)),
                          torch.arange(384))
-    sampler = WeightedDistributedSampler(data, global_batch_size=16, seed=5, timeout_s=30)
+    sampler = WeightedDistributedSampler(data, global_batch_size=16, seed=5, timeout_s=30,
+                                         accumulation_steps=group)
     model = DDP(torch.nn.Sequential(EmulatedSpeed([1.0, 3.0][rank], per_sample_s=0.002,
                                                   overhead_s=0.002), _model()))
     # Compute-only busy time: the emulated speeds, not the loader's waits on a loaded machine.
     sampler.attach(model, busy="compute")
     loader = DataLoader(data, batch_sampler=sampler, num_workers=2, prefetch_factor=2)
     sizes, seen = [], []
-    for x, y, idx in loader:
-        F.cross_entropy(model(x), y).backward()
-        model.zero_grad(set_to_none=True)
+    for i, (x, y, idx) in enumerate(loader):
+        # With group=2: Lightning-style accumulation under no_sync(), the comm hook weighting.
+        with contextlib.nullcontext() if (i + 1) % group == 0 else model.no_sync():
+            F.cross_entropy(model(x), y).backward()
+        if (i + 1) % group == 0:
+            model.zero_grad(set_to_none=True)
         sizes.append(sampler.last_trained.plan.batch_sizes)
         seen.append(idx)
     del model
@@ -603,12 +608,15 @@ def _first_epoch_without_probe(rank, world):
     return sizes, torch.cat(seen)
 
 
-def test_the_first_epoch_is_rebalanced_early_without_a_probe():
-    (sizes0, seen0), (sizes1, seen1) = run_ranks(_first_epoch_without_probe, 2, timeout_s=150)
+@pytest.mark.parametrize("group", [1, 2])
+def test_the_first_epoch_is_rebalanced_early_without_a_probe(group):
+    (sizes0, seen0), (sizes1, seen1) = run_ranks(_first_epoch_without_probe, 2, group,
+                                                 timeout_s=150)
     assert sizes0 == sizes1 and len(sizes0) == 24
     # Per-epoch plans, no probe: the epoch starts on the equal split and re-plans twice once
     # every rank has measured a few steps, however far its loader prefetched (here 4 batches).
     changes = [s for s in range(1, 24) if sizes0[s] != sizes0[s - 1]]
     assert sizes0[0] == (8, 8) and 1 <= len(changes) <= 2 and changes[0] < 14, sizes0
     assert sizes0[-1][1] > sizes0[-1][0], sizes0  # toward the 3x faster rank
+    assert all(s % group == 0 for s in changes)  # between accumulation groups
     assert sorted(torch.cat([seen0, seen1]).tolist()) == list(range(384))

@@ -70,6 +70,21 @@ def _fsdp_exact(rank, world):
         group.append(idx)
     accumulated = (_full_grads(model), torch.cat(group), sampler.trained_steps,
                    sampler.state_dict()["position"])
+    # Micro-batches through accumulate() (FSDP2 has no no_sync(): gradient sync toggled), and
+    # a custom divide factor (sum reduction) on the same plan.
+    micro_sampler = WeightedDistributedSampler(data, B, policy="static", initial_weights=[1, 3],
+                                               micro_batch_size=4, seed=3)
+    micro_model = _sharded()
+    micro_model.set_gradient_divide_factor(1.0)
+    micro_sampler.attach(micro_model)
+    loader = DataLoader(data, batch_sampler=micro_sampler)
+    micro_idx = []
+    for (x, y, idx), scale, last in micro_sampler.accumulate(loader, micro_model):
+        (F.cross_entropy(micro_model(x), y) * scale).backward()
+        micro_idx.append(idx)
+        if last:
+            break
+    micro = (_full_grads(micro_model), torch.cat(micro_idx), micro_sampler.trained_steps)
     # weighting="hook" means a DDP comm hook: refused for FSDP2 with a clear message.
     try:
         WeightedDistributedSampler(data, B, policy="equal", seed=3).attach(
@@ -78,7 +93,7 @@ def _fsdp_exact(rank, world):
     except ConfigError as exc:
         refused = str(exc)
     dist.barrier()
-    return one, accumulated, refused
+    return one, accumulated, refused, micro
 
 
 def _reference(indices: torch.Tensor) -> list[torch.Tensor]:
@@ -90,7 +105,7 @@ def _reference(indices: torch.Tensor) -> list[torch.Tensor]:
 
 def test_fsdp2_with_an_uneven_plan_gives_the_global_batch_gradient():
     results = run_ranks(_fsdp_exact, 2, timeout_s=120)
-    (one0, acc0, refused0), (one1, acc1, _) = results
+    (one0, acc0, refused0, micro0), (one1, acc1, _, micro1) = results
     assert (len(one0[1]), len(one1[1])) == (4, 12) and (one0[2], one1[2]) == (4 / 16, 12 / 16)
     want = _reference(torch.cat([one0[1], one1[1]]))
     for got in (one0[0], one1[0]):
@@ -103,6 +118,11 @@ def test_fsdp2_with_an_uneven_plan_gives_the_global_batch_gradient():
     # Two optimizer steps, three batches trained: the checkpoint counts all three.
     assert acc0[2] == acc1[2] == 2 and acc0[3] == acc1[3] == 3 * B
     assert "weighting='output'" in refused0
+    assert (len(micro0[1]), len(micro1[1]), micro0[2], micro1[2]) == (4, 12, 1, 1)
+    want = _reference(torch.cat([micro0[1], micro1[1]]))
+    for got in (micro0[0], micro1[0]):
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
 
 
 class _AllReduceInForward(torch.nn.Module):

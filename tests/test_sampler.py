@@ -132,7 +132,9 @@ def test_unpadded_evaluation_counts_each_rank_and_refuses_training():
     # Plan (2, 2, 4): the second step has positions 8 and 9 only, both in rank 0's slice.
     assert [len(b) for b in batches] == [len(s) for s in samplers] == [2, 1, 1]
     assert sorted(i for b in batches for batch in b for i in batch) == list(range(10))
-    assert samplers[0].state_dict()["epoch"] == 1  # the epoch is complete
+    # The epoch is complete on every rank, also on those without a batch in the last step.
+    assert all(s.state_dict() == {**samplers[0].state_dict(), "epoch": 1, "position": 0}
+               for s in samplers)
     import torch
 
     with pytest.raises(ConfigError, match="pad=False is for evaluation"):
