@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 import warnings
+from datetime import timedelta
 from typing import Any, Iterator, Sized
 
 import numpy as np
@@ -365,9 +366,35 @@ class DynamicShardSampler:
             self._heartbeat.join(self.timeout_s + 1.0)
         self._client.close()
         if self._session is not None:
+            self._wait_for_peers_to_close()
             self._session.close()
         if self._embedded is not None:
             self._embedded.stop()
+
+    def _wait_for_peers_to_close(self) -> None:
+        """Rank 0 hosts the embedded coordinator: it stops it only once every rank closed (each
+        says so in the rendezvous store: no collective), or after ``timeout_s``, so that no
+        rank's last request finds the coordinator gone."""
+        import torch.distributed as dist
+
+        from . import _torch_compat as compat
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        try:
+            store = compat.default_store()
+            prefix = f"shardbalance/pull/{self.run_id}/g{self.generation}/closed/"
+            me = dist.get_rank()
+            if self._session.embedded is None:
+                store.set(prefix + str(me), "1")
+                return
+            others = [prefix + str(r) for r in range(dist.get_world_size()) if r != me]
+            if others:
+                store.wait(others, timedelta(seconds=self.timeout_s))
+        except Exception as exc:  # the store raises its own timeout types
+            warnings.warn(f"shardbalance: not every rank closed its DynamicShardSampler within "
+                          f"{self.timeout_s:g} s ({exc}); stopping the coordinator anyway",
+                          RuntimeWarning)
 
     def __del__(self) -> None:
         try:
