@@ -10,6 +10,8 @@ the delivery contract (at-least-once chunks + index-keyed outputs = exactly-once
 from __future__ import annotations
 
 import logging
+import math
+import os
 import secrets
 import threading
 import time
@@ -159,9 +161,12 @@ class DynamicShardSampler:
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
 
+        self._pid = os.getpid()
         address = coordinator or env.coordinator
-        retries = max(1, int(self.timeout_s // 5))
-        per_try = min(5.0, self.timeout_s)
+        # Pull requests are tiny and answered at once: a short wait per try, resent until
+        # timeout_s, so a restarted coordinator is found again within a couple of seconds.
+        per_try = min(2.0, self.timeout_s)
+        retries = max(1, math.ceil(self.timeout_s / per_try))
         if distributed and dist.get_world_size() == num_replicas:
             from ._peers import PeerGroup
             from ._session import CoordinatorSession
@@ -220,7 +225,7 @@ class DynamicShardSampler:
                                      ranges=[list(r) for r in ranges])
 
     def _renew_leases(self) -> None:
-        client = CoordinatorClient(self.address, self._secret, min(5.0, self.timeout_s), 1)
+        client = CoordinatorClient(self.address, self._secret, min(2.0, self.timeout_s), 1)
         try:
             while not self._stop.wait(self.lease_s / 4):
                 with self._lock:
@@ -358,8 +363,8 @@ class DynamicShardSampler:
 
     def close(self) -> None:
         """Stop the heartbeat, the client and an embedded coordinator (idempotent)."""
-        if self._closed:
-            return
+        if self._closed or os.getpid() != self._pid:
+            return  # a forked DataLoader worker's copy owns nothing
         self._closed = True
         self._stop.set()
         if self._heartbeat is not None:

@@ -139,12 +139,12 @@ def stop_process(proc, timeout_s: float = 10.0) -> int:
     return proc.returncode
 
 
-def torchrun(nproc, *args, timeout_s=150, launcher_args=None, env=None):
-    """``torchrun`` examples/train.py on 127.0.0.1 and a free port; its output. The launch
+def torchrun(nproc, *args, timeout_s=150, launcher_args=None, env=None, script="train.py"):
+    """``torchrun`` examples/<script> on 127.0.0.1 and a free port; its output. The launch
     gets its own process group, killed whole if it runs past ``timeout_s``."""
     rendezvous = launcher_args or ["--master_addr=127.0.0.1", f"--master_port={free_port()}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           *rendezvous, str(ROOT / "examples" / "train.py"), *args]
+           *rendezvous, str(ROOT / "examples" / script), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
