@@ -91,7 +91,7 @@ def test_chunks_shrink_near_the_end_but_never_below_the_minimum():
 
 
 def test_an_expired_lease_goes_to_another_rank_and_a_late_completion_counts_once():
-    table = LeaseTable(config(n=64, world=2, chunk=64, lease_s=1.0))
+    table = LeaseTable(config(n=64, world=2, chunk=64, min_chunk=64, lease_s=1.0))
     _, chunk = table.lease(0, 0, "aaaaaaaa", now=0.0)
     assert table.lease(0, 1, "bbbbbbbb", now=0.5) == ("speculative", chunk)
     table.renew(0, "bbbbbbbb", [0], now=0.9)
@@ -197,10 +197,13 @@ def test_a_restarted_coordinator_resumes_the_epoch_from_its_journal(tmp_path):
     try:
         # b is still leased to rank 1 (its heartbeat renews it); a is not handed out again.
         assert second.pull(rank=1, client="bbbbbbbb", held=[b[0]], want=False)["stale"] == []
-        leased = []
+        leased, kinds = [], {}
         while (reply := second.pull(done=leased[-1:]))["lease"] is not None:
             leased.append(reply["lease"])
-        assert a not in leased and b not in leased
+            kinds[tuple(reply["lease"])] = reply["kind"]
+        assert a not in leased
+        assert kinds.get(tuple(b), "speculative") == "speculative"  # only as an idle copy
+        assert set(kinds.values()) <= {"new", "speculative"}
         reply = second.pull(rank=1, client="bbbbbbbb", done=[b], want=True)
         assert reply["complete"] and reply["remaining"] == 0
     finally:
