@@ -273,6 +273,10 @@ class LeaseTable:
             self.restore(epoch, [tuple(r) for r in rec["ranges"]])
             return
         start, stop = int(rec["start"]), int(rec["stop"])
+        if event in ("pull_lease", "pull_done"):
+            # Who speaks for each rank: a restarted worker (a new client) then releases its
+            # predecessor's leases at once instead of after lease_s.
+            self.clients[int(rec["rank"])] = str(rec["client"])
         state = self.epoch(epoch)
         chunk = state.chunks.get(start)
         if event == "pull_lease":

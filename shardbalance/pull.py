@@ -285,7 +285,7 @@ class DynamicShardSampler:
                     # The loop must finish (and done()) what it holds before anything else can
                     # be handed to it; waiting here would block the loop that calls done().
                     return
-                time.sleep(min(0.05, self.lease_s / 8))
+                time.sleep(min(0.01, self.lease_s / 8))
         finally:
             if previous is not None:
                 # Left unacknowledged (the loop broke off): stop renewing it, so it expires and

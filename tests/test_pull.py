@@ -132,6 +132,24 @@ def test_a_new_process_on_a_rank_releases_the_previous_ones_leases():
     assert table.lease(0, 1, "bbbbbbbb", 0.1) == ("reissue", chunk)
 
 
+def test_replay_rebuilds_the_table_so_a_restarted_worker_releases_its_old_lease_at_once():
+    cfg = config(n=200, world=2, chunk=50, min_chunk=50, lease_s=30.0)
+    records = [{"event": "pull_lease", "epoch": 0, "rank": 0, "client": "aaaaaaaa",
+                "start": 0, "stop": 50},
+               {"event": "pull_lease", "epoch": 0, "rank": 1, "client": "bbbbbbbb",
+                "start": 50, "stop": 100},
+               {"event": "pull_done", "epoch": 0, "rank": 1, "client": "bbbbbbbb",
+                "start": 50, "stop": 100}]
+    table = LeaseTable(cfg)
+    for rec in records:
+        table.replay(rec, now=0.0)
+    assert table.epochs[0].completed_items == 50 and table.epochs[0].next_pos == 100
+    # Rank 0 came back as a new process (elastic restart): its old lease goes at once.
+    assert table.register(0, "cccccccc") == [(0, 0, "aaaaaaaa", 0, 50)]
+    assert table.lease(0, 0, "cccccccc", now=0.1)[1].start == 0
+    assert table.lease(0, 1, "bbbbbbbb", now=0.1)[1].start == 100
+
+
 # -- the coordinator on a real socket ----------------------------------------------------
 
 
