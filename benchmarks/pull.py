@@ -10,10 +10,11 @@ reported separately), and a rank's time ends when its loop ends, so the completi
 ``max(end) - start``. The ideal is ``N · per_sample / Σ speeds`` (every rank busy until the
 same instant, no overhead). Scenarios:
 
-* ``pull``: DynamicShardSampler.
+* ``pull, chunk C``: DynamicShardSampler with ``chunk_size`` C, for each of ``--chunk-sizes``
+  (each chunk costs one coordinator round trip, and on a loaded machine one more oversleep).
 * ``static``: rank r processes the r-th equal contiguous share (DistributedSampler's split).
 * ``pull, fastest killed``: the fastest rank is SIGKILLed halfway through the ideal time; its
-  leases expire after ``--lease-s`` and the others finish its chunks.
+  leases expire after ``--lease-s`` and the others finish its chunks (the largest chunk size).
 
 Figures are medians over ``--repeats`` runs; every run is checked complete (each index once in
 the merged output).
@@ -63,7 +64,7 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait(10)
 
 
-def scenario(args, speeds: list[float], mode: str, workdir: Path) -> dict:
+def scenario(args, speeds: list[float], mode: str, workdir: Path, chunk_size: int) -> dict:
     """One run of ``mode`` (pull, static, killed); its figures."""
     env = {**os.environ, "SHARDBALANCE_TOKEN": TOKEN, "OMP_NUM_THREADS": "1",
            "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
@@ -73,7 +74,7 @@ def scenario(args, speeds: list[float], mode: str, workdir: Path) -> dict:
     try:
         common = ["--samples", str(args.samples), "--emulate-speeds", ",".join(map(str, speeds)),
                   "--per-sample-ms", str(args.per_sample_ms), "--chunk-size",
-                  str(args.chunk_size), "--out-dir", str(workdir), "--start-file", str(go),
+                  str(chunk_size), "--out-dir", str(workdir), "--start-file", str(go),
                   "--no-merge", "--world-size", str(len(speeds))]
         if mode == "static":
             common.append("--static")
@@ -125,31 +126,35 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=6000)
     p.add_argument("--speeds", default="1,2,4")
     p.add_argument("--per-sample-ms", type=float, default=2.0)
-    p.add_argument("--chunk-size", type=int, default=64)
+    p.add_argument("--chunk-sizes", default="64,256", help="pull rows, one per chunk size")
     p.add_argument("--lease-s", type=float, default=1.0)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--timeout-s", type=float, default=300.0)
     args = p.parse_args()
     speeds = [float(s) for s in args.speeds.split(",")]
     ideal = args.samples * args.per_sample_ms / 1e3 / sum(speeds)
-    modes = {"pull": "pull", "static": "static equal split", "killed": "pull, fastest killed"}
+    chunks = [int(c) for c in args.chunk_sizes.split(",")]
+    # label -> (mode, chunk size); static processes its share in chunks of the largest size.
+    modes = {**{f"pull, chunk {c}": ("pull", c) for c in chunks},
+             "static equal split": ("static", max(chunks)),
+             f"pull, chunk {max(chunks)}, fastest killed": ("killed", max(chunks))}
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     for _ in range(args.repeats):
-        for mode in modes:  # interleaved, so a slow patch of the machine hits every mode
+        for label, (mode, chunk) in modes.items():  # interleaved: a slow patch hits every mode
             with tempfile.TemporaryDirectory(prefix="shardbalance-pull-") as tmp:
-                runs[mode].append(scenario(args, speeds, mode, Path(tmp)))
+                runs[label].append(scenario(args, speeds, mode, Path(tmp), chunk))
     print(f"{args.samples} items, speeds {args.speeds}, {args.per_sample_ms:g} ms/item at speed "
-          f"1, chunk {args.chunk_size}, lease {args.lease_s:g} s; medians of {args.repeats} runs")
+          f"1, lease {args.lease_s:g} s; medians of {args.repeats} runs")
     print(f"ideal N/Σspeeds: {ideal:.3f} s")
-    static = statistics.median(r["seconds"] for r in runs["static"])
-    print(f"{'scenario':<24} {'seconds':>8} {'ideal/time':>10} {'vs static':>9} "
-          f"{'start s':>8}  complete (merge)")
-    for mode, label in modes.items():
-        seconds = statistics.median(r["seconds"] for r in runs[mode])
-        start_s = statistics.median(r["start_s"] for r in runs[mode])
-        complete = all(r["complete"] for r in runs[mode])
-        print(f"{label:<24} {seconds:>8.3f} {ideal / seconds:>10.3f} {static / seconds:>8.2f}x "
-              f"{start_s:>8.2f}  {'yes' if complete else 'NO'} ({runs[mode][-1]['merge']})")
+    static = statistics.median(r["seconds"] for r in runs["static equal split"])
+    print(f"{'scenario':<32} {'seconds':>8} {'ideal/time':>10} {'vs static':>9} "
+          f"{'start s':>8}  complete (merge of the last run)")
+    for label in modes:
+        seconds = statistics.median(r["seconds"] for r in runs[label])
+        start_s = statistics.median(r["start_s"] for r in runs[label])
+        complete = all(r["complete"] for r in runs[label])
+        print(f"{label:<32} {seconds:>8.3f} {ideal / seconds:>10.3f} {static / seconds:>8.2f}x "
+              f"{start_s:>8.2f}  {'yes' if complete else 'NO'} ({runs[label][-1]['merge']})")
 
 
 if __name__ == "__main__":

@@ -252,7 +252,7 @@ def start_workers(address, run_id, out_dir, speeds, n, start_file, per_sample_ms
         stdout=subprocess.PIPE, env=env) for r in range(len(speeds))]
 
 
-def finish(procs, timeout_s=60.0):
+def finish(procs, timeout_s=120.0):
     deadline = time.monotonic() + timeout_s
     codes = []
     for proc in procs:
@@ -290,11 +290,11 @@ def test_a_rank_sigkilled_mid_chunk_loses_nothing_and_duplicates_nothing(tmp_pat
         procs = start_workers(f"tcp://127.0.0.1:{port}", "kill-test", tmp_path, [2, 2, 1], n,
                               tmp_path / "go")
         for proc in procs:
-            assert read_line(proc, 60).strip() == "READY"
+            assert read_line(proc, 120).strip() == "READY"
         (tmp_path / "go").touch()
         victim = procs[2]
-        assert read_line(victim).startswith("chunk")
-        assert read_line(victim).startswith("chunk")  # now inside its second chunk
+        assert read_line(victim, 60).startswith("chunk")
+        assert read_line(victim, 60).startswith("chunk")  # now inside its second chunk
         victim.send_signal(signal.SIGKILL)
         assert finish(procs[:2]) == [0, 0]
         victim.wait(10)
@@ -327,10 +327,10 @@ def test_a_coordinator_restarted_mid_epoch_reissues_no_completed_chunk(tmp_path)
         procs = start_workers(f"tcp://127.0.0.1:{port}", "restart-test", tmp_path, [1, 2], n,
                               tmp_path / "go")
         for proc in procs:
-            assert read_line(proc, 60).strip() == "READY"
+            assert read_line(proc, 120).strip() == "READY"
         (tmp_path / "go").touch()
         for _ in range(3):
-            read_line(procs[1])
+            read_line(procs[1], 60)
         coordinator.send_signal(signal.SIGKILL)
         coordinator.wait(10)
         time.sleep(0.5)
