@@ -145,7 +145,9 @@ def main() -> None:
                 runs[label].append(scenario(args, speeds, mode, Path(tmp), chunk))
     print(f"{args.samples} items, speeds {args.speeds}, {args.per_sample_ms:g} ms/item at speed "
           f"1, lease {args.lease_s:g} s; medians of {args.repeats} runs")
-    print(f"ideal N/Σspeeds: {ideal:.3f} s")
+    print(f"ideal N/Σspeeds: {ideal:.3f} s; machine load average {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} CPUs (emulated work sleeps, but each chunk's real work and each "
+          f"coordinator round trip wait for a CPU)")
     static = statistics.median(r["seconds"] for r in runs["static equal split"])
     print(f"{'scenario':<32} {'seconds':>8} {'ideal/time':>10} {'vs static':>9} "
           f"{'start s':>8}  complete (merge of the last run)")
