@@ -27,11 +27,7 @@ import os
 import sys
 import time
 
-import torch
-import torch.distributed as dist
-
 from shardbalance import DynamicShardSampler
-from shardbalance.emulate import EmulatedSpeed, parse_speeds
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -65,7 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def make_data(n: int, features: int) -> tuple[torch.Tensor, torch.nn.Module]:
+def make_data(n: int, features: int):
+    import torch
+
     gen = torch.Generator().manual_seed(0)
     inputs = torch.randn(n, features, generator=gen)
     model = torch.nn.Linear(features, 1)
@@ -115,6 +113,12 @@ def main(argv=None) -> int:
         print(f"merged {args.samples - missing} outputs, {duplicates} duplicates dropped, "
               f"{'complete' if not missing else f'INCOMPLETE: {missing} missing'}")
         return 0 if not missing else 1
+    # Imported here: merging needs no torch.
+    import torch
+    import torch.distributed as dist
+
+    from shardbalance.emulate import EmulatedSpeed, parse_speeds
+
     torchrun = "LOCAL_RANK" in os.environ and args.rank is None
     if torchrun:
         # The process group only carries the coordinator's address (its store): pull mode runs
@@ -125,7 +129,7 @@ def main(argv=None) -> int:
         rank, world = args.rank or 0, args.world_size or 1
     torch.set_num_threads(1)
     inputs, model = make_data(args.samples, args.features)
-    layers: list[torch.nn.Module] = [model]
+    layers = [model]
     speed = 1.0
     if args.emulate_speeds:
         speed = parse_speeds(args.emulate_speeds, world)[rank]

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import secrets
+import sys
 import threading
 import time
 import uuid
@@ -117,9 +118,9 @@ class DynamicShardSampler:
             raise ConfigError(f"Invalid max_leases {max_leases}, it should be in [1, 16]")
         _check_int("seed", seed, 0)
         env = read_environment()
-        import torch.distributed as dist
-
-        distributed = dist.is_available() and dist.is_initialized()
+        # torch only if the program loaded it: a process group needs it, pull mode does not.
+        dist = sys.modules.get("torch.distributed")
+        distributed = dist is not None and dist.is_available() and dist.is_initialized()
         if num_replicas is None:
             num_replicas = dist.get_world_size() if distributed else 1
         if rank is None:
@@ -384,7 +385,7 @@ class DynamicShardSampler:
 
         from . import _torch_compat as compat
 
-        if not (dist.is_available() and dist.is_initialized()):
+        if not dist.is_initialized():
             return
         try:
             store = compat.default_store()
