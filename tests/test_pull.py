@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -310,16 +311,23 @@ def test_a_rank_sigkilled_mid_chunk_loses_nothing_and_duplicates_nothing(tmp_pat
     assert missing == 0 and indices == list(range(n))  # in index order, each once
     records = journal_records(journal)
     assert_counted_once(records, n)
-    lost = [r for r in records if r["event"] == "pull_expire" and r["rank"] == 2]
-    assert lost, "the killed rank's lease should have expired"
-    retaken = {(r["start"], r["stop"]) for r in records
-               if r["event"] == "pull_done" and r["counted"] and r["rank"] != 2}
-    assert {(r["start"], r["stop"]) for r in lost} <= retaken
+    # The chunk the victim died in was completed by another rank: re-leased after its lease
+    # expired, or copied to an idle rank near the end (whichever came first).
+    last = [r for r in records if r["event"] == "pull_lease" and r["rank"] == 2][-1]
+    (finisher,) = [r for r in records if r["event"] == "pull_done" and r["counted"]
+                   and (r["start"], r["stop"]) == (last["start"], last["stop"])]
+    assert finisher["rank"] != 2
+    taken_over = [r for r in records
+                  if (r.get("start"), r.get("stop")) == (last["start"], last["stop"])
+                  and (r["event"] == "pull_expire" or r.get("kind") in ("reissue",
+                                                                        "speculative"))]
+    assert taken_over
     # The report reads the journal back: chunks per rank, re-leases.
     report = subprocess.run([sys.executable, "-m", "shardbalance", "report", journal],
                             capture_output=True, text=True, timeout=60).stdout
     assert "pull run kill-test: 3 ranks, 1200 samples" in report
-    assert "epoch 0: complete" in report and "expired 0" not in report
+    assert "epoch 0: complete" in report
+    assert re.search(r"^\s+2\s+\d+\s+\d+\s+[\d.]+", report, re.M)  # the killed rank's row
 
 
 def test_a_coordinator_restarted_mid_epoch_reissues_no_completed_chunk(tmp_path):
