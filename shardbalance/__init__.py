@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "WeightedDistributedSampler": "sampler",
+    "DynamicShardSampler": "pull",
     "Plan": "plan",
     "apportion": "plan",
     "EpochOrder": "order",

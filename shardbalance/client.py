@@ -121,6 +121,13 @@ class CoordinatorClient:
             raise CoordinatorError(f"coordinator answered with plan {got}, asked for {expected}")
         return plan
 
+    def pull(self, **fields) -> dict:
+        """One pull-mode exchange (see protocol.PullRequest); the ``chunk`` reply."""
+        reply = self.request({"type": "pull", **fields})
+        if reply.get("type") != "chunk" or not isinstance(reply.get("complete"), bool):
+            raise CoordinatorError(f"unexpected reply to a pull request: {reply!r}")
+        return reply
+
     def close(self) -> None:
         self._reset()
         self._context.term()

@@ -29,6 +29,7 @@ import numpy as np
 import zmq
 
 from . import protocol
+from ._leases import LeaseTable, PullConfig
 from ._exceptions import ConfigError, PlanError, ProtocolError, ShardBalanceError
 from .plan import Plan, apportion, initial_plan
 from .policies import (HISTORY_PER_RANK, PolicyInput, check_options, check_policy, decide,
@@ -82,6 +83,21 @@ class RunState:
         return initial_plan(self.config, self.run_id, self.generation, epoch, window)
 
 
+@dataclass
+class PullRun:
+    """A pull-mode run (DynamicShardSampler): its configuration and its lease table."""
+
+    run_id: str
+    generation: int
+    config: PullConfig
+    table: LeaseTable = field(init=False)
+    completed: set = field(default_factory=set)
+    last_seen: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.table = LeaseTable(self.config)
+
+
 class Coordinator:
     """A ZeroMQ ROUTER service deciding plans for any number of runs.
 
@@ -99,6 +115,7 @@ class Coordinator:
         self.parent_pid = parent_pid
         self._parent_is_ppid = parent_pid == os.getppid()
         self.runs: OrderedDict[str, RunState] = OrderedDict()
+        self.pull_runs: OrderedDict[str, PullRun] = OrderedDict()
         self.rejected = 0
         self._rejected_logged = 0
         self._last_reject_log = 0.0
@@ -148,6 +165,8 @@ class Coordinator:
                         if state is not None and state.generation == plan.generation:
                             self._remember(state, plan)
                             resumed += 1
+                    elif str(rec.get("event", "")).startswith("pull_"):
+                        self._pull_replay(rec)
                 except (ValueError, KeyError, TypeError, ShardBalanceError):
                     continue  # a torn last line after a crash, or a foreign line
         while len(self.runs) > MAX_RUNS:
@@ -166,6 +185,9 @@ class Coordinator:
             req = protocol.parse_request(msg)
             if isinstance(req, protocol.Ping):
                 return protocol.encode({"type": "pong", "id": msg_id}, self.secret)
+            if isinstance(req, protocol.PullRequest):
+                return protocol.encode({"type": "chunk", "id": msg_id, **self._pull(req)},
+                                       self.secret)
             if isinstance(req, protocol.PlanRequest):
                 plan = self._plan(req)
                 return protocol.encode({"type": "plan", "id": msg_id, "plan": plan.to_dict()},
@@ -313,12 +335,107 @@ class Coordinator:
         self._write(record)
         log.info("%s", line)
 
+    # -- pull mode -----------------------------------------------------------------------
+
+    def _pull_replay(self, rec: dict[str, Any]) -> None:
+        if rec["event"] == "pull_run":
+            self.pull_runs[rec["run"]] = PullRun(rec["run"], int(rec["generation"]),
+                                                 PullConfig.from_dict(rec["config"]))
+            self.pull_runs.move_to_end(rec["run"])
+            return
+        state = self.pull_runs.get(rec.get("run"))
+        if state is None:
+            return
+        if rec["event"] == "pull_complete":
+            state.completed.add(int(rec["epoch"]))
+        else:
+            state.table.replay(rec, time.monotonic())
+
+    def _pull_state(self, req: protocol.PullRequest) -> PullRun:
+        config = PullConfig.from_dict(dict(req.config))
+        state = self.pull_runs.get(req.run)
+        if state is not None and req.generation < state.generation:
+            raise ProtocolError(f"pull run {req.run} generation {req.generation} is stale: the "
+                                f"run restarted as generation {state.generation}")
+        if state is None:
+            state = PullRun(req.run, req.generation, config)
+            self.pull_runs[req.run] = state
+            self._write({"event": "pull_run", "run": req.run, "generation": req.generation,
+                         "config": config.to_dict()})
+            log.info("pull run %s: %d ranks, %d samples, chunks of %d", req.run,
+                     config.world_size, config.num_samples, config.chunk_size)
+            while len(self.pull_runs) > MAX_RUNS:
+                self.pull_runs.popitem(last=False)
+        elif config != state.config:
+            raise ConfigError(f"rank {req.rank} of pull run {req.run} asks with "
+                              f"{config.to_dict()}, the run started with "
+                              f"{state.config.to_dict()}")
+        # An elastic restart keeps the run (and its completed chunks) under a new generation.
+        state.generation = max(state.generation, req.generation)
+        state.last_seen = time.monotonic()
+        self.pull_runs.move_to_end(req.run)
+        return state
+
+    def _pull_dropped(self, state: PullRun, dropped, why: str) -> None:
+        for epoch, rank, client, start, stop in dropped:
+            self._write({"event": "pull_expire", "run": state.run_id, "epoch": epoch,
+                         "rank": rank, "client": client, "start": start, "stop": stop,
+                         "why": why})
+            log.info("pull run %s epoch %d: rank %d lost its lease on [%d, %d) (%s)",
+                     state.run_id, epoch, rank, start, stop, why)
+
+    def _pull(self, req: protocol.PullRequest) -> dict[str, Any]:
+        state = self._pull_state(req)
+        table, epoch, now = state.table, req.epoch, time.monotonic()
+        try:
+            table.check_done(epoch, req.done)
+        except ValueError as exc:
+            raise ProtocolError(str(exc)) from None
+        self._pull_dropped(state, table.register(req.rank, req.client), "replaced")
+        self._pull_dropped(state, table.expire(now), "expired")
+        for start, stop in req.done:
+            counted = table.done(epoch, req.client, start, stop, now)
+            self._write({"event": "pull_done", "run": state.run_id, "epoch": epoch,
+                         "rank": req.rank, "client": req.client, "start": start, "stop": stop,
+                         "counted": counted})
+        stale = table.renew(epoch, req.client, req.held, now)
+        reply: dict[str, Any] = {"stale": stale}
+        if req.op == "restore":
+            fresh = epoch not in table.epochs or not table.epochs[epoch].chunks
+            reply["restored"] = table.restore(epoch, list(req.ranges))
+            if fresh and req.ranges and reply["restored"]:
+                self._write({"event": "pull_restore", "run": state.run_id, "epoch": epoch,
+                             "rank": req.rank, "ranges": [list(r) for r in req.ranges]})
+        kind, chunk = "none", None
+        if req.want:
+            kind, chunk = table.lease(epoch, req.rank, req.client, now)
+            if chunk is not None:
+                self._write({"event": "pull_lease", "run": state.run_id, "epoch": epoch,
+                             "rank": req.rank, "client": req.client, "start": chunk.start,
+                             "stop": chunk.stop, "kind": kind})
+        epoch_state = table.epoch(epoch)
+        if epoch_state.complete and epoch not in state.completed:
+            state.completed.add(epoch)
+            self._write({"event": "pull_complete", "run": state.run_id, "epoch": epoch,
+                         "num_samples": epoch_state.num_samples})
+            log.info("pull run %s epoch %d complete", state.run_id, epoch)
+        reply.update(kind=kind, lease=None if chunk is None else [chunk.start, chunk.stop],
+                     complete=epoch_state.complete,
+                     remaining=epoch_state.num_samples - epoch_state.completed_items)
+        if req.op == "status":
+            reply["completed"] = [list(r) for r in epoch_state.completed_ranges()]
+        return reply
+
     # -- loop ----------------------------------------------------------------------------
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
         for run in [r for r, s in self.runs.items() if now - s.last_seen > RUN_IDLE_S]:
             del self.runs[run]
+        for run in [r for r, s in self.pull_runs.items() if now - s.last_seen > RUN_IDLE_S]:
+            del self.pull_runs[run]
+        for state in self.pull_runs.values():
+            self._pull_dropped(state, state.table.expire(now), "expired")
         if self.parent_pid is not None and not _alive(self.parent_pid, self._parent_is_ppid):
             log.info("parent process %d is gone; stopping", self.parent_pid)
             self._stop = True

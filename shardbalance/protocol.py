@@ -9,10 +9,15 @@ Requests (rank -> coordinator):
     plan   {run, generation, rank, world_size, epoch, window, global_batch_size, policy,
             min_sizes, max_sizes, quantum, initial_weights, options}
     stats  {run, generation, rank, world_size, records: [[epoch, step, batch_size, busy_s], ...]}
+    pull   {run, generation, rank, world_size, client, epoch, op, want, done: [[start, stop], ...],
+            held: [start, ...], ranges: [[start, stop], ...], num_samples, chunk_size,
+            min_chunk_size, lease_s, max_leases}            (pull mode, see _leases.py)
     ping   {}
 Replies (coordinator -> rank):
     plan   {plan: Plan.to_dict()}
     ack    {accepted: n}
+    chunk  {kind, lease: [start, stop] | null, complete, stale: [start, ...], remaining,
+            completed: [[start, stop], ...] (op "status"), restored (op "restore")}
     pong   {}
     error  {error: "what was wrong"}
 """
@@ -32,6 +37,7 @@ from ._exceptions import AuthenticationError, ProtocolError
 __all__ = [
     "PROTOCOL_VERSION", "MAX_MESSAGE_BYTES", "MAX_WORLD_SIZE", "MAX_RECORDS_PER_MESSAGE",
     "encode", "decode", "parse_request", "RunConfig", "PlanRequest", "StatsReport", "Ping",
+    "PullRequest", "PULL_OPS", "MAX_PULL_RANGES",
 ]
 
 PROTOCOL_VERSION = 1
@@ -43,6 +49,12 @@ MAX_BATCH_SIZE = 1 << 31
 #: Longest believable busy time of one step; anything longer is a broken clock.
 MAX_BUSY_SECONDS = 86400.0
 _MAX_COUNTER = 1 << 53
+#: Pull mode: what one request may complete, renew or restore.
+MAX_PULL_RANGES = 16384
+MAX_LEASE_SECONDS = 86400.0
+MAX_LEASES_PER_CHUNK = 16
+PULL_OPS = ("lease", "status", "restore")
+_CLIENT_ID = re.compile(r"^[0-9a-f]{8,64}$")
 _RUN_ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
 _POLICY = re.compile(r"^[a-z_]{1,32}$")
 
@@ -224,13 +236,76 @@ class StatsReport:
     records: tuple[tuple[int, int, int, float], ...]
 
 
+@dataclass(frozen=True)
+class PullRequest:
+    """One pull-mode exchange: complete ``done``, renew ``held``, and (``want``) lease a chunk.
+
+    ``op`` ``status`` also returns the epoch's completed ranges; ``restore`` marks ``ranges``
+    completed in an epoch nothing was handed out of yet (a restored ``state_dict``).
+    """
+
+    id: int
+    run: str
+    generation: int
+    rank: int
+    client: str
+    epoch: int
+    op: str
+    want: bool
+    done: tuple[tuple[int, int], ...]
+    held: tuple[int, ...]
+    ranges: tuple[tuple[int, int], ...]
+    #: A ``_leases.PullConfig`` as a dict (kept plain: this module imports nothing else).
+    config: tuple[tuple[str, Any], ...]
+
+
+def _ranges(msg: dict, key: str, num_samples: int) -> tuple[tuple[int, int], ...]:
+    value = msg.get(key, [])
+    if not isinstance(value, list) or len(value) > MAX_PULL_RANGES or not all(
+            isinstance(r, list) and len(r) == 2 and _is_int(r[0], 0, num_samples - 1)
+            and _is_int(r[1], r[0] + 1, num_samples) for r in value):
+        raise ProtocolError(f"field {key!r} must be a list of at most {MAX_PULL_RANGES} "
+                            f"[start, stop] pairs with 0 <= start < stop <= {num_samples}")
+    return tuple((a, b) for a, b in value)
+
+
+def _parse_pull(msg: dict) -> PullRequest:
+    run, generation, rank, world = _common(msg)
+    num_samples = _int(msg, "num_samples", 1, _MAX_COUNTER)
+    chunk = _int(msg, "chunk_size", 1, MAX_BATCH_SIZE)
+    min_chunk = _int(msg, "min_chunk_size", 1, chunk)
+    lease_s = msg.get("lease_s")
+    if not _number(lease_s) or not 0 < lease_s <= MAX_LEASE_SECONDS:
+        raise ProtocolError(f"field 'lease_s' must be a number in (0, {MAX_LEASE_SECONDS:g}], "
+                            f"got {lease_s!r}")
+    max_leases = _int(msg, "max_leases", 1, MAX_LEASES_PER_CHUNK)
+    op = msg.get("op")
+    if op not in PULL_OPS:
+        raise ProtocolError(f"field 'op' must be one of {PULL_OPS}, got {op!r}")
+    want = msg.get("want", False)
+    if not isinstance(want, bool):
+        raise ProtocolError(f"field 'want' must be true or false, got {want!r}")
+    held = msg.get("held", [])
+    if not isinstance(held, list) or len(held) > MAX_PULL_RANGES or \
+            not _ints_within(held, 0, num_samples - 1):
+        raise ProtocolError(f"field 'held' must be a list of at most {MAX_PULL_RANGES} "
+                            f"positions in [0, {num_samples - 1}]")
+    config = {"world_size": world, "num_samples": num_samples, "chunk_size": chunk,
+              "min_chunk_size": min_chunk, "lease_s": float(lease_s), "max_leases": max_leases}
+    return PullRequest(
+        id=msg["id"], run=run, generation=generation, rank=rank,
+        client=_str(msg, "client", _CLIENT_ID), epoch=_int(msg, "epoch", 0, _MAX_COUNTER),
+        op=op, want=want, done=_ranges(msg, "done", num_samples), held=tuple(held),
+        ranges=_ranges(msg, "ranges", num_samples), config=tuple(config.items()))
+
+
 def _common(msg: dict) -> tuple[str, int, int, int]:
     world = _int(msg, "world_size", 1, MAX_WORLD_SIZE)
     return (_str(msg, "run", _RUN_ID), _int(msg, "generation", 0, 1 << 31),
             _int(msg, "rank", 0, world - 1), world)
 
 
-def parse_request(msg: dict[str, Any]) -> Ping | PlanRequest | StatsReport:
+def parse_request(msg: dict[str, Any]) -> Ping | PlanRequest | StatsReport | PullRequest:
     """Validate a decoded request; ProtocolError says which field is wrong."""
     kind = msg["type"]
     if kind == "ping":
@@ -277,4 +352,6 @@ def parse_request(msg: dict[str, Any]) -> Ping | PlanRequest | StatsReport:
                                     f"batch_size >= 1, 0 < busy_s <= {MAX_BUSY_SECONDS:g}]")
             clean.append((rec[0], rec[1], rec[2], float(rec[3])))
         return StatsReport(msg["id"], run, generation, rank, world, tuple(clean))
-    raise ProtocolError(f"unknown message type {kind!r}; expected plan, stats or ping")
+    if kind == "pull":
+        return _parse_pull(msg)
+    raise ProtocolError(f"unknown message type {kind!r}; expected plan, stats, pull or ping")

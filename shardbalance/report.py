@@ -55,6 +55,9 @@ def summarize(path: str, run: str | None = None) -> str:
                     f"{'' if pred is None else f'{pred:.1f}':>12} "
                     f"{'' if speedup is None else f'{speedup:.2f}x':>8}  {rec['reason']}")
         lines.append("")
+    from ._leases import summarize_pull
+
+    lines.extend(summarize_pull(records, run))  # pull-mode runs (DynamicShardSampler)
     rejected = sum(r.get("count", 0) for r in records if r.get("event") == "rejected")
     if rejected:
         lines.append(f"{rejected} message(s) rejected (see 'rejected' records)")

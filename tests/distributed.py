@@ -121,11 +121,11 @@ def read_line(proc, timeout_s: float = 30.0) -> str:
     return data.decode()
 
 
-def torchrun(nproc, *args, timeout_s=150, launcher_args=None, env=None):
-    """``torchrun`` examples/train.py on 127.0.0.1 and a free port; its output (stdout and
+def torchrun(nproc, *args, timeout_s=150, launcher_args=None, env=None, script="train.py"):
+    """``torchrun`` examples/<script> on 127.0.0.1 and a free port; its output (stdout and
     stderr in order). The launch is stopped whole if it fails or runs past ``timeout_s``."""
     try:
-        out, _ = _launch.torchrun(nproc, ROOT / "examples" / "train.py", list(args), timeout_s,
+        out, _ = _launch.torchrun(nproc, ROOT / "examples" / script, list(args), timeout_s,
                                   launcher_args=launcher_args, env=env, merge_output=True)
     except _launch.LaunchError as exc:
         raise AssertionError(str(exc)) from None
