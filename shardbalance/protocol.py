@@ -11,7 +11,8 @@ Requests (rank -> coordinator):
     stats  {run, generation, rank, world_size, records: [[epoch, step, batch_size, busy_s], ...]}
     ping   {}
 Replies (coordinator -> rank):
-    plan   {plan: Plan.to_dict()}
+    plan   {plan: Plan.to_dict(), stats: PlanStats.to_dict() (optional: what the coordinator
+            measured when it decided this plan, the same for every rank that asks)}
     ack    {accepted: n}
     pong   {}
     error  {error: "what was wrong"}
@@ -32,6 +33,7 @@ from ._exceptions import AuthenticationError, ProtocolError
 __all__ = [
     "PROTOCOL_VERSION", "MAX_MESSAGE_BYTES", "MAX_WORLD_SIZE", "MAX_RECORDS_PER_MESSAGE",
     "encode", "decode", "parse_request", "RunConfig", "PlanRequest", "StatsReport", "Ping",
+    "PlanStats", "MAX_STATS_RANKS",
 ]
 
 PROTOCOL_VERSION = 1
@@ -43,6 +45,9 @@ MAX_BATCH_SIZE = 1 << 31
 #: Longest believable busy time of one step; anything longer is a broken clock.
 MAX_BUSY_SECONDS = 86400.0
 _MAX_COUNTER = 1 << 53
+#: Per-rank figures ride on a plan reply up to this world size (about 300 KB of JSON there);
+#: beyond it only the run-wide ones do, so a reply stays well under MAX_MESSAGE_BYTES.
+MAX_STATS_RANKS = 16384
 _RUN_ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
 _POLICY = re.compile(r"^[a-z_]{1,32}$")
 
@@ -200,6 +205,56 @@ class RunConfig:
                    tuple(int(b) for b in data["max_sizes"]), int(data["quantum"]),
                    None if weights is None else tuple(float(w) for w in weights),
                    tuple(sorted((str(k), float(v)) for k, v in data["options"].items())))
+
+
+@dataclass(frozen=True)
+class PlanStats:
+    """What the coordinator measured when it decided a plan, sent with it to every rank.
+
+    Fixed at the decision, so every rank that asks for the plan gets the same figures.
+    """
+
+    #: Each rank's median busy ms per step over its newest measurements (None: not heard yet).
+    busy_ms: tuple[float | None, ...] | None
+    #: The batch size of each rank's newest measured step (what ``busy_ms`` was measured at).
+    busy_batch_sizes: tuple[int | None, ...] | None
+    #: Slowest busy time over the mean (1.0: balanced); None until every rank was heard.
+    imbalance: float | None
+    #: The fitted model's step time for the equal split (None without a model).
+    equal_step_ms: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"busy_ms": None if self.busy_ms is None else list(self.busy_ms),
+                "busy_batch_sizes": (None if self.busy_batch_sizes is None
+                                     else list(self.busy_batch_sizes)),
+                "imbalance": self.imbalance, "equal_step_ms": self.equal_step_ms}
+
+    @classmethod
+    def from_dict(cls, data: Any, world_size: int) -> "PlanStats":
+        """Validate a reply's (or the journal's) ``stats`` for a run of ``world_size`` ranks."""
+        if not isinstance(data, dict):
+            raise ProtocolError(f"plan stats must be an object, got {type(data).__name__}")
+        busy, sizes = data.get("busy_ms"), data.get("busy_batch_sizes")
+        if busy is not None and not (
+                isinstance(busy, list) and len(busy) == world_size <= MAX_STATS_RANKS
+                and all(b is None or (_number(b) and 0 <= b <= MAX_BUSY_SECONDS * 1e3)
+                        for b in busy)):
+            raise ProtocolError(f"plan stats 'busy_ms' must be null or {world_size} numbers "
+                                f"in [0, {MAX_BUSY_SECONDS * 1e3:g}] or nulls")
+        if sizes is not None and not (
+                isinstance(sizes, list) and len(sizes) == world_size <= MAX_STATS_RANKS
+                and all(b is None or _is_int(b, 1, MAX_BATCH_SIZE) for b in sizes)):
+            raise ProtocolError(f"plan stats 'busy_batch_sizes' must be null or {world_size} "
+                                f"integers in [1, {MAX_BATCH_SIZE}] or nulls")
+        scalars = []
+        for key in ("imbalance", "equal_step_ms"):
+            value = data.get(key)
+            if value is not None and not (_number(value) and 0 <= value <= MAX_BUSY_SECONDS * 1e3):
+                raise ProtocolError(f"plan stats {key!r} must be null or a number in "
+                                    f"[0, {MAX_BUSY_SECONDS * 1e3:g}], got {value!r}")
+            scalars.append(None if value is None else float(value))
+        return cls(None if busy is None else tuple(None if b is None else float(b) for b in busy),
+                   None if sizes is None else tuple(sizes), *scalars)
 
 
 @dataclass(frozen=True)
