@@ -17,7 +17,7 @@ from shardbalance import protocol
 from shardbalance._exceptions import ProtocolError
 from shardbalance.client import CoordinatorClient
 from shardbalance.coordinator import Coordinator
-from shardbalance.report import figure, read_journal, runs, summarize
+from shardbalance.report import figure, read_journal, summarize
 
 SECRET = b"report-test-secret-0123456789abcdef"
 WORLD, BATCH, STEPS, WINDOW = 3, 96, 24, 6
@@ -167,7 +167,7 @@ def test_report_summary_compares_with_the_equal_split_and_finds_the_slowdown(sho
     assert "imbalance by window" in text
     changes = [line for line in text.splitlines() if "speed changes:" in line]
     assert len(changes) == 1
-    assert f"rank 2 " in changes[0] and "slower than fitted, from generation 0 epoch 1 step 6 " \
+    assert "rank 2 " in changes[0] and "slower than fitted, from generation 0 epoch 1 step 6 " \
                                        "(global step 30)" in changes[0]
     assert "rank 0" not in changes[0] and "rank 1" not in changes[0]
 
