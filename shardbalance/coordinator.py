@@ -65,7 +65,8 @@ REJECT_LOG_INTERVAL_S = 10.0
 OPEN_WINDOWS = 2
 WINDOW_BUSY_KEPT = 64
 WINDOW_REFRESH_S = 30.0
-#: Plans whose stats (PlanStats) are kept to send with the plan: ranks ask within seconds.
+#: Plans whose stats (PlanStats) and encoded reply are kept: all ranks ask within seconds,
+#: and a reply encoded once serves them all (per-rank floats cost ~3 us each to encode).
 STATS_PER_RUN = 8
 
 
@@ -75,18 +76,22 @@ class WindowTally:
 
     def __init__(self, key: tuple[int, int], world_size: int) -> None:
         self.key = key
-        self.steps = np.zeros(world_size, np.int64)
-        self.samples = np.zeros(world_size, np.int64)
+        self.steps = [0] * world_size
+        self.samples = [0] * world_size
         self.busy = np.full((world_size, WINDOW_BUSY_KEPT), np.nan)
         self.last_step = -1
         #: Changed since it was last journaled.
         self.dirty = False
 
-    def add(self, rank: int, step: int, batch: int, busy_s: float) -> None:
-        self.busy[rank, self.steps[rank] % WINDOW_BUSY_KEPT] = busy_s
-        self.steps[rank] += 1
-        self.samples[rank] += batch
-        self.last_step = max(self.last_step, step)
+    def add(self, rank: int, records) -> None:
+        """Count a rank's ``(epoch, step, batch, busy_s)`` records, all of this window."""
+        row, count = self.busy[rank], self.steps[rank]
+        for _, step, batch, busy in records:
+            row[count % WINDOW_BUSY_KEPT] = busy
+            count += 1
+            self.samples[rank] += batch
+        self.steps[rank] = count
+        self.last_step = max(self.last_step, records[-1][1])
         self.dirty = True
 
     def record(self, run: str, generation: int) -> dict[str, Any]:
@@ -95,7 +100,7 @@ class WindowTally:
             medians = np.nanmedian(self.busy, axis=1)
         return {"event": "window", "run": run, "generation": generation, "epoch": self.key[0],
                 "window": self.key[1], "last_step": self.last_step,
-                "steps": self.steps.tolist(), "samples": self.samples.tolist(),
+                "steps": list(self.steps), "samples": list(self.samples),
                 "busy_ms": [None if np.isnan(m) else round(float(m) * 1e3, 3) for m in medians]}
 
 
@@ -113,8 +118,10 @@ class RunState:
     #: The newest OPEN_WINDOWS windows' aggregates, oldest first.
     windows: list[WindowTally] = field(default_factory=list)
     windows_written: float = 0.0
-    #: PlanStats of the newest STATS_PER_RUN decisions, sent with their plans.
+    #: PlanStats (as dicts) of the newest STATS_PER_RUN decisions, sent with their plans.
     stats: OrderedDict = field(default_factory=OrderedDict)
+    #: The encoded fields of the newest plan replies (protocol.encode_fields).
+    replies: OrderedDict = field(default_factory=OrderedDict)
 
     def __post_init__(self) -> None:
         self.options = check_options(dict(self.config.options))
@@ -123,20 +130,30 @@ class RunState:
 
     def add(self, rank: int, records) -> None:
         hist = self.history[rank]
+        self._tally(rank, [r for r in records if (r[0], r[1]) not in hist])
         for epoch, step, batch, busy in records:
-            tally = self.window_of((epoch, step)) if (epoch, step) not in hist else None
-            if tally is not None:
-                tally.add(rank, step, batch, busy)
             # Keyed by step, so a resent report overwrites in place instead of counting twice;
             # one sender thread reports in step order, so insertion order is step order.
             hist[(epoch, step)] = (batch, busy)
         while len(hist) > HISTORY_PER_RANK:
             hist.popitem(last=False)
 
-    def window_of(self, key: tuple[int, int]) -> WindowTally | None:
-        """The open window a step belongs to: the newest one starting at or before it."""
-        at = bisect.bisect_right([w.key for w in self.windows], key)
-        return self.windows[at - 1] if at else None
+    def _tally(self, rank: int, records) -> None:
+        """Add new records to the open windows they belong to (each to the newest window
+        starting at or before its step; those of a closed window are left out)."""
+        keys = [w.key for w in self.windows]
+        begin = 0
+        while begin < len(records):
+            at = bisect.bisect_right(keys, tuple(records[begin][:2]))
+            end = begin + 1
+            if at < len(keys):  # the records up to the next window's first step
+                while end < len(records) and tuple(records[end][:2]) < keys[at]:
+                    end += 1
+            else:
+                end = len(records)
+            if at:
+                self.windows[at - 1].add(rank, records[begin:end])
+            begin = end
 
     def open_window(self, key: tuple[int, int]) -> WindowTally | None:
         """Start collecting a new plan window; returns an evicted window that still changed."""
@@ -251,11 +268,7 @@ class Coordinator:
             if isinstance(req, protocol.Ping):
                 return protocol.encode({"type": "pong", "id": msg_id}, self.secret)
             if isinstance(req, protocol.PlanRequest):
-                plan, stats = self._plan(req)
-                reply = {"type": "plan", "id": msg_id, "plan": plan.to_dict()}
-                if stats is not None:
-                    reply["stats"] = stats
-                return protocol.encode(reply, self.secret)
+                return protocol.encode_reply("plan", msg_id, self._plan_reply(req), self.secret)
             return protocol.encode({"type": "ack", "id": msg_id,
                                     "accepted": self._stats(req)}, self.secret)
         except ShardBalanceError as exc:
@@ -335,12 +348,26 @@ class Coordinator:
                                                                    state.current.window):
             state.current = plan
 
-    def _plan(self, req: protocol.PlanRequest) -> tuple[Plan, dict | None]:
-        """The plan of the request's window (decided now if new) and the stats sent with it."""
+    def _plan_reply(self, req: protocol.PlanRequest) -> str:
+        """The encoded plan reply (the plan and its stats), encoded once per window."""
+        state, plan = self._plan(req)
+        key = (plan.epoch, plan.window)
+        reply = state.replies.get(key)
+        if reply is None:
+            fields: dict[str, Any] = {"plan": plan.to_dict()}
+            if key in state.stats:
+                fields["stats"] = state.stats[key]
+            reply = state.replies[key] = protocol.encode_fields(fields)
+            while len(state.replies) > STATS_PER_RUN:
+                state.replies.popitem(last=False)
+        return reply
+
+    def _plan(self, req: protocol.PlanRequest) -> tuple[RunState, Plan]:
+        """The run and the plan of the request's window, decided now if it is new."""
         state = self._state(req.run, req.generation, req)
         key = (req.epoch, req.window)
         if key in state.plans:
-            return state.plans[key], state.stats.get(key)
+            return state, state.plans[key]
         if state.plans and key < next(iter(state.plans)):
             raise PlanError(f"window {key} of run {req.run} is older than every plan kept")
         previous = state.current or state.initial_plan(req.epoch, req.window)
@@ -370,7 +397,7 @@ class Coordinator:
         finally:
             # Served to every rank even if logging it failed: ranks must never disagree.
             self._remember(state, plan, stats)
-        return plan, state.stats.get(key)
+        return state, plan
 
     def _announce(self, state: RunState, plan: Plan, previous: Plan, history, model,
                   reason: str) -> protocol.PlanStats:

@@ -32,7 +32,7 @@ from ._exceptions import AuthenticationError, ProtocolError
 
 __all__ = [
     "PROTOCOL_VERSION", "MAX_MESSAGE_BYTES", "MAX_WORLD_SIZE", "MAX_RECORDS_PER_MESSAGE",
-    "encode", "decode", "parse_request", "RunConfig", "PlanRequest", "StatsReport", "Ping",
+    "encode", "encode_fields", "encode_reply", "decode", "parse_request", "RunConfig", "PlanRequest", "StatsReport", "Ping",
     "PlanStats", "MAX_STATS_RANKS",
 ]
 
@@ -72,6 +72,21 @@ def encode(message: dict[str, Any], secret: bytes | None) -> list[bytes]:
     """Frames for ``message`` (the version is added), signed with ``secret``."""
     body = json.dumps({"v": PROTOCOL_VERSION, **message}, separators=(",", ":"),
                       allow_nan=False).encode()
+    return [body, _mac(secret, body)]
+
+
+def encode_fields(fields: dict[str, Any]) -> str:
+    """A reply's fields (all but ``v``, ``type`` and ``id``) as JSON text, for
+    :func:`encode_reply`: a reply that many ranks get (a plan) is encoded once."""
+    return json.dumps(fields, separators=(",", ":"), allow_nan=False)
+
+
+def encode_reply(kind: str, msg_id: int, fields_json: str, secret: bytes | None) -> list[bytes]:
+    """Frames of a ``kind`` reply to request ``msg_id`` whose other fields are
+    ``fields_json`` (from :func:`encode_fields`): the same message :func:`encode` makes."""
+    head = json.dumps({"v": PROTOCOL_VERSION, "type": kind, "id": msg_id},
+                      separators=(",", ":"))
+    body = (head[:-1] + ("," + fields_json[1:] if fields_json != "{}" else "}")).encode()
     return [body, _mac(secret, body)]
 
 
