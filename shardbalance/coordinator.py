@@ -117,7 +117,8 @@ class RunState:
     options: dict = field(init=False)
     #: The newest OPEN_WINDOWS windows' aggregates, oldest first.
     windows: list[WindowTally] = field(default_factory=list)
-    windows_written: float = 0.0
+    #: When the windows were last journaled (monotonic clock).
+    windows_written: float = field(default_factory=time.monotonic)
     #: PlanStats (as dicts) of the newest STATS_PER_RUN decisions, sent with their plans.
     stats: OrderedDict = field(default_factory=OrderedDict)
     #: The encoded fields of the newest plan replies (protocol.encode_fields).
@@ -337,7 +338,7 @@ class Coordinator:
         while len(state.plans) > PLANS_PER_RUN:
             state.plans.popitem(last=False)
         if stats is not None:
-            # Kept as the reply's dict: encoded once per request, never rebuilt.
+            # As the reply's dict: _plan_reply encodes it into the reply once.
             state.stats[key] = stats.to_dict()
             while len(state.stats) > STATS_PER_RUN:
                 state.stats.popitem(last=False)

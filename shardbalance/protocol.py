@@ -32,8 +32,8 @@ from ._exceptions import AuthenticationError, ProtocolError
 
 __all__ = [
     "PROTOCOL_VERSION", "MAX_MESSAGE_BYTES", "MAX_WORLD_SIZE", "MAX_RECORDS_PER_MESSAGE",
-    "encode", "encode_fields", "encode_reply", "decode", "parse_request", "RunConfig", "PlanRequest", "StatsReport", "Ping",
-    "PlanStats", "MAX_STATS_RANKS",
+    "encode", "encode_fields", "encode_reply", "decode", "parse_request", "RunConfig",
+    "PlanRequest", "StatsReport", "Ping", "PlanStats", "MAX_STATS_RANKS",
 ]
 
 PROTOCOL_VERSION = 1

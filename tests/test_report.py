@@ -320,6 +320,16 @@ def test_plan_stats_are_validated():
             protocol.PlanStats.from_dict(bad, 2)
 
 
+def test_a_reply_encoded_once_is_the_message_encode_makes():
+    fields = {"plan": {"batch_sizes": [1, 2]}, "stats": {"busy_ms": [1.5, None]}}
+    once = protocol.encode_fields(fields)
+    for msg_id in (1, 2**40):
+        assert protocol.encode_reply("plan", msg_id, once, SECRET) == \
+            protocol.encode({"type": "plan", "id": msg_id, **fields}, SECRET)
+    assert protocol.encode_reply("pong", 3, protocol.encode_fields({}), None) == \
+        protocol.encode({"type": "pong", "id": 3}, None)
+
+
 def test_metrics_of_a_local_policy_are_the_plan():
     from torch.utils.data import TensorDataset
     import torch
