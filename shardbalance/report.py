@@ -100,8 +100,11 @@ class RunView:
 
     @property
     def world_size(self) -> int:
-        return int(next(iter(self.configs.values()))["world_size"]) if self.configs else \
-            len(next(iter(self.plans.values()))["batch_sizes"])
+        if self.configs:
+            return int(next(iter(self.configs.values()))["world_size"])
+        if self.plans:
+            return len(next(iter(self.plans.values()))["batch_sizes"])
+        return len(next(iter(self.windows.values()))["steps"])
 
     def keys(self) -> list[tuple[int, int, int]]:
         """Every window, in training order."""
@@ -346,8 +349,10 @@ def _pyplot():
     return plt
 
 
-def _per_rank(ax, xs, table, label: str, color_of) -> None:
+def _per_rank(ax, xs, table, color_of) -> None:
     """One step line per rank, or quantile bands when there are many ranks."""
+    import warnings
+
     import numpy as np
 
     values = np.array([[np.nan if v is None else v for v in row] for row in table], float)
@@ -356,12 +361,9 @@ def _per_rank(ax, xs, table, label: str, color_of) -> None:
             ax.step(xs, values[:, rank], where="post", color=color_of(rank),
                     label=f"rank {rank}")
         return
-    with np.errstate(all="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            q = np.nanquantile(values, [0.0, 0.1, 0.5, 0.9, 1.0], axis=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a window no rank was heard in
+        q = np.nanquantile(values, [0.0, 0.1, 0.5, 0.9, 1.0], axis=1)
     ax.fill_between(xs, q[0], q[4], step="post", alpha=0.15, color="C0", label="min-max")
     ax.fill_between(xs, q[1], q[3], step="post", alpha=0.35, color="C0", label="10-90 %")
     ax.step(xs, q[2], where="post", color="C0", label=f"median of {values.shape[1]} ranks")
@@ -389,10 +391,10 @@ def figure(records: list[dict[str, Any]], run: str | None = None):
     for key in keys:
         last = view.plans.get(key, {}).get("batch_sizes", last)
         sizes.append(last or [math.nan] * view.world_size)
-    _per_rank(ax_b, xs, extend(sizes), "batch size", colors)
+    _per_rank(ax_b, xs, extend(sizes), colors)
     ax_b.set_ylabel("batch size (samples)")
     busy = [view.windows.get(k, {}).get("busy_ms") or [None] * view.world_size for k in keys]
-    _per_rank(ax_t, xs, extend(busy), "busy", colors)
+    _per_rank(ax_t, xs, extend(busy), colors)
     ax_t.set_ylabel("busy ms / step")
     step = [_step_ms(view.windows.get(k)) for k in keys]
     equal = [view.plans.get(k, {}).get("equal_step_ms") for k in keys]
