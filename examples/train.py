@@ -12,7 +12,8 @@
         --checkpoint ckpt.pt --checkpoint-every 4 --simulate-failure 10
 
 The data is generated (a fixed random teacher network labels Gaussian inputs), so the script
-needs no download. Rank 0 prints one line per epoch: time, throughput, loss and the plan.
+needs no download. Rank 0 prints one line per epoch: time, throughput, loss and the plan, and
+one with ``sampler.metrics()`` (what the coordinator measured when it decided the plan).
 ``--metrics-out FILE`` also writes those lines as JSON for benchmarks; with
 ``--check-coverage`` each line also counts how often every sample was trained in the epoch,
 over all ranks (``coverage``: distinct samples and the lowest and highest count).
@@ -97,6 +98,18 @@ def save_checkpoint(path: str, model, opt, sampler, epoch: int) -> None:
              "sampler": sampler.state_dict() if hasattr(sampler, "state_dict") else None}
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
+
+
+def _metrics_line(metrics: dict, world: int) -> str:
+    """sampler.metrics() in one line: the plan's figures, then each rank's."""
+    parts = [f"{key} {metrics[key]:g}" for key in ("imbalance", "predicted_step_ms",
+                                                    "equal_step_ms", "speedup_vs_equal")
+             if key in metrics]
+    for name in ("busy_ms", "samples_per_s"):
+        values = [metrics.get(f"{name}/rank{r}") for r in range(world)]
+        if any(v is not None for v in values):
+            parts.append(f"{name} {values}")
+    return ", ".join(parts) or "(no measurements yet)"
 
 
 def make_dataset(num_samples: int, dim: int = 32, classes: int = 10) -> TensorDataset:
@@ -239,6 +252,11 @@ def main(argv=None) -> None:
                                       "min": int(uses.min()), "max": int(uses.max())}
             print(f"epoch {epoch} | {elapsed:.2f} s | {record['samples_per_s']:.0f} samples/s "
                   f"| loss {record['loss']:.4f} | plan {plan}", flush=True)
+            if args.sampler == "weighted":
+                # The same dict on every rank: logging it from rank 0 shows all ranks. A
+                # tracker takes it as it is, e.g. writer.add_scalar(f"shardbalance/{k}", v, step).
+                record["shardbalance"] = metrics = sampler.metrics()
+                print(f"epoch {epoch} | metrics {_metrics_line(metrics, world)}", flush=True)
             if args.metrics_out:
                 with open(args.metrics_out, "a", encoding="utf-8") as fh:
                     fh.write(json.dumps(record) + "\n")

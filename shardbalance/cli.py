@@ -2,7 +2,7 @@
 
     shardbalance coordinator --bind tcp://127.0.0.1:5555 --log coord.jsonl [--token-file F]
     shardbalance simulate --ranks 4096 --speeds lognormal:0.5 --noise 0.1 --policy affine
-    shardbalance report coord.jsonl [--plot plans.png]
+    shardbalance report coord.jsonl [--run RUN] [--plot out.png] [--follow [--interval S]]
 
 Imports are deferred to each command so a coordinator starts without importing torch.
 """
@@ -24,8 +24,19 @@ def _coordinator(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report import plot, summarize
+    import os
 
+    from ._exceptions import ConfigError
+    from .report import _pyplot, follow, plot, summarize
+
+    if args.plot:
+        _pyplot()  # a missing extra is said before anything else happens
+    if not args.interval > 0:
+        raise ConfigError(f"Invalid --interval {args.interval!r}, it should be > 0 seconds")
+    if args.follow:
+        return follow(args.journal, args.run, args.plot, args.interval)
+    if not os.path.isfile(args.journal):
+        raise ConfigError(f"no journal at {args.journal!r}")
     print(summarize(args.journal, run=args.run))
     if args.plot:
         plot(args.journal, args.plot, run=args.run)
@@ -64,8 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="summarize a coordinator journal")
     report.add_argument("journal", help="the coordinator's --log file")
     report.add_argument("--run", default=None, help="only this run id")
-    report.add_argument("--plot", default=None, help="also plot the plans to this PNG "
-                        "(needs matplotlib)")
+    report.add_argument("--plot", default=None, metavar="OUT.PNG",
+                        help="also draw the run (the last one unless --run) to this PNG: batch "
+                             "size, busy ms/step and step time against global step (needs the "
+                             "plot extra: pip install 'shardbalance[plot]')")
+    report.add_argument("--follow", action="store_true",
+                        help="keep re-reading the journal as it is written; reprint the table "
+                             "(and redraw the PNG) when records are added")
+    report.add_argument("--interval", type=float, default=2.0, metavar="SECONDS",
+                        help="how often --follow re-reads the journal (default 2)")
     report.set_defaults(func=_report)
     return parser
 

@@ -32,6 +32,9 @@ __all__ = ["CoordinatorClient", "StatsSender", "EmbeddedCoordinator", "routable_
 
 log = logging.getLogger("shardbalance")
 
+#: Plans whose coordinator stats a client keeps (metrics() reads the one in force).
+_REPORTED_KEPT = 8
+
 
 class CoordinatorClient:
     """Request/reply with a coordinator, bounded in time. Not thread-safe: one per thread.
@@ -50,6 +53,9 @@ class CoordinatorClient:
         self.timeout_s = timeout_s
         self.retries = max(1, retries)
         self._ids = itertools.count(1)
+        #: What the coordinator measured with each plan it served, by plan digest (newest few).
+        self.reported: collections.OrderedDict[str, protocol.PlanStats] = \
+            collections.OrderedDict()
         self._context = zmq.Context()
         self._socket: zmq.Socket | None = None
 
@@ -119,6 +125,15 @@ class CoordinatorClient:
                plan.global_batch_size)
         if got != expected:
             raise CoordinatorError(f"coordinator answered with plan {got}, asked for {expected}")
+        if reply.get("stats") is not None:
+            try:
+                self.reported[plan.digest] = protocol.PlanStats.from_dict(reply["stats"],
+                                                                          plan.world_size)
+            except ProtocolError as exc:
+                # The figures only inform metrics(); the plan itself is still good.
+                log.warning("ignoring the stats sent with plan %s: %s", plan.digest, exc)
+            while len(self.reported) > _REPORTED_KEPT:
+                self.reported.popitem(last=False)
         return plan
 
     def pull(self, **fields) -> dict:

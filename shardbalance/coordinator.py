@@ -6,6 +6,17 @@ Ranks push busy-time measurements and ask for the plan of each window. The first
 appended to a JSONL journal, which is both the log a person reads and what a restarted
 coordinator resumes from; a one-line summary of each decision goes to stderr.
 
+Journal records (one JSON object a line, each with ``time`` and ``event``):
+    start     the coordinator bound ``endpoint``
+    run       a run (generation) began, with its ``config``
+    plan      a decision: ``batch_sizes``, ``reason``, each rank's recent ``busy_ms`` and the
+              ``busy_batch_sizes`` they were measured at, ``imbalance``, and with a fitted model
+              ``predicted_step_ms``, ``equal_step_ms``, ``alpha_ms``, ``beta_ms``
+    window    what the ranks measured while one plan window trained, per rank: ``steps``,
+              ``samples`` and the median ``busy_ms`` (see :class:`WindowTally`); a later record
+              for the same ``(run, generation, epoch, window)`` supersedes an earlier one
+    rejected  a count of refused messages
+
 Runs are isolated by run id, bounded in number, and forgotten when idle. The loop is a
 ``poll(timeout)`` with housekeeping after every poll; replies are sent without blocking, so a
 dead or stalled rank can never stall the others.
@@ -13,6 +24,7 @@ dead or stalled rank can never stall the others.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import json
 import logging
@@ -46,6 +58,51 @@ MAX_RUNS = 256
 RUN_IDLE_S = 6 * 3600.0
 #: At most one log line per this many seconds about rejected messages.
 REJECT_LOG_INTERVAL_S = 10.0
+#: Per-window aggregates: the newest windows of a run that still collect measurements (a
+#: measurement of an older one arrives too late and is left out), the newest busy times per
+#: rank a window's median is taken over, and how often a window that changed is journaled
+#: between decisions (so a journal being followed shows the window in progress). Memory:
+#: OPEN_WINDOWS x world_size x WINDOW_BUSY_KEPT floats per run.
+OPEN_WINDOWS = 2
+WINDOW_BUSY_KEPT = 64
+WINDOW_REFRESH_S = 30.0
+#: Plans whose stats (PlanStats) and encoded reply are kept: all ranks ask within seconds,
+#: and a reply encoded once serves them all (per-rank floats cost ~3 us each to encode).
+STATS_PER_RUN = 8
+
+
+class WindowTally:
+    """What the ranks measured while one plan window trained: per rank, the steps, the samples
+    and a ring of the newest busy times. Journaled as a ``window`` record."""
+
+    def __init__(self, key: tuple[int, int], world_size: int) -> None:
+        self.key = key
+        self.steps = [0] * world_size
+        self.samples = [0] * world_size
+        self.busy = np.full((world_size, WINDOW_BUSY_KEPT), np.nan)
+        self.last_step = -1
+        #: Changed since it was last journaled.
+        self.dirty = False
+
+    def add(self, rank: int, records) -> None:
+        """Count a rank's ``(epoch, step, batch, busy_s)`` records, all of this window."""
+        row, count = self.busy[rank], self.steps[rank]
+        for _, step, batch, busy in records:
+            row[count % WINDOW_BUSY_KEPT] = busy
+            count += 1
+            self.samples[rank] += batch
+        self.steps[rank] = count
+        self.last_step = max(self.last_step, records[-1][1])
+        self.dirty = True
+
+    def record(self, run: str, generation: int) -> dict[str, Any]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a rank not heard in this window
+            medians = np.nanmedian(self.busy, axis=1)
+        return {"event": "window", "run": run, "generation": generation, "epoch": self.key[0],
+                "window": self.key[1], "last_step": self.last_step,
+                "steps": list(self.steps), "samples": list(self.samples),
+                "busy_ms": [None if np.isnan(m) else round(float(m) * 1e3, 3) for m in medians]}
 
 
 @dataclass
@@ -59,6 +116,14 @@ class RunState:
     current: Plan | None = None
     #: The policy's tunables: the run's options over the defaults (checked once, here).
     options: dict = field(init=False)
+    #: The newest OPEN_WINDOWS windows' aggregates, oldest first.
+    windows: list[WindowTally] = field(default_factory=list)
+    #: When the windows were last journaled (monotonic clock).
+    windows_written: float = field(default_factory=time.monotonic)
+    #: PlanStats (as dicts) of the newest STATS_PER_RUN decisions, sent with their plans.
+    stats: OrderedDict = field(default_factory=OrderedDict)
+    #: The encoded fields of the newest plan replies (protocol.encode_fields).
+    replies: OrderedDict = field(default_factory=OrderedDict)
 
     def __post_init__(self) -> None:
         self.options = check_options(dict(self.config.options))
@@ -67,12 +132,41 @@ class RunState:
 
     def add(self, rank: int, records) -> None:
         hist = self.history[rank]
+        self._tally(rank, [r for r in records if (r[0], r[1]) not in hist])
         for epoch, step, batch, busy in records:
             # Keyed by step, so a resent report overwrites in place instead of counting twice;
             # one sender thread reports in step order, so insertion order is step order.
             hist[(epoch, step)] = (batch, busy)
         while len(hist) > HISTORY_PER_RANK:
             hist.popitem(last=False)
+
+    def _tally(self, rank: int, records) -> None:
+        """Add new records to the open windows they belong to (each to the newest window
+        starting at or before its step; those of a closed window are left out)."""
+        keys = [w.key for w in self.windows]
+        begin = 0
+        while begin < len(records):
+            at = bisect.bisect_right(keys, tuple(records[begin][:2]))
+            end = begin + 1
+            if at < len(keys):  # the records up to the next window's first step
+                while end < len(records) and tuple(records[end][:2]) < keys[at]:
+                    end += 1
+            else:
+                end = len(records)
+            if at:
+                self.windows[at - 1].add(rank, records[begin:end])
+            begin = end
+
+    def open_window(self, key: tuple[int, int]) -> WindowTally | None:
+        """Start collecting a new plan window; returns an evicted window that still changed."""
+        if any(w.key == key for w in self.windows):
+            return None
+        self.windows.append(WindowTally(key, self.config.world_size))
+        self.windows.sort(key=lambda w: w.key)
+        if len(self.windows) > OPEN_WINDOWS:
+            oldest = self.windows.pop(0)
+            return oldest if oldest.dirty else None
+        return None
 
     def observations(self) -> tuple[np.ndarray, ...]:
         """Each rank's ``(batch_size, busy_s)`` rows, oldest first."""
@@ -145,6 +239,14 @@ class Coordinator:
             self._journal.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
             self._journal.flush()
 
+    def _write_windows(self, state: RunState, tallies=None) -> None:
+        """Journal the window aggregates that changed since they were last journaled."""
+        for tally in state.windows if tallies is None else tallies:
+            if tally.dirty:
+                self._write(tally.record(state.run_id, state.generation))
+                tally.dirty = False
+        state.windows_written = time.monotonic()
+
     def _resume(self, path: str) -> None:
         """Rebuild runs and their decided plans from an existing journal."""
         if not os.path.exists(path):
@@ -163,7 +265,7 @@ class Coordinator:
                         plan = Plan.from_dict(rec["plan"])
                         state = self.runs.get(plan.run_id)
                         if state is not None and state.generation == plan.generation:
-                            self._remember(state, plan)
+                            self._remember(state, plan, _stats_of(rec, plan.world_size))
                             resumed += 1
                     elif str(rec.get("event", "")).startswith("pull_"):
                         self._pull_replay(rec)
@@ -189,9 +291,7 @@ class Coordinator:
                 return protocol.encode({"type": "chunk", "id": msg_id, **self._pull(req)},
                                        self.secret)
             if isinstance(req, protocol.PlanRequest):
-                plan = self._plan(req)
-                return protocol.encode({"type": "plan", "id": msg_id, "plan": plan.to_dict()},
-                                       self.secret)
+                return protocol.encode_reply("plan", msg_id, self._plan_reply(req), self.secret)
             return protocol.encode({"type": "ack", "id": msg_id,
                                     "accepted": self._stats(req)}, self.secret)
         except ShardBalanceError as exc:
@@ -253,19 +353,44 @@ class Coordinator:
         state.add(report.rank, report.records)
         return len(report.records)
 
-    def _remember(self, state: RunState, plan: Plan) -> None:
-        state.plans[(plan.epoch, plan.window)] = plan
+    def _remember(self, state: RunState, plan: Plan,
+                  stats: protocol.PlanStats | None = None) -> None:
+        key = (plan.epoch, plan.window)
+        state.plans[key] = plan
         while len(state.plans) > PLANS_PER_RUN:
             state.plans.popitem(last=False)
+        if stats is not None:
+            # As the reply's dict: _plan_reply encodes it into the reply once.
+            state.stats[key] = stats.to_dict()
+            while len(state.stats) > STATS_PER_RUN:
+                state.stats.popitem(last=False)
+        evicted = state.open_window(key)
+        if evicted is not None:
+            self._write_windows(state, [evicted])
         if state.current is None or (plan.epoch, plan.window) >= (state.current.epoch,
                                                                    state.current.window):
             state.current = plan
 
-    def _plan(self, req: protocol.PlanRequest) -> Plan:
+    def _plan_reply(self, req: protocol.PlanRequest) -> str:
+        """The encoded plan reply (the plan and its stats), encoded once per window."""
+        state, plan = self._plan(req)
+        key = (plan.epoch, plan.window)
+        reply = state.replies.get(key)
+        if reply is None:
+            fields: dict[str, Any] = {"plan": plan.to_dict()}
+            if key in state.stats:
+                fields["stats"] = state.stats[key]
+            reply = state.replies[key] = protocol.encode_fields(fields)
+            while len(state.replies) > STATS_PER_RUN:
+                state.replies.popitem(last=False)
+        return reply
+
+    def _plan(self, req: protocol.PlanRequest) -> tuple[RunState, Plan]:
+        """The run and the plan of the request's window, decided now if it is new."""
         state = self._state(req.run, req.generation, req)
         key = (req.epoch, req.window)
         if key in state.plans:
-            return state.plans[key]
+            return state, state.plans[key]
         if state.plans and key < next(iter(state.plans)):
             raise PlanError(f"window {key} of run {req.run} is older than every plan kept")
         previous = state.current or state.initial_plan(req.epoch, req.window)
@@ -286,15 +411,20 @@ class Coordinator:
         predicted = model.step_seconds(sizes) if model is not None else None
         plan = Plan(state.run_id, state.generation, req.epoch, req.window, sizes,
                     cfg.global_batch_size, cfg.policy, predicted)
+        stats = None
         try:
-            self._announce(state, plan, previous, history, model, reason)
+            # The windows trained so far first, so a reader sees each window before the plan
+            # decided from it.
+            self._write_windows(state)
+            stats = self._announce(state, plan, previous, history, model, reason)
         finally:
             # Served to every rank even if logging it failed: ranks must never disagree.
-            self._remember(state, plan)
-        return plan
+            self._remember(state, plan, stats)
+        return state, plan
 
     def _announce(self, state: RunState, plan: Plan, previous: Plan, history, model,
-                  reason: str) -> None:
+                  reason: str) -> protocol.PlanStats:
+        """Journal and log a decision; the stats sent to the ranks with the plan."""
         # Each rank's median of its newest 32 busy times, in one pass over a padded table.
         recent = np.full((len(history), 32), np.nan)
         for row, h in zip(recent, history):
@@ -304,6 +434,7 @@ class Coordinator:
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN row: a rank not heard yet
             medians = np.nanmedian(recent, axis=1)
         busy_ms = [None if np.isnan(m) else round(float(m) * 1e3, 2) for m in medians]
+        busy_batch = [int(h[-1, 0]) if len(h) else None for h in history]
         measured = [b for b in busy_ms if b is not None]
         imbalance = (max(measured) / (sum(measured) / len(measured))
                      if len(measured) == len(busy_ms) and measured and sum(measured) > 0
@@ -312,7 +443,8 @@ class Coordinator:
             "event": "plan", "run": state.run_id, "generation": state.generation,
             "epoch": plan.epoch, "window": plan.window, "batch_sizes": list(plan.batch_sizes),
             "previous": list(previous.batch_sizes), "policy": state.config.policy, "reason": reason,
-            "busy_ms": busy_ms, "imbalance": None if imbalance is None else round(imbalance, 4),
+            "busy_ms": busy_ms, "busy_batch_sizes": busy_batch,
+            "imbalance": None if imbalance is None else round(imbalance, 4),
             "plan": plan.to_dict(),
         }
         line = (f"run {state.run_id} gen {state.generation} epoch {plan.epoch} "
@@ -334,6 +466,7 @@ class Coordinator:
             line += f" | predicted {predicted_ms:.1f} ms/step, {speedup:.2f}x vs equal split"
         self._write(record)
         log.info("%s", line)
+        return _stats_of(record, len(busy_ms))
 
     # -- pull mode -----------------------------------------------------------------------
 
@@ -431,11 +564,15 @@ class Coordinator:
     def _housekeeping(self) -> None:
         now = time.monotonic()
         for run in [r for r, s in self.runs.items() if now - s.last_seen > RUN_IDLE_S]:
+            self._write_windows(self.runs[run])
             del self.runs[run]
         for run in [r for r, s in self.pull_runs.items() if now - s.last_seen > RUN_IDLE_S]:
             del self.pull_runs[run]
         for state in self.pull_runs.values():
             self._pull_dropped(state, state.table.expire(now), "expired")
+        for state in self.runs.values():
+            if now - state.windows_written > WINDOW_REFRESH_S:
+                self._write_windows(state)
         if self.parent_pid is not None and not _alive(self.parent_pid, self._parent_is_ppid):
             log.info("parent process %d is gone; stopping", self.parent_pid)
             self._stop = True
@@ -472,8 +609,23 @@ class Coordinator:
         if getattr(self, "context", None) is not None:
             self.context.term()
         if getattr(self, "_journal", None) is not None:
+            for state in self.runs.values():
+                self._write_windows(state)
             self._journal.close()
             self._journal = None
+
+
+def _stats_of(record: dict[str, Any], world_size: int) -> protocol.PlanStats | None:
+    """The PlanStats of a journaled decision (None if it has none or they are not valid)."""
+    if world_size > protocol.MAX_STATS_RANKS:
+        data = {"imbalance": record.get("imbalance"), "equal_step_ms": record.get("equal_step_ms")}
+    else:
+        data = {k: record.get(k) for k in ("busy_ms", "busy_batch_sizes", "imbalance",
+                                           "equal_step_ms")}
+    try:
+        return protocol.PlanStats.from_dict(data, world_size)
+    except ProtocolError:
+        return None
 
 
 def _alive(pid: int, is_parent: bool) -> bool:

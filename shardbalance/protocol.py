@@ -14,7 +14,8 @@ Requests (rank -> coordinator):
             min_chunk_size, lease_s, max_leases}            (pull mode, see _leases.py)
     ping   {}
 Replies (coordinator -> rank):
-    plan   {plan: Plan.to_dict()}
+    plan   {plan: Plan.to_dict(), stats: PlanStats.to_dict() (optional: what the coordinator
+            measured when it decided this plan, the same for every rank that asks)}
     ack    {accepted: n}
     chunk  {kind, lease: [start, stop] | null, complete, stale: [start, ...], remaining,
             completed: [[start, stop], ...] (op "status"), restored (op "restore")}
@@ -36,7 +37,8 @@ from ._exceptions import AuthenticationError, ProtocolError
 
 __all__ = [
     "PROTOCOL_VERSION", "MAX_MESSAGE_BYTES", "MAX_WORLD_SIZE", "MAX_RECORDS_PER_MESSAGE",
-    "encode", "decode", "parse_request", "RunConfig", "PlanRequest", "StatsReport", "Ping",
+    "encode", "encode_fields", "encode_reply", "decode", "parse_request", "RunConfig",
+    "PlanRequest", "StatsReport", "Ping", "PlanStats", "MAX_STATS_RANKS",
     "PullRequest", "PULL_OPS", "MAX_PULL_RANGES",
 ]
 
@@ -55,6 +57,9 @@ MAX_LEASE_SECONDS = 86400.0
 MAX_LEASES_PER_CHUNK = 16
 PULL_OPS = ("lease", "status", "restore")
 _CLIENT_ID = re.compile(r"^[0-9a-f]{8,64}$")
+#: Per-rank figures ride on a plan reply up to this world size (about 300 KB of JSON there);
+#: beyond it only the run-wide ones do, so a reply stays well under MAX_MESSAGE_BYTES.
+MAX_STATS_RANKS = 16384
 _RUN_ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
 _POLICY = re.compile(r"^[a-z_]{1,32}$")
 
@@ -79,6 +84,21 @@ def encode(message: dict[str, Any], secret: bytes | None) -> list[bytes]:
     """Frames for ``message`` (the version is added), signed with ``secret``."""
     body = json.dumps({"v": PROTOCOL_VERSION, **message}, separators=(",", ":"),
                       allow_nan=False).encode()
+    return [body, _mac(secret, body)]
+
+
+def encode_fields(fields: dict[str, Any]) -> str:
+    """A reply's fields (all but ``v``, ``type`` and ``id``) as JSON text, for
+    :func:`encode_reply`: a reply that many ranks get (a plan) is encoded once."""
+    return json.dumps(fields, separators=(",", ":"), allow_nan=False)
+
+
+def encode_reply(kind: str, msg_id: int, fields_json: str, secret: bytes | None) -> list[bytes]:
+    """Frames of a ``kind`` reply to request ``msg_id`` whose other fields are
+    ``fields_json`` (from :func:`encode_fields`): the same message :func:`encode` makes."""
+    head = json.dumps({"v": PROTOCOL_VERSION, "type": kind, "id": msg_id},
+                      separators=(",", ":"))
+    body = (head[:-1] + ("," + fields_json[1:] if fields_json != "{}" else "}")).encode()
     return [body, _mac(secret, body)]
 
 
@@ -212,6 +232,56 @@ class RunConfig:
                    tuple(int(b) for b in data["max_sizes"]), int(data["quantum"]),
                    None if weights is None else tuple(float(w) for w in weights),
                    tuple(sorted((str(k), float(v)) for k, v in data["options"].items())))
+
+
+@dataclass(frozen=True)
+class PlanStats:
+    """What the coordinator measured when it decided a plan, sent with it to every rank.
+
+    Fixed at the decision, so every rank that asks for the plan gets the same figures.
+    """
+
+    #: Each rank's median busy ms per step over its newest measurements (None: not heard yet).
+    busy_ms: tuple[float | None, ...] | None
+    #: The batch size of each rank's newest measured step (what ``busy_ms`` was measured at).
+    busy_batch_sizes: tuple[int | None, ...] | None
+    #: Slowest busy time over the mean (1.0: balanced); None until every rank was heard.
+    imbalance: float | None
+    #: The fitted model's step time for the equal split (None without a model).
+    equal_step_ms: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"busy_ms": None if self.busy_ms is None else list(self.busy_ms),
+                "busy_batch_sizes": (None if self.busy_batch_sizes is None
+                                     else list(self.busy_batch_sizes)),
+                "imbalance": self.imbalance, "equal_step_ms": self.equal_step_ms}
+
+    @classmethod
+    def from_dict(cls, data: Any, world_size: int) -> "PlanStats":
+        """Validate a reply's (or the journal's) ``stats`` for a run of ``world_size`` ranks."""
+        if not isinstance(data, dict):
+            raise ProtocolError(f"plan stats must be an object, got {type(data).__name__}")
+        busy, sizes = data.get("busy_ms"), data.get("busy_batch_sizes")
+        if busy is not None and not (
+                isinstance(busy, list) and len(busy) == world_size <= MAX_STATS_RANKS
+                and all(b is None or (_number(b) and 0 <= b <= MAX_BUSY_SECONDS * 1e3)
+                        for b in busy)):
+            raise ProtocolError(f"plan stats 'busy_ms' must be null or {world_size} numbers "
+                                f"in [0, {MAX_BUSY_SECONDS * 1e3:g}] or nulls")
+        if sizes is not None and not (
+                isinstance(sizes, list) and len(sizes) == world_size <= MAX_STATS_RANKS
+                and all(b is None or _is_int(b, 1, MAX_BATCH_SIZE) for b in sizes)):
+            raise ProtocolError(f"plan stats 'busy_batch_sizes' must be null or {world_size} "
+                                f"integers in [1, {MAX_BATCH_SIZE}] or nulls")
+        scalars = []
+        for key in ("imbalance", "equal_step_ms"):
+            value = data.get(key)
+            if value is not None and not (_number(value) and 0 <= value <= MAX_BUSY_SECONDS * 1e3):
+                raise ProtocolError(f"plan stats {key!r} must be null or a number in "
+                                    f"[0, {MAX_BUSY_SECONDS * 1e3:g}], got {value!r}")
+            scalars.append(None if value is None else float(value))
+        return cls(None if busy is None else tuple(None if b is None else float(b) for b in busy),
+                   None if sizes is None else tuple(sizes), *scalars)
 
 
 @dataclass(frozen=True)

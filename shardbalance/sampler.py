@@ -723,3 +723,19 @@ class WeightedDistributedSampler(Sampler[list[int]]):
             # hold the others for the peer timeout.
             self.peers.wait_all(self.timeout_s)
         self.session.close()
+
+    def metrics(self) -> dict[str, float]:
+        """The plan in force and what the coordinator measured with it: a flat dict of numbers
+        for any tracker, the same on every rank, cheap enough to call every step.
+
+        ``batch_size/rank{i}``, ``busy_ms/rank{i}``, ``samples_per_s/rank{i}``,
+        ``predicted_step_ms``, ``equal_step_ms``, ``speedup_vs_equal``, ``imbalance``,
+        ``generation``, ``epoch``, ``window``; see :func:`shardbalance._metrics.plan_metrics`.
+        With ``equal``/``static`` (no coordinator) only the plan's own figures.
+        """
+        from ._metrics import plan_metrics
+
+        entry = self._last_step
+        plan = entry.plan if entry is not None else self.plan
+        client = None if self.session is None else self.session.client
+        return plan_metrics(plan, None if client is None else client.reported.get(plan.digest))

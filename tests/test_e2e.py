@@ -27,6 +27,10 @@ def test_the_fast_rank_ends_with_the_larger_batch(tmp_path):
     summary = summarize(str(journal))
     assert "2 ranks, global batch 64, policy affine" in summary
     assert str(final) in summary
+    # Rank 0 printed sampler.metrics() each epoch; the last one names the final plan's figures.
+    assert [e["shardbalance"]["epoch"] for e in epochs] == [0, 1, 2]
+    assert epochs[-1]["shardbalance"]["batch_size/rank1"] == final[1]
+    assert "epoch 2 | metrics imbalance" in out
 
 
 def test_elastic_restart_resumes_from_the_checkpoint_as_a_new_generation(tmp_path):
