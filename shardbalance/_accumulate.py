@@ -2,17 +2,17 @@
 
 ``sampler.accumulate(loader, model)`` yields each batch's micro-batches of ``micro_batch_size``
 with the loss scale that makes their sum the batch's mean loss, runs all but a batch's last
-under ``model.no_sync()`` (FSDP2: ``set_requires_gradient_sync(False)``), and tells the gradient weighting that those forwards train one
+under ``model.no_sync()``, and tells the gradient weighting that those forwards train one
 batch (one ledger entry).
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Iterable, Iterator
 
 import torch
 
+from ._compute import lockstep_cause
 from ._exceptions import ConfigError, PlanError
 
 __all__ = ["accumulate", "batch_len", "slice_batch"]
@@ -20,10 +20,6 @@ __all__ = ["accumulate", "batch_len", "slice_batch"]
 
 def accumulate(loader: Iterable, micro_batch_size: int, model: torch.nn.Module | None,
                weighting) -> Iterator[tuple[Any, float, bool]]:
-    if model is not None and any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()):
-        raise ConfigError("accumulate() cannot be used with SyncBatchNorm: ranks run "
-                          "different numbers of micro-batches per step, and SyncBatchNorm "
-                          "would wait for a peer in every forward")
     _check_model(model)
     m = micro_batch_size
     for batch in loader:
@@ -40,32 +36,23 @@ def accumulate(loader: Iterable, micro_batch_size: int, model: torch.nn.Module |
             if last or model is None:
                 yield micro, m / size, last
             else:
-                with _no_sync(model):
+                with model.no_sync():
                     yield micro, m / size, last
 
 
-@contextlib.contextmanager
-def _no_sync(model: torch.nn.Module) -> Iterator[None]:
-    """DDP's ``no_sync()``; for an FSDP2 model ``set_requires_gradient_sync(False)``, restored
-    afterwards."""
-    if hasattr(model, "no_sync"):
-        with model.no_sync():
-            yield
-        return
-    model.set_requires_gradient_sync(False)
-    try:
-        yield
-    finally:
-        model.set_requires_gradient_sync(True)
-
-
 def _check_model(model: torch.nn.Module | None) -> None:
-    if model is None or hasattr(model, "no_sync") or hasattr(model, "set_requires_gradient_sync"):
-        return
     # Raised before the loop, on every rank alike (a rank with a single micro-batch would
     # otherwise go on into the step's collectives while the others fail).
-    raise ConfigError(f"accumulate() needs a DDP or FSDP2 model (to skip the gradient sync of "
-                      f"all but a step's last micro-batch), got {type(model).__name__}")
+    cause = lockstep_cause(model) if model is not None else None
+    if cause:
+        raise ConfigError(f"accumulate() cannot be used with {cause}: ranks run different "
+                          "numbers of micro-batches per step, and every forward would wait for "
+                          "the other ranks. Accumulate whole loader batches instead (every rank "
+                          "runs the same number of them)")
+    if model is None or hasattr(model, "no_sync"):
+        return
+    raise ConfigError(f"accumulate() needs a DDP model (to skip the gradient sync of all but a "
+                      f"step's last micro-batch), got {type(model).__name__}")
 
 
 def batch_len(batch) -> int:
