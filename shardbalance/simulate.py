@@ -219,6 +219,8 @@ class SimulationConfig:
     #: One-off seconds added to each of a rank's first ``new_shape_steps`` steps at a new size.
     new_shape_s: float = 0.0
     new_shape_steps: int = 2
+    #: Every batch size is a multiple of this (the sampler's ``batch_size_multiple``).
+    batch_size_multiple: int = 1
 
     def __post_init__(self) -> None:
         if not _is_int(self.ranks) or self.ranks < 1:
@@ -267,7 +269,7 @@ class SimulationConfig:
         # Raise now, not mid-run: bad speeds and infeasible bounds are configuration errors.
         parse_speeds(self.speeds, self.ranks, np.random.default_rng(0))
         normalize_bounds(self.ranks, self.global_batch_size, self.min_batch_size,
-                         self.max_batch_size)
+                         self.max_batch_size, self.batch_size_multiple)
 
 
 @dataclass
@@ -355,7 +357,8 @@ class _Cluster:
         b = np.asarray(sizes, dtype=np.float64)
         return np.maximum(np.ceil(b / self.tile) * self.tile, self.flat_below)
 
-    def oracle(self, alphas, betas, lo, hi, total: int) -> tuple[float, tuple[int, ...]]:
+    def oracle(self, alphas, betas, lo, hi, total: int, quantum: int = 1
+               ) -> tuple[float, tuple[int, ...]]:
         """The integer plan with the least noiseless step under the curve, and that step.
 
         A bisection on the step T: rank i can take at most the largest multiple of the tile
@@ -366,8 +369,10 @@ class _Cluster:
 
         def sizes_at(T):
             room = (T - alphas) / betas
-            fits = room >= np.maximum(self.tile, self.flat_below)
-            b = np.where(fits, np.floor(room / self.tile + 1e-9) * self.tile, -1)
+            tiles = np.floor(room / self.tile + 1e-9) * self.tile
+            b = np.floor(tiles / quantum + 1e-9) * quantum
+            fits = (room >= self.flat_below) & (b >= quantum)
+            b = np.where(fits, b, -1)
             return np.clip(b, lo_, hi_).astype(np.int64)
 
         low, high = 0.0, float((alphas + betas * self.effective(hi_)).max())
@@ -384,7 +389,7 @@ class _Cluster:
         for i in np.argsort(-(b - before), kind="stable"):
             if excess <= 0:
                 break
-            take = min(excess, int(b[i] - lo_[i]))
+            take = min(excess, int(b[i] - lo_[i]) // quantum * quantum)
             b[i] -= take
             excess -= take
         sizes = tuple(int(x) for x in b)
@@ -411,8 +416,9 @@ def simulate(config: SimulationConfig) -> SimulationResult:
     rng = np.random.default_rng(config.seed)
     cluster = _Cluster(config, rng)
     k, B, K = config.ranks, config.global_batch_size, config.window
-    lo, hi = normalize_bounds(k, B, config.min_batch_size, config.max_batch_size)
-    equal_sizes = apportion([1.0] * k, B, lo, hi)
+    q = config.batch_size_multiple
+    lo, hi = normalize_bounds(k, B, config.min_batch_size, config.max_batch_size, q)
+    equal_sizes = apportion([1.0] * k, B, lo, hi, q)
     current = equal_sizes  # the coordinator's initial plan without initial weights
     # Trained steps, one (steps, ranks) block per window; only the newest ones are kept.
     done_sizes: list[np.ndarray] = []
@@ -439,7 +445,7 @@ def simulate(config: SimulationConfig) -> SimulationResult:
         else:
             history = tuple(np.empty((0, 2)) for _ in range(k))
         inp = PolicyInput(global_batch_size=B, current=tuple(current), min_sizes=lo,
-                          max_sizes=hi, quantum=1, history=history, static_weights=None,
+                          max_sizes=hi, quantum=q, history=history, static_weights=None,
                           options=dict(config.options))
         t0 = time.perf_counter()
         sizes, decision = decide(config.policy, inp)
@@ -461,9 +467,9 @@ def simulate(config: SimulationConfig) -> SimulationResult:
                 if cluster.affine:
                     targets, _ = CostModel(alphas, betas).equal_finish(lo, hi, B)
                     oracle_cache[key] = (float((alphas + betas * targets).max()),
-                                         apportion(targets, B, lo, hi))
+                                         apportion(targets, B, lo, hi, q))
                 else:
-                    oracle_cache[key] = cluster.oracle(alphas, betas, lo, hi, B)
+                    oracle_cache[key] = cluster.oracle(alphas, betas, lo, hi, B, q)
             optimum, oracle_sizes = oracle_cache[key]
             f = factors[j:j + 1]
             busy = _step_seconds(alphas, betas, sizes, f, cluster)[0]
@@ -661,6 +667,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="one-off ms of each of a rank's first --new-shape-steps steps at a "
                              "new batch size (default %(default)s)")
     parser.add_argument("--new-shape-steps", type=int, default=2)
+    parser.add_argument("--batch-size-multiple", type=int, default=1,
+                        help="every batch size a multiple of this (default %(default)s)")
     parser.add_argument("--paper-example", action="store_true",
                         help="the seed paper's 5-node example: seed rule vs affine")
     parser.add_argument("--json-out", default=None, help="write every window and the summary here")
@@ -687,7 +695,8 @@ def _config_from_args(args: argparse.Namespace) -> SimulationConfig:
         overhead=args.overhead, allreduce_s=args.allreduce_ms / 1e3, slowdowns=args.slowdown,
         lag=args.lag, seed=args.seed, min_batch_size=args.min_batch_size,
         max_batch_size=args.max_batch_size, options=options, curve=args.curve,
-        new_shape_s=args.new_shape_ms / 1e3, new_shape_steps=args.new_shape_steps)
+        new_shape_s=args.new_shape_ms / 1e3, new_shape_steps=args.new_shape_steps,
+        batch_size_multiple=args.batch_size_multiple)
 
 
 def run(args: argparse.Namespace) -> int:
