@@ -715,28 +715,37 @@ class CurveModel:
 
 def _drop_new_shape_steps(history: tuple[np.ndarray, ...], steps: int) -> tuple[np.ndarray, ...]:
     """Each rank's rows without the first ``steps`` of the first run at each batch size (a rank
-    left with no rows keeps them all)."""
-    if steps <= 0:
+    left with no rows keeps them all). Vectorised over all ranks' rows at once."""
+    if steps <= 0 or not history:
         return history
-    out = []
-    for h in history:
-        h = np.asarray(h, dtype=np.float64).reshape(-1, 2)
-        n = len(h)
-        if n == 0:
-            out.append(h)
-            continue
-        size = h[:, 0]
-        run_start = np.ones(n, dtype=bool)
-        run_start[1:] = size[1:] != size[:-1]
-        run_id = np.cumsum(run_start) - 1
-        begin = np.flatnonzero(run_start)
-        _, first_row = np.unique(size, return_index=True)
-        first_run_of_size = np.zeros(len(begin), dtype=bool)
-        first_run_of_size[run_id[first_row]] = True
-        position = np.arange(n) - begin[run_id]
-        keep = ~(first_run_of_size[run_id] & (position < steps))
-        out.append(h[keep] if keep.any() else h)
-    return tuple(out)
+    arrays = [np.asarray(h, dtype=np.float64).reshape(-1, 2) for h in history]
+    lengths = np.array([len(a) for a in arrays])
+    rows = np.concatenate(arrays)
+    n = len(rows)
+    if n == 0:
+        return tuple(arrays)
+    first = np.zeros(len(arrays) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=first[1:])
+    rank = np.repeat(np.arange(len(arrays)), lengths)
+    size = rows[:, 0]
+    run_start = _starts(n, first)
+    run_start[1:] |= size[1:] != size[:-1]
+    run_id = np.cumsum(run_start) - 1
+    begin = np.flatnonzero(run_start)
+    # The first row of each (rank, size): sort rows by (rank, size, row) and mark group starts.
+    order = np.lexsort((np.arange(n), size, rank))
+    new_group = np.ones(n, dtype=bool)
+    new_group[1:] = (rank[order[1:]] != rank[order[:-1]]) | (size[order[1:]] != size[order[:-1]])
+    group_first = order[new_group][np.cumsum(new_group) - 1]
+    first_row = np.empty(n, dtype=np.int64)
+    first_row[order] = group_first
+    in_first_run = run_id[first_row] == run_id
+    drop = in_first_run & (np.arange(n) - begin[run_id] < steps)
+    kept = np.bincount(rank[~drop], minlength=len(arrays))
+    drop &= kept[rank] > 0
+    keep = ~drop
+    counts = np.bincount(rank[keep], minlength=len(arrays))
+    return tuple(np.split(rows[keep], np.cumsum(counts)[:-1]))
 
 
 def _since_last_change(segs: _Segments, tolerance: float) -> np.ndarray:
@@ -902,11 +911,13 @@ def _explore_model(fit: _CurveFit, max_sizes, opts) -> CurveModel | None:
 
 
 def _band(inp: PolicyInput, noise) -> float:
+    """The no-change band of the curve policy: ``band`` plus two standard errors of the
+    difference of two busy-time estimates of a typical rank. Unlike the affine fit's band it
+    does not add the overstatement of the slowest of k noisy estimates: the curve predicts the
+    current and the new plan from the same measured points, so that overstatement is in both."""
     band = _options(inp.options)["band"]
     if noise is not None and len(noise):
-        # The slowest of k noisy estimates overstates the current step by about
-        # sqrt(2 ln k) standard errors: a gain smaller than that is noise, not imbalance.
-        band += (1.0 + np.sqrt(2.0 * np.log(max(inp.world_size, 2)))) * float(noise.max())
+        band += 2.0 * math.sqrt(2.0) * float(np.median(noise))
     return band
 
 
