@@ -23,6 +23,9 @@ Figures, per contender and repeat, from rank 0's wall time of every optimizer st
 * ``eff@3w``: in window mode, the oracle's mean step over the policy's mean step, over the
   windows from 3 after the first decision that had measurements (read from the coordinator's
   journal) to the end. Means, not medians: the one-off costs of exploring count.
+* ``plan@3w``: the same ratio for the emulator's modelled step times of the plans each run
+  trained (its sleeps, one-off costs included, without the real overheads): what the policy
+  chose, free of the machine's noise, which on a shared 2-core machine is ±10-20 % per window.
 * ``epoch0`` / ``epoch1``: in epoch mode, the oracle's epoch time over the policy's.
 
 The repeats rotate the order of the contenders inside a launch, so a slow phase of a shared
@@ -241,6 +244,26 @@ def _first_measured_window(journal: Path, steps_per_epoch: int, window: int) -> 
     return None
 
 
+def modelled_steps(plans: list[list[int]], curves: list[dict]) -> list[float]:
+    """The emulator's step time of each step's plan without the real overheads, the one-off
+    cost of each new batch size included (what EmulatedSpeed sleeps, slowest rank)."""
+    from shardbalance.emulate import curve_seconds
+
+    seen = [dict() for _ in curves]
+    out = []
+    for plan in plans:
+        busy = []
+        for c, counts, b in zip(curves, seen, plan):
+            t = curve_seconds(b, c["speed"], c["per_sample_s"], c["overhead_s"],
+                              flat_below=c["flat_below"], step_multiple=c["step_multiple"])
+            if counts.get(b, 0) < c["new_shape_steps"]:
+                t += c["new_shape_s"]
+            counts[b] = counts.get(b, 0) + 1
+            busy.append(t)
+        out.append(max(busy))
+    return out
+
+
 def _window_means(step_s: list[float], steps_per_epoch: int, window: int) -> list[float]:
     out = []
     for e in range(len(step_s) // steps_per_epoch):
@@ -286,7 +309,7 @@ def run_cluster(name: str, args) -> dict:
                     runs[c["name"]]["first_measured"] = _first_measured_window(
                         Path(workdir) / f"{c['name'].replace('/', '-')}.jsonl",
                         args.steps_per_epoch, args.window)
-        repeats.append(figures(runs, args))
+        repeats.append(figures(runs, args, curves))
         if args.verbose:
             for c in contenders:
                 run = runs[c["name"]]
@@ -300,10 +323,11 @@ def run_cluster(name: str, args) -> dict:
             "repeats": repeats}
 
 
-def figures(runs: dict, args) -> dict:
+def figures(runs: dict, args, curves: list[dict]) -> dict:
     spe, K = args.steps_per_epoch, args.window
     oracle = runs["oracle"]
     o_windows = _window_means(oracle["step_s"], spe, K)
+    o_model = _window_means(modelled_steps(oracle["plans"], curves), spe, K)
     out = {"oracle": {"ms_per_step": round(1e3 * float(np.mean(oracle["step_s"])), 2)}}
     for name, run in runs.items():
         if name == "oracle":
@@ -312,9 +336,12 @@ def figures(runs: dict, args) -> dict:
         if name.endswith("/window"):
             w0 = run.get("first_measured")
             windows = _window_means(run["step_s"], spe, K)
+            model = _window_means(modelled_steps(run["plans"], curves), spe, K)
             if w0 is not None and w0 + 3 < len(windows):
                 fig["eff@3w"] = round(float(np.mean(o_windows[w0 + 3:])) /
                                       float(np.mean(windows[w0 + 3:])), 4)
+                fig["plan@3w"] = round(float(np.mean(o_model[w0 + 3:])) /
+                                       float(np.mean(model[w0 + 3:])), 4)
                 fig["first_measured_window"] = w0
             fig["eff_last_epoch"] = round(oracle["epoch_s"][-1] / run["epoch_s"][-1], 4)
         else:
@@ -338,10 +365,12 @@ def print_cluster(result: dict) -> None:
         print("   no repeat completed")
         return
     print(f"   oracle ms/step (measured): {_spread([r['oracle']['ms_per_step'] for r in reps])}")
-    print("   contender | eff@3w (median [range]) | epoch0 | epoch1 | last epoch | final plan")
+    print("   contender | eff@3w (median [range]) | plan@3w | epoch0 | epoch1 | last epoch | "
+          "final plan")
     for name in [k for k in reps[0] if k != "oracle"]:
         col = lambda key: _spread([r[name].get(key) for r in reps])  # noqa: E731
-        print(f"   {name} | {col('eff@3w')} | {col('epoch0')} | {col('epoch1')} | "
+        print(f"   {name} | {col('eff@3w')} | {col('plan@3w')} | {col('epoch0')} | "
+              f"{col('epoch1')} | "
               f"{col('eff_last_epoch')} | {reps[-1][name]['final_plan']}")
     for name in [k for k in reps[0] if k.endswith("/window")]:
         med = statistics.median([r[name].get("eff@3w", 0.0) for r in reps])

@@ -64,6 +64,9 @@ _POSITIVE_OPTIONS = frozenset({"half_life_segments"})
 SEGMENT_STEPS = 8
 #: A fitted slope less than this many standard errors above 0 is noise, not a slope.
 SLOPE_SIGNIFICANCE = 2.0
+#: curve: a slope at either end of a rank's points is measured over sizes at least this
+#: ratio apart.
+SLOPE_SPAN = 1.25
 #: Standard deviation of the median of n samples over that of their mean (sqrt(π/2), large n).
 _MEDIAN_SPREAD = math.sqrt(math.pi / 2)
 
@@ -845,22 +848,31 @@ def _fit_curves(inp_history: tuple[np.ndarray, ...], opts: Mapping[str, float]
         return slope, clear
 
     several = counts >= 2
-    first_slope, first_clear = piece(np.zeros(k, dtype=np.int64), np.minimum(1, last))
-    last_slope, last_clear = piece(np.maximum(last - 1, 0), last)
-    first_clear &= several
+    # The end slopes are taken over a span of at least SLOPE_SPAN where the knots allow (not
+    # between two close knots, whose slope is mostly noise): from the largest knot to the
+    # largest knot at least that much smaller (else the smallest), and from the smallest to
+    # the smallest at least that much larger.
+    finite = np.isfinite(sizes)
+    below_top = (sizes * SLOPE_SPAN <= s_hi[:, None]) & finite
+    top_ref = np.maximum(below_top.sum(axis=1) - 1, 0)
+    has_top = below_top.any(axis=1)
+    above_bottom = (sizes >= SLOPE_SPAN * s_lo[:, None]) & finite
+    bottom_ref = np.argmax(above_bottom, axis=1)
+    has_bottom = above_bottom.any(axis=1)
+    first_slope, first_clear = piece(np.zeros(k, dtype=np.int64), bottom_ref)
+    last_slope, last_clear = piece(top_ref, last)
     last_clear &= several
     proportional_hi = t_hi / s_hi
     proportional_lo = t_lo / s_lo
-    # Below: the first piece when clear (intercept >= 0), flat when the points span 1.5x or
-    # more at about one time, else the affine fit's slope.
-    wide = several & (s_hi >= 1.5 * s_lo)
-    flat_span = wide & ~piece(np.zeros(k, dtype=np.int64), last)[1]
-    low = np.where(first_clear, np.minimum(first_slope, proportional_lo),
-                   np.where(flat_span, 0.0, np.minimum(base.betas, proportional_lo)))
-    # Above: the last piece (or, with one size, the affine slope) for one bounded step, then
-    # the pessimistic proportional rate.
+    # Below: the first span's slope when clear (intercept >= 0), flat when it is not, else
+    # (the knots too close together, or one) the affine fit's slope.
+    low = np.where(has_bottom & first_clear, np.minimum(first_slope, proportional_lo),
+                   np.where(has_bottom, 0.0, np.minimum(base.betas, proportional_lo)))
+    # Above: the last span's slope when clear (the affine fit's when the span is short), for
+    # one bounded step, then the pessimistic proportional rate. A flat last span leaves the top
+    # unidentified: pessimistic, and a candidate for exploration. One knot: the affine slope.
     flat_top = several & ~last_clear
-    near = np.where(last_clear, last_slope,
+    near = np.where(last_clear, np.where(has_top, last_slope, np.maximum(base.betas, 0.0)),
                     np.where(several, proportional_hi, np.maximum(base.betas, 0.0)))
     far = np.maximum(near, proportional_hi)
     step = opts["explore_step"] * s_hi
@@ -974,7 +986,9 @@ def curve(inp: PolicyInput) -> Decision:
         last = model.counts - 1
         s_hi = model.sizes[np.arange(len(last)), last]
         grows = np.asarray(trial) > s_hi
-        if grows.any() and trial_s * (1.0 + band) < min(new_s, current_s) and \
+        # The plain band, without the noise term: a try costs one window at most, and its
+        # measurement, not the prediction, decides whether it stays.
+        if grows.any() and trial_s * (1.0 + opts["band"]) < min(new_s, current_s) and \
                 tuple(trial) != tuple(inp.current):
             ranks = np.flatnonzero(grows).tolist()
             return Decision(tuple(float(b) for b in trial), model,
