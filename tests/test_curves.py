@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 from shardbalance.emulate import EmulatedSpeed, curve_seconds
@@ -189,3 +191,27 @@ def test_emulated_speed_rejects_bad_shapes_naming_the_value(kwargs):
     bad = next(v for k, v in kwargs.items())
     with pytest.raises(ValueError, match=repr(bad).replace(".", r"\.")):
         EmulatedSpeed(**args)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 64), st.floats(0.0, 0.02), st.integers(0, 64)),
+                min_size=2, max_size=6))
+def test_curve_equal_finish_sums_to_the_batch_within_bounds_and_is_no_worse_than_equal(ranks):
+    from shardbalance.plan import apportion
+    curves = [_curve(1.0, flat_below=flat, per_sample_s=per_sample + 1e-4,
+                     overhead_s=0.001 * (1 + i % 3))
+              for i, (_, per_sample, flat) in enumerate(ranks)]
+    k = len(curves)
+    B = 16 * k
+    lo, hi = (1,) * k, tuple(min(B, cap + 16) for cap, _, _ in ranks)
+    history = tuple(_rows(fn, [8, 16, 24], steps=4) for fn in curves)
+    model = fit_curve_model(history)
+    targets, finish = model.equal_finish(lo, hi, B)
+    assert abs(targets.sum() - B) < 1e-6
+    assert np.all(targets >= np.array(lo) - 1e-9) and np.all(targets <= np.array(hi) + 1e-9)
+    inp = PolicyInput(global_batch_size=B, current=apportion([1.0] * k, B, lo, hi),
+                      min_sizes=lo, max_sizes=hi, history=history)
+    sizes, decision = decide("curve", inp)
+    assert sum(sizes) == B and all(a <= b <= c for a, b, c in zip(lo, sizes, hi))
+    if not decision.reason.startswith("exploring"):  # a try is judged by its measurement
+        assert model.step_seconds(sizes) <= model.step_seconds(inp.current) * (1 + 1e-9)
