@@ -215,3 +215,19 @@ def test_curve_equal_finish_sums_to_the_batch_within_bounds_and_is_no_worse_than
     assert sum(sizes) == B and all(a <= b <= c for a, b, c in zip(lo, sizes, hi))
     if not decision.reason.startswith("exploring"):  # a try is judged by its measurement
         assert model.step_seconds(sizes) <= model.step_seconds(inp.current) * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("policy", ["affine", "curve"])
+def test_a_policy_decides_from_the_first_few_trained_steps_of_epoch_0(policy):
+    # Early re-planning inside epoch 0: four trained steps per rank at the equal split, the
+    # first of them paying a one-off cost, are enough to move toward the fast ranks.
+    curves = [_curve(1.0), _curve(2.0), _curve(4.0, flat_below=48)]
+    history = []
+    for fn in curves:
+        rows = _rows(fn, [32], steps=4)
+        rows[0, 1] += 0.05
+        history.append(rows)
+    inp = PolicyInput(global_batch_size=96, current=(32, 32, 32), min_sizes=(1, 1, 1),
+                      max_sizes=(96, 96, 96), history=tuple(history))
+    sizes, decision = decide(policy, inp)
+    assert sizes[0] < 32 < sizes[2] and sum(sizes) == 96, decision
