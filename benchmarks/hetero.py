@@ -41,6 +41,11 @@ Targets: affine within 3 % of the optimum in both modes on both clusters (0.986-
 on 1:1:2:4 0.969 / 1.899x (one rank 4 % slower that epoch: machine noise); its 3-repeat recheck
 (``--speeds 1,1,2,4 --policies affine --repeats 3``) gave 0.996 / 1.95x.
 
+``python benchmarks/hetero.py --speeds 1,2,4 --policies affine,curve`` (6 launches, 391 s):
+efficiency vs the oracle run affine 0.988 (epoch) / 0.992 (window), curve 0.999 / 1.001, all
+on the final plan [28, 55, 109]; the oracle run itself reaches 0.931 of the analytic optimum
+(the real per-step cost the model leaves out).
+
 Policies. ``affine`` is within one sample of the oracle from its first measured plan (epoch 1,
 or window 2) and then held by its no-change band (2 % + the measured noise); on 1:2:4 it keeps
 [28, 55, 109], one sample off the oracle. ``proportional`` (iterating b_i ∝ b_i/t_i has the
