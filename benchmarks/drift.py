@@ -84,6 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, default=0,
                    help="DataLoader workers per rank (the lag is 2 per worker)")
     p.add_argument("--timeout", type=float, default=240.0, help="seconds for the torchrun launch")
+    p.add_argument("--policy", default="affine", help="the adaptive policy (default affine)")
     p.add_argument("--json-out", default=None)
     return p.parse_args(argv)
 
@@ -178,7 +179,7 @@ def report(args, speeds, S, lag, res, wall_s) -> None:
     K = args.rebalance_every
     print(f"emulated speeds {args.speeds}, {args.per_sample_ms:g} ms/sample at speed 1, "
           f"{args.overhead_ms:g} ms overhead; B={args.global_batch_size}, N={args.samples}, "
-          f"{args.epochs} epochs, policy affine, K={K}, num_workers={args.num_workers} "
+          f"{args.epochs} epochs, policy {args.policy}, K={K}, num_workers={args.num_workers} "
           f"(lag {lag} steps)")
     print(f"slowdown: rank {args.slow_rank} {args.factor:g}x slower from global step {S}; "
           f"optimum {res['before_optimum'][0]} ({res['before_optimum'][1]:.1f} ms) -> "
@@ -240,7 +241,7 @@ def main(argv=None) -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="shardbalance-drift-") as tmp:
         journal = Path(tmp) / "coordinator.jsonl"
-        train = ["--sampler", "weighted", "--policy", "affine", "--epochs", str(args.epochs),
+        train = ["--sampler", "weighted", "--policy", args.policy, "--epochs", str(args.epochs),
                  "--samples", str(args.samples),
                  "--global-batch-size", str(args.global_batch_size),
                  "--rebalance-every", str(K), "--emulate-speeds", args.speeds,

@@ -11,6 +11,8 @@ the coordinator, the simulator and the tests all run exactly the same code.
     proportional  weights ∝ measured throughput (samples per busy second)
     seed          the seed paper's additive rule  W(t+1) = W(t) + β·(R − L)
     affine        (default) fit t_i(b) = α_i + β_i·b and split for an equal finish
+    curve         fit a monotone piecewise-linear t_i(b) (flat-then-linear, steps) through the
+                  sizes trained, split for an equal finish, and explore where a curve is flat
 """
 
 from __future__ import annotations
@@ -23,12 +25,12 @@ from typing import Callable, Mapping
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ._exceptions import ConfigError
+from ._exceptions import ConfigError, PlanError
 from .plan import apportion, water_fill
 
 __all__ = ["PolicyInput", "Decision", "CostModel", "POLICIES", "ADAPTIVE_POLICIES",
            "DEFAULT_OPTIONS", "HISTORY_PER_RANK", "decide", "fit_cost_model", "check_options",
-           "check_policy"]
+           "check_policy", "CurveModel", "fit_curve_model"]
 
 #: Measurements the coordinator keeps per rank; older ones only slow a policy down.
 HISTORY_PER_RANK = 512
@@ -44,6 +46,12 @@ DEFAULT_OPTIONS: Mapping[str, float] = {
     "half_life_segments": 2.0,
     # seed: the step size β of W(t+1) = W(t) + β·(R − L).
     "seed_beta": 0.5,
+    # curve: steps dropped at the start of the first run of each new batch size of a rank (a
+    # new shape pays one-off costs: cudnn autotuning, recompiles, CUDA-graph capture).
+    "shape_warmup_steps": 2.0,
+    # curve: an exploration step (and any move the fit extrapolates optimistically) grows a
+    # rank's largest measured batch size by at most this fraction.
+    "explore_step": 0.5,
 }
 
 
@@ -56,6 +64,9 @@ _POSITIVE_OPTIONS = frozenset({"half_life_segments"})
 SEGMENT_STEPS = 8
 #: A fitted slope less than this many standard errors above 0 is noise, not a slope.
 SLOPE_SIGNIFICANCE = 2.0
+#: curve: a slope at either end of a rank's points is measured over sizes at least this
+#: ratio apart.
+SLOPE_SPAN = 1.25
 #: Standard deviation of the median of n samples over that of their mean (sqrt(π/2), large n).
 _MEDIAN_SPREAD = math.sqrt(math.pi / 2)
 
@@ -579,6 +590,415 @@ def affine(inp: PolicyInput) -> Decision:
                     f"equal finish at {finish * 1e3:.1f} ms")
 
 
+# --------------------------------------------------------------------------------------------
+# The curve cost model.
+#
+# Real step times are not lines: a large GPU is flat up to the batch that fills it, time steps
+# at tile multiples, and the first steps at a new shape pay one-off costs. The curve model keeps
+# each rank's measured points (batch size, pooled median busy time) since its last change of
+# speed, made monotone, and interpolates linearly between them. Outside the measured sizes it
+# extrapolates only as far as the data supports:
+#
+# * below the smallest size, along the first piece when it has a clear slope (intercept >= 0),
+#   flat when the points span a wide range at one time, else along the affine fit's line;
+# * above the largest size, along the last piece when it has a clear slope, but only for one
+#   bounded step (``explore_step`` of that size); beyond it, and wherever the top is flat or
+#   unknown, at the pessimistic rate of busy time proportional to batch size (for a curve
+#   ``max(c, α + β·b)`` with α >= 0 that is an upper bound).
+#
+# Exploration: where a rank's top is flat (the largest sizes measured at about one time), the
+# model cannot tell whether more samples are free. If assuming them free for one bounded step
+# predicts a plan faster than the believed optimum by more than the no-change band, that plan
+# is tried. Its measurement then decides: a cheap step makes the next plan keep it (and explore
+# further), a costly one gives the top a slope, so that region is never explored again and the
+# fitted points steer away from it. A rank's points are forgotten only when its speed changes
+# (a segment that disagrees with the previous segment of the same batch size by more than
+# ``drift_tolerance``, or a larger batch measured clearly faster than the batch before it).
+
+
+@dataclass(frozen=True)
+class CurveModel:
+    """Busy seconds per step of each rank as a monotone piecewise-linear curve.
+
+    Rank i's knots are ``sizes[i, :counts[i]]`` (ascending) with busy seconds ``times[i, ...]``
+    (non-decreasing); the rows are padded with +inf. Below the first knot the curve falls at
+    ``low_slopes[i]`` (floored at 0), above the last it grows at ``high_slopes[i]``.
+    """
+
+    sizes: np.ndarray
+    times: np.ndarray
+    counts: np.ndarray
+    low_slopes: np.ndarray
+    high_slopes: np.ndarray
+    #: Relative standard error of each rank's newest busy-time estimate (0 if unknown).
+    noise: np.ndarray | None = None
+
+    def _ends(self):
+        rows = np.arange(len(self.counts))
+        last = self.counts - 1
+        return (self.sizes[:, 0], self.times[:, 0], self.sizes[rows, last],
+                self.times[rows, last])
+
+    @property
+    def betas(self) -> np.ndarray:
+        """Seconds per sample of each rank around its largest measured batch (for logs)."""
+        return self.high_slopes
+
+    @property
+    def alphas(self) -> np.ndarray:
+        """Intercept of the line of slope :attr:`betas` through the largest knot (for logs)."""
+        _, _, s_hi, t_hi = self._ends()
+        return t_hi - self.high_slopes * s_hi
+
+    def busy_seconds(self, batch_sizes) -> np.ndarray:
+        b = np.asarray(batch_sizes, dtype=np.float64)
+        s_lo, t_lo, s_hi, t_hi = self._ends()
+        rows = np.arange(len(b))
+        j = np.clip((self.sizes <= b[:, None]).sum(axis=1) - 1, 0,
+                    np.maximum(self.counts - 2, 0))
+        nxt = np.minimum(j + 1, self.counts - 1)
+        s0, s1 = self.sizes[rows, j], self.sizes[rows, nxt]
+        t0, t1 = self.times[rows, j], self.times[rows, nxt]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            inside = np.where(s1 > s0, t0 + (t1 - t0) * (b - s0) / (s1 - s0), t0)
+        below = np.maximum(t_lo - self.low_slopes * (s_lo - b), 0.0)
+        above = t_hi + self.high_slopes * (b - s_hi)
+        return np.where(b <= s_lo, below, np.where(b >= s_hi, above, inside))
+
+    def step_seconds(self, batch_sizes) -> float:
+        """A synchronous step lasts as long as its slowest rank."""
+        return float(self.busy_seconds(batch_sizes).max())
+
+    def largest_within(self, seconds: float) -> np.ndarray:
+        """Per rank, the largest real batch size whose busy time is at most ``seconds``
+        (-inf where even the smallest is slower, +inf where the curve never gets there)."""
+        T = float(seconds)
+        s_lo, t_lo, s_hi, t_hi = self._ends()
+        rows = np.arange(len(self.counts))
+        j = np.minimum((self.times <= T).sum(axis=1) - 1, self.counts - 1)
+        jj = np.maximum(j, 0)
+        nxt = np.minimum(jj + 1, self.counts - 1)
+        s0, s1 = self.sizes[rows, jj], self.sizes[rows, nxt]
+        t0, t1 = self.times[rows, jj], self.times[rows, nxt]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            inside = s0 + (T - t0) * (s1 - s0) / (t1 - t0)
+            above = np.where(self.high_slopes > 0, s_hi + (T - t_hi) / self.high_slopes, np.inf)
+            below = np.where(self.low_slopes > 0, s_lo - (t_lo - T) / self.low_slopes, -np.inf)
+        below = np.where((T >= 0) & (self.low_slopes > 0), below, -np.inf)
+        return np.where(j < 0, below, np.where(j >= self.counts - 1, above, inside))
+
+    def equal_finish(self, lo, hi, total: float) -> tuple[np.ndarray, float]:
+        """Real batch sizes summing to ``total`` within ``[lo, hi]`` that finish by the least
+        common time T, and T (a bisection on T; flat pieces are filled to their right end)."""
+        lo_, hi_ = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
+        if lo_.sum() > total + 1e-9 or hi_.sum() < total - 1e-9:
+            raise PlanError(f"Cannot split {total} within bounds summing to "
+                            f"[{lo_.sum()}, {hi_.sum()}]")
+
+        def sizes_at(T):
+            return np.clip(self.largest_within(T), lo_, hi_)
+
+        low, high = 0.0, float(self.busy_seconds(hi_).max())
+        if sizes_at(low).sum() >= total:
+            high = low
+        for _ in range(100):
+            if high - low <= 1e-12 * max(high, 1e-9):
+                break
+            mid = 0.5 * (low + high)
+            if sizes_at(mid).sum() >= total:
+                high = mid
+            else:
+                low = mid
+        b_low, b_high = sizes_at(low), sizes_at(high)
+        gap = b_high.sum() - b_low.sum()
+        share = 1.0 if gap <= 0 else (total - b_low.sum()) / gap
+        targets = b_low + share * (b_high - b_low)
+        return targets, high
+
+
+def _drop_new_shape_steps(history: tuple[np.ndarray, ...], steps: int) -> tuple[np.ndarray, ...]:
+    """Each rank's rows without the first ``steps`` of the first run at each batch size (a rank
+    left with no rows keeps them all). Vectorised over all ranks' rows at once."""
+    if steps <= 0 or not history:
+        return history
+    arrays = [np.asarray(h, dtype=np.float64).reshape(-1, 2) for h in history]
+    lengths = np.array([len(a) for a in arrays])
+    rows = np.concatenate(arrays)
+    n = len(rows)
+    if n == 0:
+        return tuple(arrays)
+    first = np.zeros(len(arrays) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=first[1:])
+    rank = np.repeat(np.arange(len(arrays)), lengths)
+    size = rows[:, 0]
+    run_start = _starts(n, first)
+    run_start[1:] |= size[1:] != size[:-1]
+    run_id = np.cumsum(run_start) - 1
+    begin = np.flatnonzero(run_start)
+    # The first row of each (rank, size): sort rows by (rank, size, row) and mark group starts.
+    order = np.lexsort((np.arange(n), size, rank))
+    new_group = np.ones(n, dtype=bool)
+    new_group[1:] = (rank[order[1:]] != rank[order[:-1]]) | (size[order[1:]] != size[order[:-1]])
+    group_first = order[new_group][np.cumsum(new_group) - 1]
+    first_row = np.empty(n, dtype=np.int64)
+    first_row[order] = group_first
+    in_first_run = run_id[first_row] == run_id
+    drop = in_first_run & (np.arange(n) - begin[run_id] < steps)
+    kept = np.bincount(rank[~drop], minlength=len(arrays))
+    drop &= kept[rank] > 0
+    keep = ~drop
+    counts = np.bincount(rank[keep], minlength=len(arrays))
+    return tuple(np.split(rows[keep], np.cumsum(counts)[:-1]))
+
+
+def _since_last_change(segs: _Segments, tolerance: float) -> np.ndarray:
+    """Per rank, its first segment after its newest change of speed (see the section comment).
+    """
+    m = len(segs.rank)
+    if m == 0:
+        return segs.first[:-1].copy()
+    runs = _Runs.of(segs.rank, segs.size)
+    segment = np.arange(m)
+    run = runs.of_segment
+    previous_run = runs.previous_same[run]
+    same = np.where(segment > runs.first[run], segment - 1,
+                    np.where(previous_run >= 0, runs.last[previous_run], -1))
+    median = segs.median
+    bad = (same >= 0) & (np.abs(median - median[np.maximum(same, 0)]) > tolerance * median)
+    prev = np.maximum(segment - 1, 0)
+    same_rank = (segment > 0) & (segs.rank[prev] == segs.rank)
+    grew = segs.size > segs.size[prev]
+    shrank = segs.size < segs.size[prev]
+    bad |= same_rank & grew & (median < (1.0 - tolerance) * median[prev])
+    bad |= same_rank & shrank & (median > (1.0 + tolerance) * median[prev])
+    start = segs.first[:-1].copy()
+    idx = np.flatnonzero(bad)
+    # The newest bad segment of each rank (np.maximum.at keeps the largest index).
+    np.maximum.at(start, segs.rank[idx], idx)
+    return start
+
+
+def _monotone(times: np.ndarray) -> np.ndarray:
+    """Rows made non-decreasing: the midpoint of the running maximum from the left and the
+    running minimum from the right (exact on a row that already is; +inf padding stays)."""
+    upper = np.maximum.accumulate(times, axis=1)
+    lower = np.minimum.accumulate(times[:, ::-1], axis=1)[:, ::-1]
+    with np.errstate(invalid="ignore"):
+        mid = 0.5 * (upper + lower)
+    return np.where(np.isinf(times), np.inf, mid)
+
+
+@dataclass(frozen=True)
+class _CurveFit:
+    model: CurveModel
+    #: Ranks whose largest measured sizes ran at about one time (the top is unidentified).
+    flat_top: np.ndarray
+    #: Seconds per sample the model assumes beyond its bounded optimistic step (pessimistic).
+    far_slopes: np.ndarray
+
+
+def _fit_curves(inp_history: tuple[np.ndarray, ...], opts: Mapping[str, float]
+                ) -> _CurveFit | None:
+    history = _drop_new_shape_steps(inp_history, int(opts["shape_warmup_steps"]))
+    base = fit_cost_model(history, opts)
+    if base is None:
+        return None
+    rows = _Rows.stack(history)
+    segs = _segment_table(rows)
+    spread, noise = _relative_errors(rows)
+    start = _since_last_change(segs, opts["drift_tolerance"])
+    index = _ranges(start, segs.first[1:])
+    rank, size = segs.rank[index], segs.size[index]
+    runs = _Runs.of(rank, size)
+    pooled_n, pooled_t = _pool_newest_four(runs, segs.median[index], segs.count[index])
+    # The newest segment of each (rank, size) carries that size's pooled value; sort those by
+    # (rank, size) to get each rank's knots in ascending order.
+    newest = runs.last[np.flatnonzero(runs.next_same >= len(runs.size))]
+    order = np.lexsort((size[newest], rank[newest]))
+    knot = newest[order]
+    k_rank, k_size, k_time, k_n = rank[knot], size[knot], pooled_t[knot], pooled_n[knot]
+    k = len(history)
+    counts = np.bincount(k_rank, minlength=k)
+    width = int(counts.max())
+    col = np.arange(len(knot)) - np.searchsorted(k_rank, k_rank)
+    sizes = np.full((k, width), np.inf)
+    times = np.full((k, width), np.inf)
+    steps = np.zeros((k, width))
+    sizes[k_rank, col], times[k_rank, col], steps[k_rank, col] = k_size, k_time, k_n
+    times = _monotone(times)
+    rows_ = np.arange(k)
+    last = counts - 1
+    s_lo, t_lo = sizes[:, 0], times[:, 0]
+    s_hi, t_hi = sizes[rows_, last], times[rows_, last]
+    # Standard error of a knot's time: _MEDIAN_SPREAD·spread/sqrt(steps), relative.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel_se = _MEDIAN_SPREAD * spread[:, None] / np.sqrt(np.maximum(steps, 1.0))
+
+    def piece(a, b):
+        """Slope between knots a and b of each rank, and whether it is clearly positive."""
+        ds = sizes[rows_, b] - sizes[rows_, a]
+        dt = times[rows_, b] - times[rows_, a]
+        se = (rel_se[rows_, a] + rel_se[rows_, b]) * times[rows_, b]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            slope = np.where(ds > 0, dt / ds, 0.0)
+            # Clear: above the noise, and an elasticity of 0.1 or more (a few per cent of busy
+            # time over a doubling is a flat curve with jitter, not a slope to extrapolate).
+            clear = (ds > 0) & (dt > SLOPE_SIGNIFICANCE * se) & \
+                (dt / times[rows_, b] >= 0.1 * ds / sizes[rows_, b])
+        return slope, clear
+
+    several = counts >= 2
+    # The end slopes are taken over a span of at least SLOPE_SPAN where the knots allow (not
+    # between two close knots, whose slope is mostly noise): from the largest knot to the
+    # largest knot at least that much smaller (else the smallest), and from the smallest to
+    # the smallest at least that much larger.
+    finite = np.isfinite(sizes)
+    below_top = (sizes * SLOPE_SPAN <= s_hi[:, None]) & finite
+    top_ref = np.maximum(below_top.sum(axis=1) - 1, 0)
+    has_top = below_top.any(axis=1)
+    above_bottom = (sizes >= SLOPE_SPAN * s_lo[:, None]) & finite
+    bottom_ref = np.argmax(above_bottom, axis=1)
+    has_bottom = above_bottom.any(axis=1)
+    first_slope, first_clear = piece(np.zeros(k, dtype=np.int64), bottom_ref)
+    last_slope, last_clear = piece(top_ref, last)
+    last_clear &= several
+    proportional_hi = t_hi / s_hi
+    proportional_lo = t_lo / s_lo
+    # Below: the first span's slope when clear (intercept >= 0), flat when it is not, else
+    # (the knots too close together, or one) the affine fit's slope.
+    low = np.where(has_bottom & first_clear, np.minimum(first_slope, proportional_lo),
+                   np.where(has_bottom, 0.0, np.minimum(base.betas, proportional_lo)))
+    # Above: the last span's slope when clear (the affine fit's when the span is short), for
+    # one bounded step, then the pessimistic proportional rate. A flat last span leaves the top
+    # unidentified: pessimistic, and a candidate for exploration. One knot: the affine slope.
+    flat_top = several & ~last_clear
+    near = np.where(last_clear, np.where(has_top, last_slope, np.maximum(base.betas, 0.0)),
+                    np.where(several, proportional_hi, np.maximum(base.betas, 0.0)))
+    far = np.maximum(near, proportional_hi)
+    step = opts["explore_step"] * s_hi
+    # The bounded optimistic step becomes one more knot (where it is more optimistic).
+    extra = near < far
+    width2 = width + 1
+    sizes2 = np.full((k, width2), np.inf)
+    times2 = np.full((k, width2), np.inf)
+    sizes2[:, :width], times2[:, :width] = sizes, times
+    sizes2[rows_[extra], counts[extra]] = s_hi[extra] + step[extra]
+    times2[rows_[extra], counts[extra]] = t_hi[extra] + near[extra] * step[extra]
+    counts2 = counts + extra
+    high = np.where(extra, far, near)
+    model = CurveModel(sizes2, times2, counts2, low, np.maximum(high, 1e-12), noise)
+    return _CurveFit(model, flat_top, far)
+
+
+def fit_curve_model(history: tuple[np.ndarray, ...], options: Mapping[str, float] | None = None
+                    ) -> CurveModel | None:
+    """Fit a monotone piecewise-linear busy-time curve per rank; None until every rank has
+    measurements (see the section comment for the extrapolation rules)."""
+    fit = _fit_curves(history, _options(options))
+    return None if fit is None else fit.model
+
+
+def _explore_model(fit: _CurveFit, max_sizes, opts) -> CurveModel | None:
+    """The fit, with each flat-topped rank assumed flat for one bounded step above its largest
+    measured size (None if no rank can take one)."""
+    m = fit.model
+    k = len(m.counts)
+    rows = np.arange(k)
+    last = m.counts - 1
+    s_hi, t_hi = m.sizes[rows, last], m.times[rows, last]
+    hi = np.asarray(max_sizes, dtype=np.float64)
+    ranks = np.flatnonzero(fit.flat_top & (s_hi < hi))
+    if not len(ranks):
+        return None
+    step = np.minimum(opts["explore_step"] * s_hi, hi - s_hi)
+    sizes = np.concatenate([m.sizes, np.full((k, 1), np.inf)], axis=1)
+    times = np.concatenate([m.times, np.full((k, 1), np.inf)], axis=1)
+    counts = m.counts.copy()
+    sizes[ranks, counts[ranks]] = s_hi[ranks] + step[ranks]
+    times[ranks, counts[ranks]] = t_hi[ranks]
+    counts[ranks] += 1
+    high = m.high_slopes.copy()
+    high[ranks] = fit.far_slopes[ranks]
+    return CurveModel(sizes, times, counts, m.low_slopes, high, m.noise)
+
+
+def _band(inp: PolicyInput, noise) -> float:
+    """The no-change band of the curve policy: ``band`` plus two standard errors of the
+    difference of two busy-time estimates of a typical rank. Unlike the affine fit's band it
+    does not add the overstatement of the slowest of k noisy estimates: the curve predicts the
+    current and the new plan from the same measured points, so that overstatement is in both."""
+    band = _options(inp.options)["band"]
+    if noise is not None and len(noise):
+        band += 2.0 * math.sqrt(2.0) * float(np.median(noise))
+    return band
+
+
+#: Moves of one quantum tried by :func:`_refine` after rounding.
+REFINE_MOVES = 16
+
+
+def _refine(model: CurveModel, sizes, inp: PolicyInput) -> tuple[tuple[int, ...], float]:
+    """Rounding to whole quanta can miss the best integer plan when curves step or the quantum
+    is coarse: move one quantum at a time from the slowest rank to the rank that stays fastest
+    with it, while that shortens the predicted step."""
+    b = np.asarray(sizes, dtype=np.int64)
+    q = inp.quantum
+    lo, hi = np.asarray(inp.min_sizes), np.asarray(inp.max_sizes)
+    busy = model.busy_seconds(b)
+    for _ in range(REFINE_MOVES):
+        slow = int(np.argmax(busy))
+        if b[slow] - q < lo[slow]:
+            break
+        grown = np.where(b + q <= hi, model.busy_seconds(b + q), np.inf)
+        grown[slow] = np.inf
+        to = int(np.argmin(grown))
+        trial = b.copy()
+        trial[slow] -= q
+        trial[to] += q
+        trial_busy = model.busy_seconds(trial)
+        if not trial_busy.max() < busy.max() * (1.0 - 1e-9):
+            break
+        b, busy = trial, trial_busy
+    return tuple(int(x) for x in b), float(busy.max())
+
+
+def curve(inp: PolicyInput) -> Decision:
+    """Equal finish under monotone piecewise-linear curves, exploring flat tops (see above)."""
+    opts = _options(inp.options)
+    fit = _fit_curves(inp.history, opts)
+    if fit is None:
+        return _keep(inp, None, "waiting for measurements from every rank")
+    model = fit.model
+    B = inp.global_batch_size
+
+    def best(m: CurveModel):
+        targets, _ = m.equal_finish(inp.min_sizes, inp.max_sizes, B)
+        sizes = apportion(targets, B, inp.min_sizes, inp.max_sizes, inp.quantum)
+        return _refine(m, sizes, inp)
+
+    sizes, new_s = best(model)
+    band = _band(inp, model.noise)
+    current_s = model.step_seconds(inp.current)
+    reason = f"equal finish at {new_s * 1e3:.1f} ms"
+    explore = _explore_model(fit, inp.max_sizes, opts)
+    if explore is not None:
+        trial, trial_s = best(explore)
+        last = model.counts - 1
+        s_hi = model.sizes[np.arange(len(last)), last]
+        grows = np.asarray(trial) > s_hi
+        # The plain band, without the noise term: a try costs one window at most, and its
+        # measurement, not the prediction, decides whether it stays.
+        if grows.any() and trial_s * (1.0 + opts["band"]) < min(new_s, current_s) and \
+                tuple(trial) != tuple(inp.current):
+            ranks = np.flatnonzero(grows).tolist()
+            return Decision(tuple(float(b) for b in trial), model,
+                            f"exploring rank(s) {ranks[:8]} above their measured sizes "
+                            f"(if flat: {trial_s * 1e3:.1f} ms)")
+    if current_s <= new_s * (1.0 + band):
+        return _keep(inp, model, f"within the {band:.1%} no-change band")
+    return Decision(tuple(float(b) for b in sizes), model, reason)
+
+
 PolicyFn = Callable[[PolicyInput], Decision]
 
 #: The policy registry: name -> pure function.
@@ -588,10 +1008,11 @@ POLICIES: dict[str, PolicyFn] = {
     "proportional": proportional,
     "seed": seed,
     "affine": affine,
+    "curve": curve,
 }
 
 #: Policies that need measurements, and therefore a coordinator.
-ADAPTIVE_POLICIES = frozenset({"proportional", "seed", "affine"})
+ADAPTIVE_POLICIES = frozenset({"proportional", "seed", "affine", "curve"})
 
 
 def check_policy(name: str) -> str:

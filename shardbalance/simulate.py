@@ -14,6 +14,13 @@ time is multiplied by ``1 + noise·N(0,1)`` (floored at 0.01 so it stays positiv
 ``max_i busy_i + allreduce_s``. A slowdown ``(step, rank, factor)`` multiplies that rank's α and
 β by ``factor`` from ``step`` on.
 
+Curves (``--curve``, the shapes of :mod:`shardbalance.emulate`): ``flat:F`` makes rank i flat
+below ``F·s_i`` samples (a GPU of speed s needs more samples to fill: it is no faster below
+them) and linear above; ``step:Q`` makes compute run in tiles of Q samples (time steps up at
+multiples of Q); ``flat:F,step:Q`` both. Busy time is then ``α_i + β_i·max(tiles(b), F·s_i)``.
+``new_shape_s`` adds a one-off cost to each of the first ``new_shape_steps`` steps of a rank at
+a batch size it has not run before (the oracle's fixed plan pays it once, at the start).
+
 The lag. DataLoader prefetch means the plan for the window starting at step S is decided while
 the newest steps are not yet trained: the decision sees step s only if ``s < S − lag`` (it
 finished at least ``lag`` steps before S). Default lag = one window.
@@ -51,7 +58,7 @@ from .policies import (HISTORY_PER_RANK, POLICIES, CostModel, PolicyInput, check
 
 __all__ = ["SimulationConfig", "SimulationResult", "WindowRow", "Summary", "Slowdown",
            "simulate", "format_table", "paper_example", "format_paper_example",
-           "parse_speeds", "parse_slowdown", "add_arguments", "run"]
+           "parse_speeds", "parse_slowdown", "parse_curve", "add_arguments", "run"]
 
 #: The multiplicative noise factor is floored here so a busy time stays positive.
 _NOISE_FLOOR = 0.01
@@ -86,6 +93,34 @@ def parse_slowdown(text: str) -> Slowdown:
         raise ConfigError(f"Invalid slowdown {text!r}: expected STEP:RANK:FACTOR, "
                           "e.g. 200:3:2") from None
     return Slowdown(step, rank, factor)
+
+
+def parse_curve(text: str) -> tuple[float, int]:
+    """``"flat:96,step:8"`` -> (96.0, 8): flat below F·speed samples, tiles of Q samples.
+
+    ``"affine"`` (or ``""``) -> (0.0, 1). ConfigError names a bad spec.
+    """
+    flat, tile = 0.0, 1
+    text = str(text).strip()
+    if text in ("", "affine"):
+        return flat, tile
+    for part in text.split(","):
+        kind, sep, value = part.strip().partition(":")
+        try:
+            if not sep or kind not in ("flat", "step"):
+                raise ValueError
+            if kind == "flat":
+                flat = float(value)
+                if not math.isfinite(flat) or flat < 0:
+                    raise ValueError
+            else:
+                tile = int(value)
+                if tile < 1:
+                    raise ValueError
+        except ValueError:
+            raise ConfigError(f"Invalid curve {text!r}: expected affine, flat:F (F >= 0 samples "
+                              "at speed 1), step:Q (Q >= 1 samples) or flat:F,step:Q") from None
+    return flat, tile
 
 
 def parse_speeds(spec: str | Sequence[float], ranks: int, rng: np.random.Generator) -> np.ndarray:
@@ -179,6 +214,13 @@ class SimulationConfig:
     options: Mapping[str, float] = field(default_factory=dict)
     #: Short name for tables (default: the policy).
     label: str | None = None
+    #: ``affine``, ``flat:F``, ``step:Q`` or ``flat:F,step:Q`` (see the module docstring).
+    curve: str = "affine"
+    #: One-off seconds added to each of a rank's first ``new_shape_steps`` steps at a new size.
+    new_shape_s: float = 0.0
+    new_shape_steps: int = 2
+    #: Every batch size is a multiple of this (the sampler's ``batch_size_multiple``).
+    batch_size_multiple: int = 1
 
     def __post_init__(self) -> None:
         if not _is_int(self.ranks) or self.ranks < 1:
@@ -196,7 +238,11 @@ class SimulationConfig:
             self.lag = self.window
         if not _is_int(self.lag) or self.lag < 0:
             raise ConfigError(f"Invalid lag {self.lag!r}, it should be an integer >= 0")
-        for name in ("noise", "overhead_s", "allreduce_s"):
+        parse_curve(self.curve)
+        if not _is_int(self.new_shape_steps) or self.new_shape_steps < 0:
+            raise ConfigError(f"Invalid new_shape_steps {self.new_shape_steps!r}, it should be "
+                              "an integer >= 0")
+        for name in ("noise", "overhead_s", "allreduce_s", "new_shape_s"):
             if not _is_real(getattr(self, name)) or getattr(self, name) < 0:
                 raise ConfigError(f"Invalid {name} {getattr(self, name)!r}, it should be a "
                                   "finite number >= 0")
@@ -223,7 +269,7 @@ class SimulationConfig:
         # Raise now, not mid-run: bad speeds and infeasible bounds are configuration errors.
         parse_speeds(self.speeds, self.ranks, np.random.default_rng(0))
         normalize_bounds(self.ranks, self.global_batch_size, self.min_batch_size,
-                         self.max_batch_size)
+                         self.max_batch_size, self.batch_size_multiple)
 
 
 @dataclass
@@ -302,6 +348,52 @@ class _Cluster:
         self.alphas = (config.overhead_s / self.speeds if config.overhead == "speed"
                        else np.full(config.ranks, config.overhead_s))
         self.slowdowns = config.slowdowns
+        flat, self.tile = parse_curve(config.curve)
+        self.flat_below = flat * self.speeds
+        self.affine = flat == 0 and self.tile == 1
+
+    def effective(self, sizes) -> np.ndarray:
+        """The batch sizes the curve charges for: tiles rounded up, at least the flat part."""
+        b = np.asarray(sizes, dtype=np.float64)
+        return np.maximum(np.ceil(b / self.tile) * self.tile, self.flat_below)
+
+    def oracle(self, alphas, betas, lo, hi, total: int, quantum: int = 1
+               ) -> tuple[float, tuple[int, ...]]:
+        """The integer plan with the least noiseless step under the curve, and that step.
+
+        A bisection on the step T: rank i can take at most the largest multiple of the tile
+        whose busy time fits T; the least T whose sizes reach ``total`` is the optimum, and any
+        excess is taken back (which never lengthens a step) from the ranks that jumped last.
+        """
+        lo_, hi_ = np.asarray(lo, dtype=np.int64), np.asarray(hi, dtype=np.int64)
+
+        def sizes_at(T):
+            room = (T - alphas) / betas
+            tiles = np.floor(room / self.tile + 1e-9) * self.tile
+            b = np.floor(tiles / quantum + 1e-9) * quantum
+            fits = (room >= self.flat_below) & (b >= quantum)
+            b = np.where(fits, b, -1)
+            return np.clip(b, lo_, hi_).astype(np.int64)
+
+        low, high = 0.0, float((alphas + betas * self.effective(hi_)).max())
+        for _ in range(200):
+            mid = 0.5 * (low + high)
+            if sizes_at(mid).sum() >= total:
+                high = mid
+            else:
+                low = mid
+            if high - low <= 1e-12 * high:
+                break
+        b, before = sizes_at(high), sizes_at(low)
+        excess = int(b.sum() - total)
+        for i in np.argsort(-(b - before), kind="stable"):
+            if excess <= 0:
+                break
+            take = min(excess, int(b[i] - lo_[i]) // quantum * quantum)
+            b[i] -= take
+            excess -= take
+        sizes = tuple(int(x) for x in b)
+        return float((alphas + betas * self.effective(sizes)).max()), sizes
 
     def model_at(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         alphas, betas = self.alphas.copy(), self.betas.copy()
@@ -312,9 +404,11 @@ class _Cluster:
         return alphas, betas
 
 
-def _step_seconds(alphas, betas, sizes, noise_factors) -> np.ndarray:
+def _step_seconds(alphas, betas, sizes, noise_factors, cluster: "_Cluster | None" = None
+                  ) -> np.ndarray:
     """Busy seconds (steps, ranks) of one plan under per-(step, rank) noise factors."""
-    return (alphas + betas * np.asarray(sizes, dtype=np.float64)) * noise_factors
+    b = cluster.effective(sizes) if cluster is not None else np.asarray(sizes, dtype=np.float64)
+    return (alphas + betas * b) * noise_factors
 
 
 def simulate(config: SimulationConfig) -> SimulationResult:
@@ -322,14 +416,17 @@ def simulate(config: SimulationConfig) -> SimulationResult:
     rng = np.random.default_rng(config.seed)
     cluster = _Cluster(config, rng)
     k, B, K = config.ranks, config.global_batch_size, config.window
-    lo, hi = normalize_bounds(k, B, config.min_batch_size, config.max_batch_size)
-    equal_sizes = apportion([1.0] * k, B, lo, hi)
+    q = config.batch_size_multiple
+    lo, hi = normalize_bounds(k, B, config.min_batch_size, config.max_batch_size, q)
+    equal_sizes = apportion([1.0] * k, B, lo, hi, q)
     current = equal_sizes  # the coordinator's initial plan without initial weights
     # Trained steps, one (steps, ranks) block per window; only the newest ones are kept.
     done_sizes: list[np.ndarray] = []
     done_busy: list[np.ndarray] = []
     done_first = 0  # first step held in done_*
     rows: list[WindowRow] = []
+    # Steps each rank has run at each batch size (for the one-off cost of a new shape).
+    runs_at: list[dict[int, int]] = [dict() for _ in range(k)]
     for w, S in enumerate(range(0, config.steps, K)):
         n = min(K, config.steps - S)
         visible_end = max(0, S - config.lag)
@@ -348,7 +445,7 @@ def simulate(config: SimulationConfig) -> SimulationResult:
         else:
             history = tuple(np.empty((0, 2)) for _ in range(k))
         inp = PolicyInput(global_batch_size=B, current=tuple(current), min_sizes=lo,
-                          max_sizes=hi, quantum=1, history=history, static_weights=None,
+                          max_sizes=hi, quantum=q, history=history, static_weights=None,
                           options=dict(config.options))
         t0 = time.perf_counter()
         sizes, decision = decide(config.policy, inp)
@@ -357,19 +454,34 @@ def simulate(config: SimulationConfig) -> SimulationResult:
         factors = np.maximum(1.0 + config.noise * rng.standard_normal((n, k)), _NOISE_FLOOR)
         step_s, oracle_s, equal_s, optimum_s = [], [], [], []
         oracle_cache: dict[int, tuple] = {}
+        new_shape = None
+        if config.new_shape_s > 0 and config.new_shape_steps > 0:
+            fresh = np.array([runs_at[i].get(int(b), 0) == 0 for i, b in enumerate(sizes)])
+            new_shape = np.where(fresh, config.new_shape_s, 0.0)
+            for i, b in enumerate(sizes):
+                runs_at[i][int(b)] = runs_at[i].get(int(b), 0) + n
         for j in range(n):
             alphas, betas = cluster.model_at(S + j)
             key = sum(1 for s in config.slowdowns if s.step <= S + j)
             if key not in oracle_cache:
-                targets, _ = CostModel(alphas, betas).equal_finish(lo, hi, B)
-                oracle_cache[key] = (float((alphas + betas * targets).max()),
-                                     apportion(targets, B, lo, hi))
+                if cluster.affine:
+                    targets, _ = CostModel(alphas, betas).equal_finish(lo, hi, B)
+                    oracle_cache[key] = (float((alphas + betas * targets).max()),
+                                         apportion(targets, B, lo, hi, q))
+                else:
+                    oracle_cache[key] = cluster.oracle(alphas, betas, lo, hi, B, q)
             optimum, oracle_sizes = oracle_cache[key]
             f = factors[j:j + 1]
-            busy = _step_seconds(alphas, betas, sizes, f)[0]
+            busy = _step_seconds(alphas, betas, sizes, f, cluster)[0]
+            if new_shape is not None:
+                busy = busy + new_shape
+                new_shape = np.where(j + 1 < config.new_shape_steps, new_shape, 0.0)
             step_s.append(busy.max())
-            oracle_s.append(_step_seconds(alphas, betas, oracle_sizes, f).max())
-            equal_s.append(_step_seconds(alphas, betas, equal_sizes, f).max())
+            oracle_busy = _step_seconds(alphas, betas, oracle_sizes, f, cluster)
+            if S + j < config.new_shape_steps:
+                oracle_busy = oracle_busy + config.new_shape_s
+            oracle_s.append(oracle_busy.max())
+            equal_s.append(_step_seconds(alphas, betas, equal_sizes, f, cluster).max())
             optimum_s.append(optimum)
             factors[j] = busy  # reuse the row as this step's busy record
         done_sizes.append(np.tile(np.asarray(sizes, dtype=np.float64), (n, 1)))
@@ -548,6 +660,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-batch-size", type=int, default=1)
     parser.add_argument("--max-batch-size", type=int, default=None)
+    parser.add_argument("--curve", default="affine",
+                        help="busy-time curve: affine, flat:F (flat below F·speed samples), "
+                             "step:Q (tiles of Q samples) or flat:F,step:Q (default %(default)s)")
+    parser.add_argument("--new-shape-ms", type=float, default=0.0,
+                        help="one-off ms of each of a rank's first --new-shape-steps steps at a "
+                             "new batch size (default %(default)s)")
+    parser.add_argument("--new-shape-steps", type=int, default=2)
+    parser.add_argument("--batch-size-multiple", type=int, default=1,
+                        help="every batch size a multiple of this (default %(default)s)")
     parser.add_argument("--paper-example", action="store_true",
                         help="the seed paper's 5-node example: seed rule vs affine")
     parser.add_argument("--json-out", default=None, help="write every window and the summary here")
@@ -573,7 +694,9 @@ def _config_from_args(args: argparse.Namespace) -> SimulationConfig:
         per_sample_s=args.per_sample_ms / 1e3, overhead_s=args.overhead_ms / 1e3,
         overhead=args.overhead, allreduce_s=args.allreduce_ms / 1e3, slowdowns=args.slowdown,
         lag=args.lag, seed=args.seed, min_batch_size=args.min_batch_size,
-        max_batch_size=args.max_batch_size, options=options)
+        max_batch_size=args.max_batch_size, options=options, curve=args.curve,
+        new_shape_s=args.new_shape_ms / 1e3, new_shape_steps=args.new_shape_steps,
+        batch_size_multiple=args.batch_size_multiple)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -167,3 +167,69 @@ def test_cli_ranks_default_to_the_explicit_speed_list_and_paper_example_runs(cap
 def test_importing_the_simulator_does_not_import_torch():
     code = "import sys, shardbalance.simulate; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+# -- curves (--curve): the shapes of shardbalance.emulate -------------------------------------
+
+def test_parse_curve_reads_flat_and_step_and_names_a_bad_spec():
+    from shardbalance.simulate import parse_curve
+    assert parse_curve("affine") == (0.0, 1)
+    assert parse_curve("flat:48") == (48.0, 1)
+    assert parse_curve("flat:48,step:8") == (48.0, 8)
+    for bad in ("flat", "flat:-1", "step:0", "wave:3", "step:x"):
+        with pytest.raises(ConfigError, match="Invalid curve"):
+            parse_curve(bad)
+    with pytest.raises(ConfigError, match="new_shape_steps"):
+        SimulationConfig(new_shape_steps=-1)
+
+
+@pytest.mark.parametrize("curve,quantum", [("flat:40", 1), ("step:16", 1), ("flat:40,step:8", 4),
+                                           ("step:16", 16)])
+def test_the_curve_oracle_is_the_best_integer_plan(curve, quantum):
+    import itertools
+
+    import numpy as np
+
+    from shardbalance.simulate import _Cluster
+    cfg = SimulationConfig(ranks=3, speeds="1,2,4", curve=curve, global_batch_size=96,
+                           batch_size_multiple=quantum)
+    cluster = _Cluster(cfg, np.random.default_rng(0))
+    alphas, betas = cluster.model_at(0)
+    step, plan = cluster.oracle(alphas, betas, (quantum,) * 3, (96,) * 3, 96, quantum)
+    assert sum(plan) == 96 and all(b % quantum == 0 for b in plan)
+    best = min(float((alphas + betas * cluster.effective(p)).max())
+               for p in itertools.product(range(quantum, 97, quantum), repeat=2)
+               for p in [(p[0], p[1], 96 - p[0] - p[1])] if p[2] >= quantum)
+    assert step == pytest.approx(best)
+
+
+def test_curve_policy_balances_a_fast_rank_flat_below_what_the_optimum_needs():
+    common = dict(ranks=3, speeds="1,2,4", curve="flat:30", global_batch_size=192, steps=240,
+                  window=8, noise=0.05, new_shape_s=0.02)
+    curve = simulate(SimulationConfig(policy="curve", **common))
+    affine = simulate(SimulationConfig(policy="affine", **common))
+    assert curve.summary.efficiency >= 0.97
+    assert curve.summary.efficiency > affine.summary.efficiency
+
+
+def test_new_shape_cost_is_charged_at_each_new_batch_size_only():
+    common = dict(ranks=3, speeds="1,2,4", steps=48, window=8, noise=0.0, policy="affine")
+    plain = simulate(SimulationConfig(**common))
+    costly = simulate(SimulationConfig(new_shape_s=0.05, new_shape_steps=2, **common))
+    for a, b in zip(plain.rows, costly.rows):
+        assert a.batch_sizes == b.batch_sizes
+        if b.window == 0 or b.changed:  # two of eight steps pay 50 ms
+            assert b.step_s == pytest.approx(a.step_s + 2 * 0.05 / 8)
+        else:
+            assert b.step_s == pytest.approx(a.step_s)
+
+
+def test_cli_accepts_curve_flags(capsys):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--ranks", "3", "--speeds", "1,2,4", "--steps", "40", "--window",
+                              "8", "--policy", "curve", "--curve", "flat:40,step:8",
+                              "--new-shape-ms", "10", "--batch-size-multiple", "8"])
+    assert run(args) == 0
+    out = capsys.readouterr().out
+    assert "curve: 3 ranks" in out and "efficiency" in out

@@ -1,0 +1,457 @@
+"""Step time on emulated clusters whose speed curves are not lines: each policy against an oracle.
+
+    python benchmarks/curves.py                         # 4 clusters x 3 repeats, ~8 min on 2 cores
+    python benchmarks/curves.py --clusters flat --repeats 1 --policies curve
+    python benchmarks/curves.py --scale                 # + the simulator at 4096 ranks
+    python benchmarks/curves.py --modes epoch --epochs 3 --repeats 2   # the first-epoch figures
+
+Each launch is one ``torchrun`` (gloo, CPU, 127.0.0.1, a free port, a time bound that kills the
+whole process group) of this file's worker. In that one run, one after the other on the same
+ranks, data and DataLoader (``--num-workers`` > 0, persistent workers), each contender trains
+``--epochs`` epochs with a fresh model and a fresh :class:`~shardbalance.emulate.EmulatedSpeed`
+(so every contender pays the one-off cost of each new batch size it tries):
+
+* ``oracle``: the same WeightedDistributedSampler with the optimal plan fixed (policy
+  ``static``, ``initial_weights`` = the plan). The plan is exact: every integer plan within the
+  bounds, a multiple of the quantum, is scored with the emulator's own curve
+  (:func:`shardbalance.emulate.curve_seconds`) and the one with the least step is kept.
+* each adaptive policy of ``--policies`` with a plan every ``--window`` steps
+  (``rebalance_every``), and with one plan per epoch (``/epoch``, for the first-epoch figures).
+
+Figures, per contender and repeat, from rank 0's wall time of every optimizer step:
+
+* ``eff@3w``: in window mode, the oracle's mean step over the policy's mean step, over the
+  windows from 3 after the first decision that had measurements (read from the coordinator's
+  journal) to the end. Means, not medians: the one-off costs of exploring count.
+* ``plan@3w``: the same ratio for the emulator's modelled step times of the plans each run
+  trained (its sleeps, one-off costs included, without the real overheads): what the policy
+  chose, free of the machine's noise, which on a shared 2-core machine is ±10-20 % per window.
+* ``epoch0`` / ``epoch1``: in epoch mode, the oracle's epoch time over the policy's.
+
+The repeats rotate the order of the contenders inside a launch, so a slow phase of a shared
+machine does not always hit the same one; the table gives the median and the range over repeats.
+
+Clusters (``--clusters``, names from :data:`CLUSTERS`): rank i of speed s_i sleeps
+``overhead + tiles(max(b, flat_i))·per_sample/s_i`` (see :mod:`shardbalance.emulate`).
+
+* ``flat``: speeds 1:2:4, each rank flat below 12·s_i samples (a bigger GPU needs more to
+  fill), so at the equal split the fastest rank is flat below the 55 samples the optimum gives
+  it; 30 ms extra on each of the first 2 steps at a new batch size.
+* ``flat-deep``: the same with 16·s_i: the optimum's 48 samples for the fastest rank are all
+  in its flat region, so every size it is measured at up to 64 looks the same (the issue's
+  "settles 11 % slower than the best plan" case).
+* ``stepped``: speeds 1:1:2:4, time steps at multiples of 16 samples, plans in multiples of 8;
+  the same one-off cost.
+* ``capped``: speeds 1:2:4:4, flat below 12·s_i and steps of 8, the two fast ranks capped at 44
+  samples (``max_batch_size``, and the emulator raises an out-of-memory error above it: a
+  policy that explored past a cap would crash the run); 40 ms on each of 3 steps at a new size.
+
+Measured on the shared 2-core VM (load average 8-12 from other jobs during the run), torch 2.13
+CPU, gloo; ``python benchmarks/curves.py --repeats 3 --verbose --scale`` (26 launches of
+75-130 s, 23 min), medians [ranges] over the 3 repeats:
+
+    cluster    contender       eff@3w               plan@3w              final plan
+    flat       affine/window   0.974 [0.895-1.102]  0.983 [0.976-1.000]  [13, 26, 57]
+    flat       curve/window    0.950 [0.882-1.071]  0.955 [0.950-0.976]  [14, 28, 54]
+    flat-deep  affine/window   0.840 [0.811-0.964]  0.870 [0.865-0.956]  [18, 35, 43]
+    flat-deep  curve/window    0.910 [0.894-0.925]  0.942 [0.942-0.985]  [17, 32, 47]
+    stepped    affine/window   1.033 [0.967-1.052]  1.000 [1.000-1.000]  [16, 16, 32, 64]
+    stepped    curve/window    0.938 [0.854-1.002]  1.000 [1.000-1.000]  [16, 16, 32, 64]
+    capped     affine/window   0.974 [0.941-0.985]  1.000 [0.970-1.000]  [12, 31, 41, 44]
+    capped     curve/window    0.918 [0.826-1.006]  1.000 [0.970-1.000]  [13, 27, 44, 44]
+    4096 ranks (simulated)     affine curve: affine 0.9955, curve 0.9933 of the oracle
+                               flat:48:      affine 0.9504, curve 0.9897
+
+Read: the measured ratios are dominated by the machine: on ``stepped`` both policies trained
+the same plans from window 1 on (plan@3w 1.000 for both) and still measured 1.033 vs 0.938.
+The plans tell the story: on the flat-below-the-optimum curve (``flat-deep``, the issue's case)
+``curve`` trains plans 0.94 (one repeat 0.985) of the oracle where ``affine`` settles at 0.87;
+on the milder ``flat`` cluster ``affine`` happens to be right (its proportional fallback lands
+near the optimum) and ``curve`` pays for exploring (one-off costs of the sizes it tries, 0.955);
+both are exact on ``stepped`` and ``capped`` (no out-of-memory error: exploration stayed within
+the caps). The target of 0.97 within 3 windows is not met by either policy on ``flat-deep``.
+
+``--scale`` adds the simulator's judgement at 4096 ranks (lognormal speeds σ=0.5, noise 0.1,
+flat below 48·s_i and affine, 20 ms one-off cost) for every policy of ``--policies``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _launch import REPO, LaunchError, torchrun
+
+import numpy as np
+
+#: name -> cluster. Per rank: speeds, flat_below (samples), caps (None: no cap).
+CLUSTERS = {
+    "flat": dict(speeds=[1, 2, 4], flat_per_speed=12, step_multiple=1, quantum=1, caps=None,
+                 global_batch_size=96, new_shape_ms=30.0, new_shape_steps=2),
+    "flat-deep": dict(speeds=[1, 2, 4], flat_per_speed=16, step_multiple=1, quantum=1,
+                      caps=None, global_batch_size=96, new_shape_ms=30.0, new_shape_steps=2),
+    "stepped": dict(speeds=[1, 1, 2, 4], flat_per_speed=0, step_multiple=16, quantum=8,
+                    caps=None, global_batch_size=128, new_shape_ms=30.0, new_shape_steps=2),
+    "capped": dict(speeds=[1, 2, 4, 4], flat_per_speed=12, step_multiple=8, quantum=1,
+                   caps=[128, 128, 44, 44], global_batch_size=128, new_shape_ms=40.0,
+                   new_shape_steps=3),
+}
+#: Targets of issue 11 on curves: 0.97 of the oracle within 3 windows of the first measurement;
+#: epoch 0 at 0.85 and epoch 1 at 0.97 of the oracle's epoch without a probe.
+TARGET_WINDOWS, TARGET_EPOCH0, TARGET_EPOCH1 = 0.97, 0.85, 0.97
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--clusters", default=",".join(CLUSTERS),
+                   help=f"comma-separated cluster names of {sorted(CLUSTERS)}")
+    p.add_argument("--policies", default="affine,curve", help="adaptive policies to compare")
+    p.add_argument("--modes", default="window",
+                   help="window: a plan every --window steps; epoch: one plan per epoch")
+    p.add_argument("--window", type=int, default=8, help="steps per plan in window mode")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--steps-per-epoch", type=int, default=24)
+    p.add_argument("--per-sample-ms", type=float, default=6.0,
+                   help="emulated compute per sample at speed 1")
+    p.add_argument("--overhead-ms", type=float, default=2.0, help="emulated fixed cost per step")
+    p.add_argument("--num-workers", type=int, default=1, help="DataLoader workers per rank")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--timeout", type=float, default=420.0, help="seconds per torchrun launch")
+    p.add_argument("--scale", action="store_true",
+                   help="also judge the policies with the simulator at 4096 ranks")
+    p.add_argument("--verbose", action="store_true",
+                   help="also print each contender's plan and mean step per window")
+    p.add_argument("--json-out", default=None)
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker is None:
+        args.cluster_list = [c.strip() for c in args.clusters.split(",") if c.strip()]
+        bad = [c for c in args.cluster_list if c not in CLUSTERS]
+        if bad:
+            p.error(f"unknown cluster(s) {bad}; choose from {sorted(CLUSTERS)}")
+        args.policy_list = [x.strip() for x in args.policies.split(",") if x.strip()]
+        args.mode_list = [x.strip() for x in args.modes.split(",") if x.strip()]
+        bad = [m for m in args.mode_list if m not in ("window", "epoch")]
+        if bad or not args.mode_list:
+            p.error(f"invalid --modes {args.modes!r}: use window, epoch or both")
+        if args.num_workers < 1:
+            p.error("--num-workers must be >= 1 (the benchmark runs with DataLoader workers)")
+        if args.repeats < 1 or args.window < 1 or args.epochs < 2:
+            p.error("--repeats and --window must be >= 1, --epochs >= 2")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# The emulated curves and the oracle plan
+
+
+def rank_curves(cluster: dict, per_sample_ms: float, overhead_ms: float) -> list[dict]:
+    """The EmulatedSpeed keyword arguments of each rank."""
+    out = []
+    for i, s in enumerate(cluster["speeds"]):
+        cap = cluster["caps"][i] if cluster["caps"] else None
+        out.append(dict(speed=float(s), per_sample_s=per_sample_ms / 1e3,
+                        overhead_s=overhead_ms / 1e3,
+                        flat_below=int(round(cluster["flat_per_speed"] * s)),
+                        step_multiple=cluster["step_multiple"],
+                        new_shape_s=cluster["new_shape_ms"] / 1e3,
+                        new_shape_steps=cluster["new_shape_steps"], max_batch_size=cap))
+    return out
+
+
+def oracle_plan(cluster: dict, curves: list[dict]) -> tuple[tuple[int, ...], float]:
+    """The integer plan with the least step under the emulator's curves, by exhaustive search."""
+    from shardbalance.emulate import curve_seconds
+
+    B, q, k = cluster["global_batch_size"], cluster["quantum"], len(curves)
+    caps = cluster["caps"] or [B] * k
+    sizes = np.arange(q, B + 1, q)
+    table = np.array([[curve_seconds(int(b), c["speed"], c["per_sample_s"], c["overhead_s"],
+                                     flat_below=c["flat_below"],
+                                     step_multiple=c["step_multiple"]) if b <= cap else np.inf
+                       for b in sizes] for c, cap in zip(curves, caps)])
+    grids = np.meshgrid(*[np.arange(len(sizes))] * (k - 1), indexing="ij")
+    idx = [g.ravel() for g in grids]
+    rest = B - sum(sizes[i] for i in idx)
+    ok = (rest >= q) & (rest <= B)
+    idx = [i[ok] for i in idx]
+    last = rest[ok] // q - 1
+    step = np.max([table[r][i] for r, i in enumerate(idx)] + [table[k - 1][last]], axis=0)
+    best = int(np.argmin(step))
+    plan = tuple(int(sizes[i[best]]) for i in idx) + (int(sizes[last[best]]),)
+    return plan, float(step[best])
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker: one torchrun launch, every contender in turn
+
+
+def _worker(spec: dict) -> None:
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from shardbalance import WeightedDistributedSampler
+    from shardbalance.emulate import EmulatedSpeed
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    B = spec["global_batch_size"]
+    n = B * spec["steps_per_epoch"]
+    gen = torch.Generator().manual_seed(1)
+    dataset = TensorDataset(torch.randn(n, 32, generator=gen), torch.randint(0, 10, (n,),
+                                                                             generator=gen))
+    results = {}
+    for contender in spec["contenders"]:
+        log = os.path.join(spec["workdir"], f"{contender['name'].replace('/', '-')}.jsonl")
+        sampler = WeightedDistributedSampler(
+            dataset, B, policy=contender["policy"], initial_weights=contender.get("weights"),
+            rebalance_every=contender.get("rebalance_every"), max_batch_size=spec["caps"],
+            batch_size_multiple=spec["quantum"], coordinator_log=log, seed=0)
+        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=spec["num_workers"],
+                            persistent_workers=True)
+        emulated = EmulatedSpeed(**spec["curves"][rank])
+        model = DDP(torch.nn.Sequential(emulated, torch.nn.Linear(32, 10)))
+        sampler.attach(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        step_s, plans, epoch_s = [], [], []
+        for epoch in range(spec["epochs"]):
+            sampler.set_epoch(epoch)
+            dist.barrier()
+            start = last = time.perf_counter()
+            for x, y in loader:
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                now = time.perf_counter()
+                step_s.append(now - last)
+                last = now
+                plans.append(list(sampler.batch_sizes))
+            dist.barrier()
+            epoch_s.append(time.perf_counter() - start)
+        del model, loader
+        sampler.close()
+        dist.barrier()
+        results[contender["name"]] = {"step_s": step_s, "plans": plans, "epoch_s": epoch_s}
+    if rank == 0:
+        print("RESULT " + json.dumps(results), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+
+
+def _first_measured_window(journal: Path, steps_per_epoch: int, window: int) -> int | None:
+    """Global index of the first window whose plan was decided from measurements."""
+    if not journal.exists():
+        return None
+    per_epoch = -(-steps_per_epoch // window)
+    for line in journal.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("event") == "plan" and not str(rec.get("reason", "")).startswith("waiting"):
+            return rec["epoch"] * per_epoch + rec["window"] // window
+    return None
+
+
+def modelled_steps(plans: list[list[int]], curves: list[dict]) -> list[float]:
+    """The emulator's step time of each step's plan without the real overheads, the one-off
+    cost of each new batch size included (what EmulatedSpeed sleeps, slowest rank)."""
+    from shardbalance.emulate import curve_seconds
+
+    seen = [dict() for _ in curves]
+    out = []
+    for plan in plans:
+        busy = []
+        for c, counts, b in zip(curves, seen, plan):
+            t = curve_seconds(b, c["speed"], c["per_sample_s"], c["overhead_s"],
+                              flat_below=c["flat_below"], step_multiple=c["step_multiple"])
+            if counts.get(b, 0) < c["new_shape_steps"]:
+                t += c["new_shape_s"]
+            counts[b] = counts.get(b, 0) + 1
+            busy.append(t)
+        out.append(max(busy))
+    return out
+
+
+def _window_means(step_s: list[float], steps_per_epoch: int, window: int) -> list[float]:
+    out = []
+    for e in range(len(step_s) // steps_per_epoch):
+        epoch = step_s[e * steps_per_epoch:(e + 1) * steps_per_epoch]
+        out += [float(np.mean(epoch[i:i + window])) for i in range(0, len(epoch), window)]
+    return out
+
+
+def run_cluster(name: str, args) -> dict:
+    cluster = CLUSTERS[name]
+    curves = rank_curves(cluster, args.per_sample_ms, args.overhead_ms)
+    plan, step = oracle_plan(cluster, curves)
+    contenders = [{"name": "oracle", "policy": "static", "weights": list(plan)}]
+    for policy in args.policy_list:
+        if "window" in args.mode_list:
+            contenders.append({"name": f"{policy}/window", "policy": policy,
+                               "rebalance_every": args.window})
+        if "epoch" in args.mode_list:
+            contenders.append({"name": f"{policy}/epoch", "policy": policy})
+    print(f"== {name}: speeds {cluster['speeds']}, B={cluster['global_batch_size']}, oracle "
+          f"plan {list(plan)} -> {step * 1e3:.1f} ms/step (model), caps {cluster['caps']}, "
+          f"quantum {cluster['quantum']}", flush=True)
+    repeats = []
+    for r in range(args.repeats):
+        order = contenders[r % len(contenders):] + contenders[:r % len(contenders)]
+        with tempfile.TemporaryDirectory(prefix="curves-") as workdir:
+            spec = dict(global_batch_size=cluster["global_batch_size"],
+                        steps_per_epoch=args.steps_per_epoch, epochs=args.epochs,
+                        caps=cluster["caps"], quantum=cluster["quantum"], curves=curves,
+                        num_workers=args.num_workers, contenders=order, workdir=workdir)
+            t0 = time.perf_counter()
+            try:
+                out, _ = torchrun(len(curves), Path(__file__), ["--worker", json.dumps(spec)],
+                                  args.timeout, name=f"{name} repeat {r}")
+            except LaunchError as exc:
+                print(f"   repeat {r}: {exc}", flush=True)
+                repeats.append(None)
+                continue
+            line = next(x for x in out.splitlines() if x.startswith("RESULT "))
+            runs = json.loads(line[len("RESULT "):])
+            for c in contenders:
+                if c["name"].endswith("/window"):
+                    runs[c["name"]]["first_measured"] = _first_measured_window(
+                        Path(workdir) / f"{c['name'].replace('/', '-')}.jsonl",
+                        args.steps_per_epoch, args.window)
+        repeats.append(figures(runs, args, curves))
+        if args.verbose:
+            for c in contenders:
+                run = runs[c["name"]]
+                means = _window_means(run["step_s"], args.steps_per_epoch, args.window)
+                plans = run["plans"][::args.window]
+                print(f"   {c['name']}: " + " ".join(f"{p}:{m * 1e3:.0f}"
+                                                    for p, m in zip(plans, means)), flush=True)
+        print(f"   repeat {r} ({time.perf_counter() - t0:.0f} s): " + "; ".join(
+            f"{k} {v}" for k, v in repeats[-1].items() if k != "oracle"), flush=True)
+    return {"cluster": name, "oracle_plan": list(plan), "oracle_model_ms": step * 1e3,
+            "repeats": repeats}
+
+
+def figures(runs: dict, args, curves: list[dict]) -> dict:
+    spe, K = args.steps_per_epoch, args.window
+    oracle = runs["oracle"]
+    o_windows = _window_means(oracle["step_s"], spe, K)
+    o_model = _window_means(modelled_steps(oracle["plans"], curves), spe, K)
+    out = {"oracle": {"ms_per_step": round(1e3 * float(np.mean(oracle["step_s"])), 2)}}
+    for name, run in runs.items():
+        if name == "oracle":
+            continue
+        fig = {"final_plan": run["plans"][-1]}
+        if name.endswith("/window"):
+            w0 = run.get("first_measured")
+            windows = _window_means(run["step_s"], spe, K)
+            model = _window_means(modelled_steps(run["plans"], curves), spe, K)
+            if w0 is not None and w0 + 3 < len(windows):
+                fig["eff@3w"] = round(float(np.mean(o_windows[w0 + 3:])) /
+                                      float(np.mean(windows[w0 + 3:])), 4)
+                fig["plan@3w"] = round(float(np.mean(o_model[w0 + 3:])) /
+                                       float(np.mean(model[w0 + 3:])), 4)
+                fig["first_measured_window"] = w0
+            fig["eff_last_epoch"] = round(oracle["epoch_s"][-1] / run["epoch_s"][-1], 4)
+        else:
+            fig["epoch0"] = round(oracle["epoch_s"][0] / run["epoch_s"][0], 4)
+            fig["epoch1"] = round(oracle["epoch_s"][1] / run["epoch_s"][1], 4)
+            fig["eff_last_epoch"] = round(oracle["epoch_s"][-1] / run["epoch_s"][-1], 4)
+        out[name] = fig
+    return out
+
+
+def _spread(values) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    return f"{statistics.median(values):.3f} [{min(values):.3f}-{max(values):.3f}]"
+
+
+def print_cluster(result: dict) -> None:
+    reps = [r for r in result["repeats"] if r is not None]
+    if not reps:
+        print("   no repeat completed")
+        return
+    print(f"   oracle ms/step (measured): {_spread([r['oracle']['ms_per_step'] for r in reps])}")
+    print("   contender | eff@3w (median [range]) | plan@3w | epoch0 | epoch1 | last epoch | "
+          "final plan")
+    for name in [k for k in reps[0] if k != "oracle"]:
+        col = lambda key: _spread([r[name].get(key) for r in reps])  # noqa: E731
+        print(f"   {name} | {col('eff@3w')} | {col('plan@3w')} | {col('epoch0')} | "
+              f"{col('epoch1')} | "
+              f"{col('eff_last_epoch')} | {reps[-1][name]['final_plan']}")
+    for name in [k for k in reps[0] if k.endswith("/window")]:
+        med = statistics.median([r[name].get("eff@3w", 0.0) for r in reps])
+        print(f"     target {name} >= {TARGET_WINDOWS} of the oracle within 3 windows: "
+              f"{med:.3f} -> {'met' if med >= TARGET_WINDOWS else 'NOT met'}")
+    for name in [k for k in reps[0] if k.endswith("/epoch")]:
+        e0 = statistics.median([r[name]["epoch0"] for r in reps])
+        e1 = statistics.median([r[name]["epoch1"] for r in reps])
+        print(f"     target {name} epoch 0 >= {TARGET_EPOCH0}: {e0:.3f} -> "
+              f"{'met' if e0 >= TARGET_EPOCH0 else 'NOT met'}; epoch 1 >= {TARGET_EPOCH1}: "
+              f"{e1:.3f} -> {'met' if e1 >= TARGET_EPOCH1 else 'NOT met'}")
+
+
+def run_scale(policies: list[str]) -> list[dict]:
+    """The simulator at 4096 ranks, every policy on the same cluster and noise."""
+    from shardbalance.simulate import SimulationConfig, simulate
+
+    rows = []
+    print("== simulator, 4096 ranks (lognormal:0.5 speeds, noise 0.1, 400 steps, window 20)")
+    print("   curve | policy | steady efficiency vs oracle | speedup vs equal | decide() ms")
+    for curve in ("affine", "flat:48"):
+        for policy in policies:
+            cfg = SimulationConfig(ranks=4096, speeds="lognormal:0.5", noise=0.1, steps=400,
+                                   window=20, policy=policy, curve=curve,
+                                   new_shape_s=0.0 if curve == "affine" else 0.02)
+            s = simulate(cfg).summary
+            rows.append({"curve": curve, "policy": policy, "efficiency": s.efficiency,
+                         "speedup": s.speedup, "decision_ms": s.decision_ms_median})
+            print(f"   {curve} | {policy} | {s.efficiency:.4f} | {s.speedup:.2f}x | "
+                  f"{s.decision_ms_median:.0f}", flush=True)
+    return rows
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.worker is not None:
+        _worker(json.loads(args.worker))
+        return
+    sys.path.insert(0, str(REPO))
+    print(f"curves benchmark: {args.repeats} repeat(s), {args.epochs} epochs x "
+          f"{args.steps_per_epoch} steps, window {args.window}, {args.num_workers} DataLoader "
+          f"worker(s) per rank, {args.per_sample_ms:g} ms/sample at speed 1, overhead "
+          f"{args.overhead_ms:g} ms", flush=True)
+    results = []
+    for name in args.cluster_list:
+        result = run_cluster(name, args)
+        print_cluster(result)
+        results.append(result)
+    payload = {"clusters": results}
+    if args.scale:
+        payload["scale"] = run_scale(args.policy_list)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(payload, indent=1))
+    if any(r is None for res in results for r in res["repeats"]):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""The curve cost model and its exploration, in-process against emulated curves.
+
+Curves come from :func:`shardbalance.emulate.curve_seconds` (the emulator's own formula, no
+sleeping), so the policy is judged against exactly the shapes the benchmarks emulate.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+import torch
+
+from shardbalance.emulate import EmulatedSpeed, curve_seconds
+from shardbalance.policies import PolicyInput, decide, fit_curve_model
+
+STEPS = 8
+
+
+def _rows(fn, sizes, steps=STEPS, noise=0.0, rng=None):
+    rng = rng or np.random.default_rng(0)
+    out = []
+    for b in sizes:
+        for _ in range(steps):
+            out.append((b, fn(b) * (1.0 + noise * rng.standard_normal())))
+    return np.array(out, dtype=np.float64)
+
+
+def _curve(speed, flat_below=0, step_multiple=1, per_sample_s=0.002, overhead_s=0.004):
+    return lambda b: curve_seconds(int(b), speed, per_sample_s, overhead_s, flat_below=flat_below,
+                                   step_multiple=step_multiple)
+
+
+@pytest.mark.parametrize("flat_below", [0, 96])
+def test_fit_recovers_a_flat_then_linear_curve_between_its_measured_sizes(flat_below):
+    fn = _curve(4.0, flat_below=flat_below)
+    sizes = [32, 64, 96, 128, 192]
+    model = fit_curve_model((_rows(fn, sizes),))
+    probe = np.array([32, 48, 64, 80, 96, 112, 128, 160, 192])
+    got = np.array([model.busy_seconds([b])[0] for b in probe])
+    want = np.array([fn(b) for b in probe])
+    np.testing.assert_allclose(got, want, rtol=1e-9)
+
+
+def test_fit_recovers_a_stepped_curve_at_its_measured_sizes():
+    fn = _curve(2.0, step_multiple=32)
+    sizes = [16, 32, 40, 64, 72, 96]
+    model = fit_curve_model((_rows(fn, sizes),))
+    for b in sizes:
+        assert model.busy_seconds([b])[0] == pytest.approx(fn(b), rel=1e-9)
+    # Flat between 16 and 32 (one tile), a step between 32 and 40.
+    assert model.busy_seconds([24])[0] == pytest.approx(fn(32), rel=1e-9)
+
+
+def test_fit_is_monotone_under_noise_and_close_to_the_curve():
+    fn = _curve(1.0, flat_below=64)
+    sizes = [32, 48, 64, 96, 128]
+    model = fit_curve_model((_rows(fn, sizes, steps=32, noise=0.05),))
+    grid = np.arange(16, 200, 4)
+    busy = np.array([model.busy_seconds([b])[0] for b in grid])
+    assert np.all(np.diff(busy) >= -1e-12)
+    for b in sizes:
+        assert model.busy_seconds([b])[0] == pytest.approx(fn(b), rel=0.05)
+
+
+def test_fit_does_not_extrapolate_a_flat_top_as_free():
+    # Measured flat at 32 and 64: above 64 the model assumes busy time ∝ batch size (pessimistic).
+    fn = _curve(4.0, flat_below=256)
+    model = fit_curve_model((_rows(fn, [32, 64]),))
+    assert model.busy_seconds([128])[0] == pytest.approx(2 * fn(64), rel=1e-6)
+
+
+def test_fit_forgets_a_rank_s_points_when_its_speed_changes():
+    fast, slow = _curve(4.0), _curve(1.0)
+    history = np.concatenate([_rows(fast, [32, 64]), _rows(slow, [64, 48])])
+    model = fit_curve_model((history,))
+    assert model.busy_seconds([64])[0] == pytest.approx(slow(64), rel=1e-9)
+    assert model.busy_seconds([48])[0] == pytest.approx(slow(48), rel=1e-9)
+    assert model.counts[0] <= 3  # the two fast points are gone (plus at most one bounded knot)
+
+
+def test_fit_discards_the_first_steps_at_a_new_batch_size():
+    fn = _curve(2.0)
+    rows = _rows(fn, [32, 64])
+    rows[STEPS, 1] *= 10.0  # the first step at 64 pays a one-off cost (autotuning)
+    rows[STEPS + 1, 1] *= 10.0
+    model = fit_curve_model((rows,))
+    assert model.busy_seconds([64])[0] == pytest.approx(fn(64), rel=1e-9)
+
+
+def _closed_loop(curves, B, windows, lo, hi, quantum=1, noise=0.0, seed=0):
+    """Run the curve policy for ``windows`` windows; return the plans and their step times."""
+    k = len(curves)
+    rng = np.random.default_rng(seed)
+    from shardbalance.plan import apportion
+    plan = apportion([1.0] * k, B, lo, hi, quantum)
+    history = [np.empty((0, 2)) for _ in range(k)]
+    plans, steps = [], []
+    for _ in range(windows):
+        inp = PolicyInput(global_batch_size=B, current=tuple(plan), min_sizes=tuple(lo),
+                          max_sizes=tuple(hi), quantum=quantum, history=tuple(history))
+        plan, _ = decide("curve", inp)
+        busy = [[fn(b) * (1.0 + noise * rng.standard_normal()) for _ in range(STEPS)]
+                for fn, b in zip(curves, plan)]
+        for i in range(k):
+            history[i] = np.concatenate([history[i],
+                                         np.column_stack([np.full(STEPS, plan[i]), busy[i]])])
+        plans.append(tuple(plan))
+        steps.append(max(curves[i](plan[i]) for i in range(k)))
+    return plans, steps
+
+
+def _optimum(curves, B, lo, hi, quantum):
+    best = np.inf
+    grid = range(lo[0], hi[0] + 1, quantum)
+    for b0 in grid:
+        for b1 in range(lo[1], hi[1] + 1, quantum):
+            b2 = B - b0 - b1
+            if lo[2] <= b2 <= hi[2]:
+                best = min(best, max(curves[0](b0), curves[1](b1), curves[2](b2)))
+    return best
+
+
+@pytest.mark.parametrize("quantum,cap", [(1, 150), (8, 112), (4, 96)])
+def test_exploration_stays_within_bounds_and_multiples(quantum, cap):
+    curves = [_curve(1.0), _curve(2.0, flat_below=96), _curve(4.0, flat_below=192)]
+    B, lo, hi = 192, [quantum] * 3, [192, 192, cap]
+    plans, steps = _closed_loop(curves, B, 12, lo, hi, quantum)
+    for plan in plans:
+        assert sum(plan) == B
+        assert all(a <= b <= c for a, b, c in zip(lo, plan, hi))
+        assert all(b % quantum == 0 for b in plan)
+
+
+def test_exploration_finds_the_optimum_of_a_fast_rank_flat_below_what_it_needs():
+    curves = [_curve(1.0), _curve(2.0), _curve(4.0, flat_below=96)]
+    B, lo, hi = 192, [1] * 3, [192] * 3
+    plans, steps = _closed_loop(curves, B, 10, lo, hi)
+    optimum = _optimum(curves, B, lo, hi, 1)
+    assert steps[-1] <= optimum * 1.03, (plans, steps, optimum)
+
+
+def test_exploration_never_repeats_a_plan_that_measured_worse():
+    # The fast rank is flat up to 100 samples and costs 8x more per sample above: exploring past
+    # 100 measures worse, and that plan must never come back.
+    def steep(b):
+        return 0.004 + 0.0005 * max(b, 100) + 0.004 * max(0, b - 100)
+
+    curves = [_curve(1.0), _curve(2.0), steep]
+    B, lo, hi = 192, [1] * 3, [192] * 3
+    plans, steps = _closed_loop(curves, B, 14, lo, hi)
+    worse = {plans[i] for i in range(1, len(plans))
+             if plans[i] != plans[i - 1] and steps[i] > steps[i - 1] * 1.001}
+    assert worse, (plans, steps)  # the run did explore into the costly region
+    for plan in worse:
+        first = plans.index(plan)
+        later = plans[first:]
+        # Held while it was being measured, then never returned to after leaving it.
+        leave = next((j for j, p in enumerate(later) if p != plan), None)
+        if leave is not None:
+            assert plan not in later[leave:], (plans, steps)
+    assert steps[-1] <= _optimum(curves, B, lo, hi, 1) * 1.05
+
+
+def test_emulated_curves_flat_stepped_new_shape_cost_and_memory_cap():
+    assert curve_seconds(10, 2.0, 0.01, 0.001, flat_below=40) == pytest.approx(0.001 + 0.2)
+    assert curve_seconds(50, 2.0, 0.01, 0.001, flat_below=40) == pytest.approx(0.001 + 0.25)
+    assert curve_seconds(17, 1.0, 0.001, 0.0, step_multiple=16) == pytest.approx(0.032)
+    layer = EmulatedSpeed(100.0, per_sample_s=0.0, overhead_s=0.0, new_shape_s=0.03,
+                          new_shape_steps=1, max_batch_size=4)
+    import time
+    x = torch.zeros(3, 2)
+    t0 = time.perf_counter()
+    layer(x)
+    first = time.perf_counter() - t0
+    assert first >= 0.03
+    assert layer.steps_at == {3: 1}
+    layer(x)
+    assert layer.steps_at == {3: 2}
+    with pytest.raises(torch.OutOfMemoryError, match="5 samples"):
+        layer(torch.zeros(5, 2))
+    assert layer.steps_at == {3: 2}  # the refused batch changed nothing
+
+
+@pytest.mark.parametrize("kwargs", [dict(flat_below=-1), dict(step_multiple=0),
+                                    dict(new_shape_s=-1.0), dict(max_batch_size=0),
+                                    dict(speed=0.0)])
+def test_emulated_speed_rejects_bad_shapes_naming_the_value(kwargs):
+    args = {"speed": 1.0, **kwargs}
+    bad = next(v for k, v in kwargs.items())
+    with pytest.raises(ValueError, match=repr(bad).replace(".", r"\.")):
+        EmulatedSpeed(**args)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 64), st.floats(0.0, 0.02), st.integers(0, 64)),
+                min_size=2, max_size=6))
+def test_curve_equal_finish_sums_to_the_batch_within_bounds_and_is_no_worse_than_equal(ranks):
+    from shardbalance.plan import apportion
+    curves = [_curve(1.0, flat_below=flat, per_sample_s=per_sample + 1e-4,
+                     overhead_s=0.001 * (1 + i % 3))
+              for i, (_, per_sample, flat) in enumerate(ranks)]
+    k = len(curves)
+    B = 16 * k
+    lo, hi = (1,) * k, tuple(min(B, cap + 16) for cap, _, _ in ranks)
+    history = tuple(_rows(fn, [8, 16, 24], steps=4) for fn in curves)
+    model = fit_curve_model(history)
+    targets, finish = model.equal_finish(lo, hi, B)
+    assert abs(targets.sum() - B) < 1e-6
+    assert np.all(targets >= np.array(lo) - 1e-9) and np.all(targets <= np.array(hi) + 1e-9)
+    inp = PolicyInput(global_batch_size=B, current=apportion([1.0] * k, B, lo, hi),
+                      min_sizes=lo, max_sizes=hi, history=history)
+    sizes, decision = decide("curve", inp)
+    assert sum(sizes) == B and all(a <= b <= c for a, b, c in zip(lo, sizes, hi))
+    if not decision.reason.startswith("exploring"):  # a try is judged by its measurement
+        assert model.step_seconds(sizes) <= model.step_seconds(inp.current) * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("policy", ["affine", "curve"])
+def test_a_policy_decides_from_the_first_few_trained_steps_of_epoch_0(policy):
+    # Early re-planning inside epoch 0: four trained steps per rank at the equal split, the
+    # first of them paying a one-off cost, are enough to move toward the fast ranks.
+    curves = [_curve(1.0), _curve(2.0), _curve(4.0, flat_below=48)]
+    history = []
+    for fn in curves:
+        rows = _rows(fn, [32], steps=4)
+        rows[0, 1] += 0.05
+        history.append(rows)
+    inp = PolicyInput(global_batch_size=96, current=(32, 32, 32), min_sizes=(1, 1, 1),
+                      max_sizes=(96, 96, 96), history=tuple(history))
+    sizes, decision = decide(policy, inp)
+    assert sizes[0] < 32 < sizes[2] and sum(sizes) == 96, decision
