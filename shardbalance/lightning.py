@@ -88,6 +88,7 @@ class ShardBalanceCallback(pl.Callback):
             raise ConfigError(f"Invalid weighting {weighting!r}, it should be one of "
                               f"{', '.join(map(repr, _WEIGHTINGS))}")
         self.sampler = sampler
+        self._given = sampler is not None
         self.weighting = weighting
         self._attach_args = dict(comm_hook=comm_hook, comm_state=comm_state,
                                  check_batch_size=check_batch_size)
@@ -228,6 +229,9 @@ class ShardBalanceCallback(pl.Callback):
         self._unwrap()
         if self.sampler is not None:
             self.sampler.close()
+        if not self._given:
+            # The next fit's train_dataloader() builds a new sampler for the new DDP model.
+            self.sampler, self._attached = None, False
 
     # -- checkpoints ----------------------------------------------------------------------------
 

@@ -244,3 +244,29 @@ def test_the_epoch_is_set_every_epoch_and_the_loader_is_left_as_it_was():
 def test_bad_arguments_are_refused(bad):
     with pytest.raises(ConfigError, match=r"object|'sum'"):
         ShardBalanceCallback(**bad)
+
+
+def test_resume_from_an_end_of_epoch_checkpoint_trains_the_next_epochs_order(tmp_path):
+    """ModelCheckpoint's default (saved at the end of each epoch): Lightning restores no loader
+    state then and starts the loader's iterator before any epoch hook; the callback's own
+    checkpoint state sets the sampler's epoch first."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(epochs, **fit_args):
+        module, seen = _OneRank(), []
+
+        class Watch(pl.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                seen.append((trainer.current_epoch, batch_idx, batch[2].tolist()))
+
+        saver = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}")
+        pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False,
+                   enable_progress_bar=False, enable_model_summary=False,
+                   use_distributed_sampler=False, default_root_dir=tmp_path,
+                   callbacks=[ShardBalanceCallback(), Watch(), saver]).fit(module, **fit_args)
+        return seen
+
+    full = fit(2)
+    resumed = fit(2, ckpt_path=str(tmp_path / "epoch=0.ckpt"))
+    assert resumed == [record for record in full if record[0] == 1]
+    assert resumed[0][2] != full[0][2]
