@@ -57,6 +57,12 @@ class ShardBalanceCallback(pl.Callback):
     checkpoints, refuses a Trainer that would replace the sampler, and closes the sampler when
     ``fit`` ends (build a new one in each ``train_dataloader()`` call).
 
+    Mid-epoch resume needs the loader to come from ``train_dataloader()`` (of the module or the
+    DataModule), not from ``fit(train_dataloaders=...)``, and more than one process: on one
+    device there is no DDP model to attach to, so the sampler's position counts the batches
+    it yielded, which Lightning's prefetch puts a batch ahead (resume at an epoch boundary
+    works there too).
+
     Args:
         sampler (WeightedDistributedSampler, optional): the sampler, if built before the
             Trainer runs; it must be the train dataloader's ``batch_sampler``. Default: found
@@ -175,18 +181,16 @@ class ShardBalanceCallback(pl.Callback):
     # -- training ---------------------------------------------------------------------------
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self.sampler is None or self._wrapped is None:
-            found = _find_samplers(trainer.train_dataloader)
-            if len(found) > 1:
-                raise ConfigError(f"the train dataloaders hold {len(found)} "
-                                  "WeightedDistributedSamplers; ShardBalanceCallback supports one")
-            if found:
-                self._use(found[0])
-        if self.sampler is None:
+        found = _find_samplers(trainer.train_dataloader)
+        if len(found) > 1:
+            raise ConfigError(f"the train dataloaders hold {len(found)} "
+                              "WeightedDistributedSamplers; ShardBalanceCallback supports one")
+        if not found:
             raise ConfigError(
                 "ShardBalanceCallback found no WeightedDistributedSampler in the train "
                 "dataloader: return DataLoader(dataset, batch_sampler=sampler) from "
                 "train_dataloader() (batch_sampler=, not sampler=)")
+        self._use(found[0])
         self._check_accumulation(trainer)
         if self._attached:
             return
