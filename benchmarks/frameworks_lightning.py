@@ -34,6 +34,9 @@ def main() -> None:
     p.add_argument("--warmup-epochs", type=int, default=2)
     p.add_argument("--samples", type=int, default=3072)
     p.add_argument("--global-batch-size", type=int, default=192)
+    p.add_argument("--per-sample-ms", type=float, default=6.0,
+                   help="emulated compute per sample at speed 1 (large against Lightning's "
+                        "own per-step cost on CPU)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--timeout-s", type=float, default=900)
     args = p.parse_args()
@@ -46,7 +49,8 @@ def main() -> None:
                 metrics = Path(tmp) / f"{name}-{repeat}.jsonl"
                 script_args = ["--emulate-speeds", args.speeds, "--epochs", str(args.epochs),
                                "--samples", str(args.samples), "--global-batch-size",
-                               str(args.global_batch_size), "--metrics-out", str(metrics),
+                               str(args.global_batch_size), "--per-sample-ms",
+                               str(args.per_sample_ms), "--metrics-out", str(metrics),
                                *extra]
                 torchrun_or_exit(len(speeds), REPO / "examples" / "lightning_train.py",
                                  script_args, args.timeout_s)
@@ -58,7 +62,8 @@ def main() -> None:
     base = statistics.median(epochs["distributed"])
     ideal = sum(speeds) / (len(speeds) * min(speeds))
     print(f"== Lightning, emulated cluster {args.speeds.replace(',', ':')}: {len(speeds)} ranks, "
-          f"B={args.global_batch_size}, N={args.samples}, {args.repeats} launch(es) each, "
+          f"B={args.global_batch_size}, N={args.samples}, {args.per_sample_ms:g} ms/sample at "
+          f"speed 1, {args.repeats} launch(es) each, "
           f"median of epochs {args.warmup_epochs}..{args.epochs - 1}; ideal speedup {ideal:.2f}x")
     print("contender | steady-state s/epoch (median) | speedup vs Lightning's default | "
           "final plan")

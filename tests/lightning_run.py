@@ -8,6 +8,7 @@ indices, the loader length Lightning uses) to ``DIR/rank<r>.json``:
 
 - ``accumulate``: ``accumulate_grad_batches=2`` (each epoch's last group is short) with a
   worker loader; at every optimizer step also the parameters and the synchronised gradient.
+  ``output``: the same with ``weighting="output"`` and a sampler without accumulation_steps.
 - ``first``: no accumulation, a checkpoint after every step; ``middle`` resumes from one in
   the middle of epoch 1, ``boundary`` from the end of epoch 0 (a new Trainer, module and
   sampler each, as a restarted job has).
@@ -48,8 +49,10 @@ def network() -> torch.nn.Sequential:
 
 class Recorder(pl.LightningModule):
     def __init__(self, speed: float, num_workers: int, accumulate: int = 1,
-                 record_grads: bool = False) -> None:
+                 record_grads: bool = False, accumulation_steps: int | None = None) -> None:
         super().__init__()
+        self.accumulation_steps = accumulate if accumulation_steps is None \
+            else accumulation_steps
         self.speed = EmulatedSpeed(speed, per_sample_s=0.01, overhead_s=0.002)
         self.accumulate = accumulate
         self.net = network()
@@ -60,7 +63,7 @@ class Recorder(pl.LightningModule):
 
     def train_dataloader(self) -> DataLoader:
         data = dataset()
-        sampler = WeightedDistributedSampler(data, B, accumulation_steps=self.accumulate, seed=5,
+        sampler = WeightedDistributedSampler(data, B, accumulation_steps=self.accumulation_steps, seed=5,
                                              timeout_s=30)
         return DataLoader(data, batch_sampler=sampler, num_workers=self.num_workers)
 
@@ -82,11 +85,11 @@ class Recorder(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def fit(module: Recorder, epochs: int, callbacks=(), ckpt_path=None) -> None:
+def fit(module: Recorder, epochs: int, callbacks=(), ckpt_path=None, weighting="hook") -> None:
     trainer = pl.Trainer(accelerator="cpu", devices=int(os.environ["WORLD_SIZE"]),
                          strategy="ddp", use_distributed_sampler=False, max_epochs=epochs,
                          accumulate_grad_batches=module.accumulate,
-                         callbacks=[ShardBalanceCallback(), *callbacks], logger=False,
+                         callbacks=[ShardBalanceCallback(weighting=weighting), *callbacks], logger=False,
                          enable_checkpointing=bool(callbacks), enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0)
     trainer.fit(module, ckpt_path=ckpt_path)
@@ -102,6 +105,10 @@ def main() -> None:
     out = Path(args.out)
     accumulate = Recorder(speed, num_workers=2, accumulate=2, record_grads=True)
     fit(accumulate, 3)
+    # weighting="output" weights each batch itself: no accumulation_steps needed.
+    output = Recorder(speed, num_workers=0, accumulate=2, record_grads=True,
+                      accumulation_steps=1)
+    fit(output, 2, weighting="output")
     ckpt_dir = out / "ckpt"
     saver = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=1, save_top_k=-1,
                             filename="{epoch}-{step}")
@@ -112,7 +119,8 @@ def main() -> None:
     fit(middle, 3, ckpt_path=str(ckpt_dir / "epoch=1-step=7.ckpt"))
     boundary = Recorder(speed, num_workers=0)
     fit(boundary, 2, ckpt_path=str(ckpt_dir / "epoch=0-step=5.ckpt"))
-    result = {"accumulate": accumulate.trained, "steps": accumulate.steps,
+    result = {"accumulate": accumulate.trained, "accumulate_steps": accumulate.steps,
+              "output": output.trained, "output_steps": output.steps,
               "first": first.trained, "middle": middle.trained, "boundary": boundary.trained}
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     if dist.is_initialized():

@@ -6,8 +6,9 @@ runs every multi-rank fit; each test checks one invariant of what the ranks reco
 
 - every epoch covers the dataset exactly once, with a worker loader and with accumulation;
 - plans move toward the fast rank (emulated speeds 1 and 4);
-- ``accumulate_grad_batches=2`` (a short last group too): the synchronised gradient is the one
-  a single process computes on the same samples;
+- ``accumulate_grad_batches=2`` (a short last group too), with ``weighting="hook"`` and
+  ``"output"``: the synchronised gradient is the one a single process computes on the same
+  samples;
 - a mid-epoch resume from Lightning's own checkpoint keeps Lightning's batch count and the
   epoch's length, and trains each remaining sample once; a resume at an epoch boundary trains
   the next epoch's order.
@@ -73,7 +74,7 @@ def _exactly_once(samples: list[int]) -> bool:
     return Counter(samples) == Counter(range(run.N))
 
 
-@pytest.mark.parametrize("fit", ["accumulate", "first"])
+@pytest.mark.parametrize("fit", ["accumulate", "output", "first"])
 def test_every_epoch_covers_the_dataset_exactly_once(ranks, fit):
     steps = run.N // run.B
     for epoch in _epochs(ranks, fit):
@@ -94,12 +95,13 @@ def test_plans_move_toward_the_fast_rank(ranks, fit):
     assert first_epoch[0] == run.B // 2  # started from the equal split
 
 
-def test_accumulated_gradient_equals_one_process(ranks):
+@pytest.mark.parametrize("fit", ["accumulate", "output"])
+def test_accumulated_gradient_equals_one_process(ranks, fit):
     x, y, _ = run.dataset().tensors
-    steps = ranks[0]["steps"]
-    assert len(steps) == 3 * len(_epochs(ranks, "accumulate"))  # groups of 2, 2 and 1 batches
-    for step, other in zip(steps, ranks[1]["steps"]):
-        batches = _global_batches(ranks, "accumulate", step["epoch"])
+    steps = ranks[0][f"{fit}_steps"]
+    assert len(steps) == 3 * len(_epochs(ranks, fit))  # groups of 2, 2 and 1 batches
+    for step, other in zip(steps, ranks[1][f"{fit}_steps"]):
+        batches = _global_batches(ranks, fit, step["epoch"])
         last = step["last_batch"]
         group = [b for b in batches if b // 2 == last // 2]
         model = run.network()
