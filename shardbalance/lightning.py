@@ -205,8 +205,9 @@ class ShardBalanceCallback(pl.Callback):
         self._attached = True
 
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule"):
-        # Lightning creates this epoch's iterator after this hook (the first epoch's, and a
-        # resumed one's, before it: the sampler is already at that epoch then).
+        # Lightning starts each later epoch's iterator after this hook. The first epoch's (and
+        # a resumed one's) started before it, with the sampler already at that epoch (0, or
+        # the checkpoint's), so setting the same epoch again changes nothing.
         self._check_accumulation(trainer)
         if self.sampler is not None:
             self.sampler.set_epoch(trainer.current_epoch)
