@@ -13,14 +13,15 @@ first plans are still being measured) of every launch of a contender; the speedu
 of the two medians. ``ideal``: the emulated compute alone, Σ speed / (k · min speed).
 
 Measured on a 2-core x86 VM shared with other jobs, torch 2.13 CPU, Lightning 2.6, gloo.
-``python benchmarks/frameworks_lightning.py`` (2 launches, ~4 min wall), verbatim:
+``python benchmarks/frameworks_lightning.py --repeats 2`` (4 launches, ~7 min wall), verbatim:
 
-    == Lightning, emulated cluster 1:2:4: 3 ranks, B=192, N=3072, 6 ms/sample at speed 1, 1 launch(es) each, median of epochs 2..5; ideal speedup 2.33x
+    == Lightning, emulated cluster 1:2:4: 3 ranks, B=192, N=3072, 6 ms/sample at speed 1, 2 launch(es) each, median of epochs 2..5; ideal speedup 2.33x
     contender | steady-state s/epoch (median) | speedup vs Lightning's default | final plan
-    distributed | 8.053 | 1.00x | [64, 64, 64]
-    shardbalance | 3.829 | 2.10x | [28, 56, 108]
+    distributed | 7.252 | 1.00x | [64, 64, 64]
+    shardbalance | 3.680 | 1.97x | [28, 55, 109]
 
-Epoch 0 runs the equal split while the first measurements arrive (6.89 s in both); from epoch
+(per launch, shardbalance's steady epochs were 3.9-4.0 s and 3.4-3.5 s: the machine's load
+moved; a single-launch run gave 2.10x.) Epoch 0 runs the equal split while the first measurements arrive (6.89 s in both); from epoch
 1 on the plan is within a sample or two of the optimum [27, 55, 110]. The gap to the ideal is
 Lightning's own per-step cost on these CPUs (~90 ms a step with 3 ranks on 2 cores, paid by
 both contenders); with ``--per-sample-ms 2`` that cost dominates and the speedup is 1.41x.
