@@ -21,8 +21,8 @@ Measured on a 2-core x86 VM shared with other jobs, torch 2.13 CPU, Lightning 2.
     shardbalance | 3.680 | 1.97x | [28, 55, 109]
 
 (per launch, shardbalance's steady epochs were 3.9-4.0 s and 3.4-3.5 s: the machine's load
-moved; a single-launch run gave 2.10x.) Epoch 0 runs the equal split while the first measurements arrive (6.89 s in both); from epoch
-1 on the plan is within a sample or two of the optimum [27, 55, 110]. The gap to the ideal is
+moved; a single-launch run gave 2.10x.) Epoch 0 runs the equal split while the first
+measurements arrive (6.6-6.9 s for both contenders); from epoch 1 on the plan is within a sample or two of the optimum [27, 55, 110]. The gap to the ideal is
 Lightning's own per-step cost on these CPUs (~90 ms a step with 3 ranks on 2 cores, paid by
 both contenders); with ``--per-sample-ms 2`` that cost dominates and the speedup is 1.41x.
 """
