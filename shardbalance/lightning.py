@@ -73,6 +73,9 @@ class ShardBalanceCallback(pl.Callback):
         comm_hook, comm_state: an averaging DDP comm hook of yours, passed to ``attach``.
             Default: none.
         check_batch_size (bool, optional): passed to ``attach``. Default: ``True``.
+        busy (str, optional): passed to ``attach``; ``"auto"`` also picks compute-only busy
+            time under ``accumulate_grad_batches > 1`` (Lightning meets the other ranks before
+            every batch, so the step clock would see the slowest rank). Default: ``"auto"``.
 
     Example::
 
@@ -86,7 +89,7 @@ class ShardBalanceCallback(pl.Callback):
 
     def __init__(self, sampler: WeightedDistributedSampler | None = None, *,
                  weighting: str = "hook", comm_hook: Any = None, comm_state: Any = None,
-                 check_batch_size: bool = True) -> None:
+                 check_batch_size: bool = True, busy: str = "auto") -> None:
         if sampler is not None and not isinstance(sampler, WeightedDistributedSampler):
             raise ConfigError(f"ShardBalanceCallback(sampler) needs a WeightedDistributedSampler, "
                               f"got {type(sampler).__name__}")
@@ -96,6 +99,7 @@ class ShardBalanceCallback(pl.Callback):
         self.sampler = sampler
         self._given = sampler is not None
         self.weighting = weighting
+        self.busy = busy
         self._attach_args = dict(comm_hook=comm_hook, comm_state=comm_state,
                                  check_batch_size=check_batch_size)
         self._attached = False
@@ -200,7 +204,12 @@ class ShardBalanceCallback(pl.Callback):
         if trainer.world_size > 1:
             # The DDP wrapper the strategy built in its setup; the loader's iterator has already
             # started, which is fine: the sampler's ledger tracks every batch it yielded.
-            self.sampler.attach(trainer.strategy.model, weighting=self.weighting,
+            # Lightning broadcasts a flag before every batch: under accumulation the fast
+            # ranks wait inside a group, so the step clock would understate the imbalance.
+            busy = self.busy
+            if busy == "auto" and trainer.accumulate_grad_batches > 1:
+                busy = "compute"
+            self.sampler.attach(trainer.strategy.model, weighting=self.weighting, busy=busy,
                                 **self._attach_args)
         self._attached = True
 
