@@ -227,6 +227,14 @@ class ShardBalanceCallback(pl.Callback):
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         self._epoch_batches = batch_idx + 1
 
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule"):
+        # sampler.metrics() is the same on every rank (what the coordinator reported with
+        # the plan): logged without a sync, so every logger sees every rank's figures.
+        if self.sampler is not None:
+            metrics = {f"shardbalance/{k}": float(v) for k, v in self.sampler.metrics().items()}
+            if metrics:
+                pl_module.log_dict(metrics, on_epoch=True, sync_dist=False)
+
     def _check_accumulation(self, trainer: "pl.Trainer") -> None:
         steps = trainer.accumulate_grad_batches
         if self.weighting == "hook" and steps > 1 and self.sampler is not None \
