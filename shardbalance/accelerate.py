@@ -44,9 +44,11 @@ class _ShardBalanceLoader(DataLoaderShard):
     last global batch.
     """
 
-    def __init__(self, dataset, sampler: WeightedDistributedSampler, **kwargs: Any) -> None:
+    def __init__(self, dataset, sampler: WeightedDistributedSampler, accumulation_steps: int,
+                 **kwargs: Any) -> None:
         super().__init__(dataset, batch_sampler=sampler, _drop_last=sampler.drop_last, **kwargs)
         self.shardbalance_sampler = sampler
+        self._accumulation_steps = accumulation_steps
         self._epoch_seen = sampler.epoch
         #: ``accelerator.prepare()`` returns a loader marked so unchanged.
         self._is_accelerate_prepared = True
@@ -65,6 +67,14 @@ class _ShardBalanceLoader(DataLoaderShard):
 
     def __iter__(self):
         sampler = self.shardbalance_sampler
+        steps = self._accumulation_steps
+        if steps > 1 and sampler.accumulation_steps != steps \
+                and sampler._weighting is not None:
+            # Checked here, not at prepare time: evaluation loaders need no such setting.
+            raise ConfigError(
+                f"the accelerator accumulates gradients over {steps} batches but the attached "
+                f"sampler has accumulation_steps={sampler.accumulation_steps}: build it with "
+                f"accumulation_steps={steps}, so its plans change only between optimizer steps")
         if sampler.epoch != self._epoch_seen:
             # Set on the sampler since our last pass (its set_epoch, or a resume through
             # load_state_dict): that epoch wins over our count of passes.
@@ -137,12 +147,6 @@ def prepare_dataloader(accelerator: Any, loader: DataLoader,
                           f"rank={sampler.rank} but the accelerator runs "
                           f"{accelerator.num_processes} processes and this is process "
                           f"{accelerator.process_index}")
-    steps = accelerator.gradient_accumulation_steps
-    if steps > 1 and sampler.accumulation_steps != steps:
-        raise ConfigError(f"the accelerator accumulates gradients over {steps} batches but the "
-                          f"sampler has accumulation_steps={sampler.accumulation_steps}: build "
-                          f"it with accumulation_steps={steps}, so its plans change only "
-                          "between optimizer steps")
     if not getattr(loader, "in_order", True):
         raise ConfigError("DataLoader(in_order=False) reorders batches, and shardbalance must "
                           "train them in the order the sampler yielded them: use in_order=True")
@@ -152,7 +156,8 @@ def prepare_dataloader(accelerator: Any, loader: DataLoader,
     if not kwargs.get("num_workers"):
         kwargs.pop("prefetch_factor", None)  # DataLoader refuses it without workers
     prepared = _ShardBalanceLoader(
-        loader.dataset, sampler, device=accelerator.device if device_placement else None,
+        loader.dataset, sampler, accelerator.gradient_accumulation_steps,
+        device=accelerator.device if device_placement else None,
         _non_blocking=accelerator.non_blocking, **kwargs)
     accelerator._dataloaders.append(prepared)
     if not any(obj is sampler for obj in accelerator._custom_objects):
