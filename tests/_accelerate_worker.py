@@ -88,7 +88,7 @@ def main() -> None:
             result["prepare_refused"] = str(exc)
 
     sampler = WeightedDistributedSampler(ds, B, accumulation_steps=STEPS_PER_GROUP, seed=3,
-                                         rebalance_every=4)
+                                         rebalance_every=4, policy="proportional")
     loader = prepare_dataloader(accelerator, DataLoader(ds, batch_sampler=sampler, num_workers=2))
     model = build_model(SPEEDS[rank])
     opt = torch.optim.SGD(model.parameters(), lr=LR)
@@ -104,31 +104,37 @@ def main() -> None:
         result["resumed_at"] = sampler.state_dict()
         result["resumed_len"] = len(loader)
 
-    groups: list[tuple[int, list[int]]] = []
+    # (epoch, optimizer step of the run, indices) of this rank; gathered after training, so no
+    # collective outside backward disturbs the busy-time measurement.
+    mine: list[tuple[int, int, list[int]]] = []
     plans = {}
     saved_after = None
+    step = 0
     for epoch in range(first_epoch, EPOCHS):
         sampler.set_epoch(epoch)
-        mine: list[int] = []
         steps_this_epoch = 0
         for x, y, idx in loader:
             with accelerator.accumulate(model):
                 loss = torch.nn.functional.mse_loss(model(x), y)
                 accelerator.backward(loss)
-                mine.extend(idx.tolist())
+                mine.append((epoch, step, idx.tolist()))
                 if accelerator.sync_gradients:
-                    everyone = [None] * world
-                    dist.all_gather_object(everyone, mine)
-                    groups.append((epoch, [i for part in everyone for i in part]))
-                    mine = []
+                    step += 1
                     steps_this_epoch += 1
                 opt.step()
                 opt.zero_grad()
             if args.phase == "train" and epoch == 1 and steps_this_epoch == 2 and \
                     accelerator.sync_gradients and saved_after is None:
                 accelerator.save_state(ckpt)
-                saved_after = len(groups)
+                saved_after = step
         plans[epoch] = list(sampler.batch_sizes)
+    everyone = [None] * world
+    dist.all_gather_object(everyone, mine)
+    merged: dict[int, tuple[int, list[int]]] = {}
+    for part in everyone:
+        for epoch, s, idx in part:
+            merged.setdefault(s, (epoch, []))[1].extend(idx)
+    groups = [merged[s] for s in sorted(merged)]
     result.update(groups=groups, plans=plans, saved_after=saved_after)
     unwrapped = accelerator.unwrap_model(model)
     result["params"] = [p.detach().flatten().tolist() for p in unwrapped.parameters()]

@@ -43,7 +43,9 @@ class Sequences(Dataset):
         return N
 
     def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+        labels = self.ids[i].clone()
+        labels[0] = -100   # the index token is not predicted: 7 labels a sequence, however counted
+        return {"input_ids": self.ids[i], "labels": labels}
 
 
 def build_model() -> GPT2LMHeadModel:
@@ -72,7 +74,7 @@ def main() -> None:
     run_dir = os.path.join(args.out, "run")
     ds = Sequences()
     model = build_model()
-    model.emulated_speed = EmulatedSpeed(SPEEDS[rank], per_sample_s=0.006, overhead_s=0.002)
+    model.emulated_speed = EmulatedSpeed(SPEEDS[rank], per_sample_s=0.02, overhead_s=0.002)
     trained: list[tuple[int, list[int]]] = []
     plans = Plans()
     training_args = TrainingArguments(
@@ -84,7 +86,9 @@ def main() -> None:
         ddp_backend="gloo", seed=0, disable_tqdm=True,
         average_tokens_across_devices=not resume)
     trainer = ShardBalanceTrainer(model=model, args=training_args, train_dataset=ds,
-                                  data_collator=default_data_collator, callbacks=[plans])
+                                  data_collator=default_data_collator, callbacks=[plans],
+                                  sampler_kwargs={"rebalance_every": 4,
+                                                  "policy": "proportional"})
     plans.trainer = trainer
     if resume:
         trainer.model_accepts_loss_kwargs = False   # a loss that is a mean over the local batch
@@ -112,8 +116,9 @@ def main() -> None:
             reference = GPT2LMHeadModel.from_pretrained(checkpoint)
         opt = torch.optim.SGD(reference.parameters(), lr=LR)
         for idx in groups:
-            batch = ds.ids[idx]
-            reference(input_ids=batch, labels=batch).loss.backward()
+            batch = [ds[i] for i in idx]
+            reference(input_ids=torch.stack([b["input_ids"] for b in batch]),
+                      labels=torch.stack([b["labels"] for b in batch])).loss.backward()
             opt.step()
             opt.zero_grad()
         ours = dict(model.named_parameters())

@@ -137,7 +137,6 @@ def test_two_ranks_accumulate_exactly_cover_each_epoch_balance_and_resume(tmp_pa
         trained = [i for e, g in groups if e == epoch for i in g]
         assert sorted(trained) == list(range(96)), f"epoch {epoch} not covered exactly once"
     # Emulated speeds 1 and 4: the plan moves toward rank 1 and still sums to B.
-    assert train["plans"]["0"] == [6, 6]
     last = train["plans"]["2"]
     assert sum(last) == 12 and last[1] > last[0]
     # The gradient of every optimizer step is the mean over its 24 samples (one process).
