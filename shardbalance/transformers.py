@@ -90,7 +90,8 @@ class ShardBalanceTrainer(Trainer):
                                   "processes decide it")
         self.shardbalance_sampler: WeightedDistributedSampler | None = None
         self.shardbalance_weighting: str | None = None
-        self._group_count: Any = None
+        #: The next training_step opens an optimizer step (its group's first batch).
+        self._group_open = False
         self.add_callback(_SaveSamplerPosition(self))
 
     # -- the loader ------------------------------------------------------------------------
@@ -146,7 +147,6 @@ class ShardBalanceTrainer(Trainer):
     def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int,
                           device: torch.device) -> tuple[list, Any]:
         batches, count = super().get_batch_samples(epoch_iterator, num_batches, device)
-        self._group_count = count  # the next training_step opens this optimizer step
         self._group_open = True
         return batches, count
 
@@ -167,7 +167,7 @@ class ShardBalanceTrainer(Trainer):
                     f"the Trainer's loss normalisation changed during training (gradients were "
                     f"weighted as {self.shardbalance_weighting!r}, this step needs "
                     f"{weighting!r}): num_items_in_batch must be given at every step or at none")
-            if weighting == "tokens" and getattr(self, "_group_open", False):
+            if weighting == "tokens" and self._group_open:
                 # The step's weight is this rank's token count over the global one, given
                 # once, before the group's first backward.
                 sampler.set_step_weight(float(num_items_in_batch))

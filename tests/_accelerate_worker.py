@@ -48,10 +48,10 @@ class Indexed(Dataset):
 
 def build_model(speed: float | None = None) -> torch.nn.Sequential:
     torch.manual_seed(0)
-    layers = [torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)]
-    if speed is not None:
-        layers.insert(0, EmulatedSpeed(speed, per_sample_s=0.01, overhead_s=0.002))
-    return torch.nn.Sequential(*layers)
+    emulated = torch.nn.Identity() if speed is None else \
+        EmulatedSpeed(speed, per_sample_s=0.01, overhead_s=0.002)
+    return torch.nn.Sequential(emulated, torch.nn.Linear(8, 16), torch.nn.Tanh(),
+                               torch.nn.Linear(16, 1))
 
 
 def replay(groups: list[list[int]], ds: Indexed, start: dict | None) -> torch.nn.Module:
