@@ -105,8 +105,10 @@ def test_bad_settings_are_refused_with_the_reason(tmp_path):
         def __iter__(self):
             yield from ()
 
+    trainer = tiny_trainer(tmp_path)
+    trainer.train_dataset = Stream()
     with pytest.raises(ConfigError, match="map-style train_dataset"):
-        tiny_trainer(tmp_path, ds=Stream()).get_train_dataloader()
+        trainer.get_train_dataloader()
 
 
 def _launch_worker(phase: str, out) -> dict:
