@@ -39,7 +39,8 @@ def main() -> None:
     p.add_argument("--per-sample-ms", type=float, default=2.0)
     args = p.parse_args()
 
-    accelerator = Accelerator(gradient_accumulation_steps=args.accumulation)
+    accelerator = Accelerator(gradient_accumulation_steps=args.accumulation,
+                              cpu=not torch.cuda.is_available())
     rank, world = accelerator.process_index, accelerator.num_processes
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.samples, 32, generator=g)
