@@ -59,8 +59,11 @@ def main() -> None:
     if args.emulate_speeds:
         emulated = EmulatedSpeed(parse_speeds(args.emulate_speeds, world)[rank],
                                  per_sample_s=args.per_sample_ms / 1e3)
-        model.register_forward_pre_hook(lambda m, a, kw: emulated(kw["input_ids"]),
-                                        with_kwargs=True)
+
+        def emulate(module, args, kwargs):
+            emulated(kwargs["input_ids"])     # sleeps as a GPU of this speed would compute
+
+        model.register_forward_pre_hook(emulate, with_kwargs=True)
     training_args = TrainingArguments(
         output_dir=args.output_dir, num_train_epochs=args.epochs,
         per_device_train_batch_size=args.per_device_batch_size,
