@@ -54,8 +54,8 @@ def main() -> None:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=32, n_embd=64, n_layer=2,
-                                       n_head=4))
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=16, n_embd=32, n_layer=1,
+                                       n_head=2))
     if args.emulate_speeds:
         emulated = EmulatedSpeed(parse_speeds(args.emulate_speeds, world)[rank],
                                  per_sample_s=args.per_sample_ms / 1e3)
@@ -73,7 +73,7 @@ def main() -> None:
         ddp_backend=None if torch.cuda.is_available() else "gloo")
     cls = ShardBalanceTrainer if args.trainer == "shardbalance" else Trainer
     trainer = cls(model=model, args=training_args, data_collator=default_data_collator,
-                  train_dataset=RandomTokens(args.samples, 32, 256))
+                  train_dataset=RandomTokens(args.samples, 16, 256))
     start = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=True if args.resume else None)
     seconds = time.perf_counter() - start
