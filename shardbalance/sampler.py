@@ -10,6 +10,7 @@ busy time), ``_probe`` and ``_accumulate``.
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from typing import Any, Callable, Iterable, Iterator, Sequence, Sized
 
@@ -31,6 +32,7 @@ from ._session import CoordinatorSession
 from ._settings import SamplerSettings, check_int
 from ._weighting import (OutputWeighting, WeightedCommHook, attach_hook,
                          attach_output_weighting)
+from ._wrappers import refuse_rewrapping
 from .order import _CHUNK, EpochOrder
 from .plan import Plan
 
@@ -300,6 +302,9 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         return steps
 
     def __iter__(self) -> Iterator[list[int]]:
+        # A framework wrapper that re-shards or skips batches (Accelerate's prepare()) is
+        # refused before any batch is yielded.
+        refuse_rewrapping(sys._getframe(1))
         if self.settings.probe_pending:
             raise ConfigError("initial_weights='probe' or max_batch_size='auto': call "
                               "sampler.probe(step_fn) on every rank before the first epoch")
