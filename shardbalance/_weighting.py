@@ -316,7 +316,9 @@ class _ScaleGradient(torch.autograd.Function):
                 *tensors: torch.Tensor):
         ctx.weighting, ctx.entry, ctx.synced = weighting, entry, synced
         ctx.set_materialize_grads(False)
-        return tuple(t.view_as(t) for t in tensors)
+        # Views cost nothing; a scalar (a loss) is copied, so that the loop may scale it in
+        # place (the HF Trainer's ``loss *= world_size``) without autograd refusing a view.
+        return tuple(t.clone() if t.dim() == 0 else t.view_as(t) for t in tensors)
 
     @staticmethod
     def backward(ctx, *grads):
