@@ -14,14 +14,18 @@ def test_the_fast_rank_ends_with_the_larger_batch(tmp_path):
     epochs = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [e["epoch"] for e in epochs] == [0, 1, 2]
     assert all(e["steps"] == 12 and sum(e["plan"]) == 64 for e in epochs)
-    assert epochs[0]["plan"] == [32, 32]
+    # No probe: epoch 0 starts on the equal split and re-plans early, so it already ends
+    # with the fast rank holding the larger batch.
+    assert epochs[0]["plan"][1] > epochs[0]["plan"][0], out
     final = epochs[-1]["plan"]
     assert final[1] > final[0], out
     # The coordinator logged each decision for a person (stderr) and as JSON (journal).
     assert "plan [" in out and "busy ms/step" in out
     decisions = [json.loads(line) for line in journal.read_text().splitlines()]
     plans = [d for d in decisions if d["event"] == "plan"]
-    assert [p["epoch"] for p in plans] == [0, 1, 2]
+    assert plans[0]["batch_sizes"] == [32, 32] and plans[0]["window"] == 0
+    epoch0 = [p for p in plans if p["epoch"] == 0]
+    assert 2 <= len(epoch0) <= 3 and [p["epoch"] for p in plans[len(epoch0):]] == [1, 2]
     assert plans[-1]["batch_sizes"] == final
     assert plans[-1]["speedup_vs_equal"] > 1.2
     summary = summarize(str(journal))
