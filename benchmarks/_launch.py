@@ -8,10 +8,12 @@ here (``tests/conftest.py`` puts this directory on the import path).
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -52,6 +54,29 @@ def kill_group(proc: subprocess.Popen) -> None:
 
 class LaunchError(RuntimeError):
     """A torchrun that failed or timed out; the message carries the tail of its output."""
+
+
+def read_line(proc: subprocess.Popen, timeout_s: float = 30.0) -> str:
+    """The next line ``proc`` prints on its piped stdout, waiting at most ``timeout_s``.
+
+    Reads the pipe's descriptor directly (one line is all a caller ever needs); on a timeout
+    or an early exit the process is stopped and LaunchError says what it printed.
+    """
+    fd, data = proc.stdout.fileno(), b""
+    deadline = time.monotonic() + timeout_s
+    while not data.endswith(b"\n") and time.monotonic() < deadline:
+        if select.select([fd], [], [], 0.1)[0]:
+            chunk = os.read(fd, 1)
+            if not chunk:
+                break
+            data += chunk
+        elif proc.poll() is not None:
+            break
+    if not data.endswith(b"\n"):
+        stop_process(proc)
+        raise LaunchError(f"no line from PID {proc.pid} within {timeout_s:g} s "
+                             f"(said {data!r}, exit {proc.returncode})")
+    return data.decode()
 
 
 def torchrun(nproc: int, script: str | Path, script_args: list[str], timeout_s: float,

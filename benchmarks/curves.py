@@ -78,7 +78,6 @@ flat below 48·s_i and affine, 20 ms one-off cost) for every policy of ``--polic
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import statistics

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import select
 import signal
 import statistics
 import subprocess
@@ -34,34 +33,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from _launch import REPO, free_port
+from _launch import REPO, free_port, read_line
+from _launch import stop_process as stop
 
 INFER = REPO / "examples" / "infer.py"
 TOKEN = "pull-benchmark-secret-0123456789abcdef"
-
-
-def read_line(proc: subprocess.Popen, timeout_s: float) -> str:
-    fd, data = proc.stdout.fileno(), b""
-    deadline = time.monotonic() + timeout_s
-    while not data.endswith(b"\n") and time.monotonic() < deadline:
-        if select.select([fd], [], [], 0.1)[0]:
-            chunk = os.read(fd, 1)
-            if not chunk:
-                break
-            data += chunk
-    if not data.endswith(b"\n"):
-        raise SystemExit(f"no line from PID {proc.pid} within {timeout_s:g} s (said {data!r})")
-    return data.decode().strip()
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 def scenario(args, speeds: list[float], mode: str, workdir: Path, chunk_size: int) -> dict:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
-import select
+import subprocess
+import sys
 import signal
 import time
 import traceback
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import _launch
-from _launch import free_port, stop_process  # noqa: F401 (the tests import them from here)
+from _launch import free_port, read_line, stop_process  # noqa: F401 (tests import them here)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,27 +99,15 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args, timeout_s: float =
     return [pickle.loads(results[r][1]) for r in range(world_size)]
 
 
-def read_line(proc, timeout_s: float = 30.0) -> str:
-    """The next line ``proc`` prints on its piped stdout, waiting at most ``timeout_s``.
-
-    Reads the pipe's descriptor directly (one line is all a caller ever needs); on a timeout
-    or an early exit the process is stopped and the test fails with what it said.
-    """
-    fd, data = proc.stdout.fileno(), b""
-    deadline = time.monotonic() + timeout_s
-    while not data.endswith(b"\n") and time.monotonic() < deadline:
-        if select.select([fd], [], [], 0.1)[0]:
-            chunk = os.read(fd, 1)
-            if not chunk:
-                break
-            data += chunk
-        elif proc.poll() is not None:
-            break
-    if not data.endswith(b"\n"):
-        stop_process(proc)
-        raise AssertionError(f"no line from PID {proc.pid} within {timeout_s:g} s "
-                             f"(said {data!r}, exit {proc.returncode})")
-    return data.decode()
+def start_coordinator(port: int, journal: str, secret: str) -> "subprocess.Popen":
+    """A standalone coordinator (``python -m shardbalance coordinator``) on 127.0.0.1:``port``
+    with token ``secret``, once it printed READY."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shardbalance", "coordinator", "--bind",
+         f"tcp://127.0.0.1:{port}", "--log", journal], stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "SHARDBALANCE_TOKEN": secret})
+    assert read_line(proc).startswith("READY")
+    return proc
 
 
 def torchrun(nproc, *args, timeout_s=150, launcher_args=None, env=None, script="train.py"):

@@ -4,15 +4,14 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import threading
 import time
 
 import torch.distributed as dist
 import zmq
 
-from distributed import free_port, read_line, run_ranks, stop_process
+import distributed
+from distributed import free_port, run_ranks, stop_process
 from shardbalance import WeightedDistributedSampler, protocol
 
 SECRET = "fault-test-secret-0123456789abcdef"
@@ -20,12 +19,7 @@ N, B = 96, 16
 
 
 def start_coordinator(port, journal):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "shardbalance", "coordinator", "--bind",
-         f"tcp://127.0.0.1:{port}", "--log", journal], stdout=subprocess.PIPE, text=True,
-        env={**os.environ, "SHARDBALANCE_TOKEN": SECRET})
-    assert read_line(proc).startswith("READY")
-    return proc
+    return distributed.start_coordinator(port, journal, SECRET)
 
 
 def _train_through_outage(rank, world, address):

@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+import distributed
 from distributed import ROOT, free_port, read_line, stop_process, torchrun
 from shardbalance import ConfigError, DynamicShardSampler
 from shardbalance._exceptions import CoordinatorError
@@ -234,12 +235,7 @@ def test_a_restarted_coordinator_resumes_the_epoch_from_its_journal(tmp_path):
 
 
 def start_coordinator(port, journal):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "shardbalance", "coordinator", "--bind",
-         f"tcp://127.0.0.1:{port}", "--log", journal], stdout=subprocess.PIPE, text=True,
-        env={**os.environ, "SHARDBALANCE_TOKEN": SECRET})
-    assert read_line(proc).startswith("READY")
-    return proc
+    return distributed.start_coordinator(port, journal, SECRET)
 
 
 def start_workers(address, run_id, out_dir, speeds, n, start_file, per_sample_ms=4.0):
