@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ComputeClock", "lockstep_cause"]
+__all__ = ["BusyClock", "ComputeClock", "lockstep_cause"]
 
 
 def _is_compute_leaf(module: torch.nn.Module) -> bool:
@@ -51,47 +51,36 @@ def lockstep_cause(model: torch.nn.Module) -> str | None:
     return None
 
 
-class ComputeClock:
-    """Times the forward of ``model``'s compute leaves; one record per training forward."""
+class BusyClock:
+    """Time marks turned into seconds later, without waiting: the step clock of
+    ``_weighting.py`` (last bucket ready → all-reduce done) and the base of
+    :class:`ComputeClock` (spans of many leaf forwards per measurement).
 
-    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+    CPU: ``time.perf_counter``. CUDA: events recorded on the current stream, resolved later
+    with ``Event.query()`` so the training loop never waits for the device.
+    """
+
+    def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
-        self.leaves = [m for m in model.modules() if _is_compute_leaf(m)]
-        self._open: dict[int, Any] = {}
-        self._spans: list[tuple[Any, Any]] = []
         self._pending: collections.deque = collections.deque()
-        self._handles = []
-        for leaf in self.leaves:
-            self._handles.append(leaf.register_forward_pre_hook(self._start))
-            self._handles.append(leaf.register_forward_hook(self._stop))
 
-    def _now(self) -> Any:
+    def now(self) -> Any:
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
             return event
         return time.perf_counter()
 
-    def _start(self, module: torch.nn.Module, args: Any) -> None:
-        if module.training and torch.is_grad_enabled():
-            self._open[id(module)] = self._now()
+    def measure(self, start: Any, end: Any, payload: Any) -> None:
+        """One span from ``start`` to ``end``."""
+        self.measure_spans(payload, [(start, end)])
 
-    def _stop(self, module: torch.nn.Module, args: Any, output: Any) -> None:
-        start = self._open.pop(id(module), None)
-        if start is not None:
-            self._spans.append((start, self._now()))
-
-    def take(self) -> list[tuple[Any, Any]]:
-        """The spans timed since the last call (the forward that just ended)."""
-        spans, self._spans = self._spans, []
-        self._open.clear()
-        return spans
-
-    def measure(self, payload: Any, spans: list[tuple[Any, Any]]) -> None:
+    def measure_spans(self, payload: Any, spans: list[tuple[Any, Any]]) -> None:
+        """The summed length of ``spans``."""
         self._pending.append((payload, spans))
 
     def ready(self) -> list[tuple[Any, float]]:
-        """``(payload, seconds)`` for every measurement whose spans are resolved."""
+        """``(payload, seconds)`` for every measurement whose marks are resolved."""
         out = []
         while self._pending:
             payload, spans = self._pending[0]
@@ -105,6 +94,35 @@ class ComputeClock:
             if seconds > 0:
                 out.append((payload, seconds))
         return out
+
+
+class ComputeClock(BusyClock):
+    """Times the forward of ``model``'s compute leaves; one record per training forward."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        super().__init__(device)
+        self.leaves = [m for m in model.modules() if _is_compute_leaf(m)]
+        self._open: dict[int, Any] = {}
+        self._spans: list[tuple[Any, Any]] = []
+        self._handles = []
+        for leaf in self.leaves:
+            self._handles.append(leaf.register_forward_pre_hook(self._start))
+            self._handles.append(leaf.register_forward_hook(self._stop))
+
+    def _start(self, module: torch.nn.Module, args: Any) -> None:
+        if module.training and torch.is_grad_enabled():
+            self._open[id(module)] = self.now()
+
+    def _stop(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        start = self._open.pop(id(module), None)
+        if start is not None:
+            self._spans.append((start, self.now()))
+
+    def take(self) -> list[tuple[Any, Any]]:
+        """The spans timed since the last call (the forward that just ended)."""
+        spans, self._spans = self._spans, []
+        self._open.clear()
+        return spans
 
     def remove(self) -> None:
         for handle in self._handles:

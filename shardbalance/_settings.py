@@ -11,7 +11,7 @@ import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -148,6 +148,3 @@ class SamplerSettings:
         if weights is not None:
             changes["initial_weights"] = check_weights(weights, self.num_replicas)
         return dataclasses.replace(self, **changes)
-
-    def options_dict(self) -> Mapping[str, float]:
-        return dict(self.options)

@@ -24,58 +24,18 @@ The hooks run on the autograd thread: they only append to buffers.
 
 from __future__ import annotations
 
-import collections
-import time
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
 from . import _torch_compat as compat
-from ._compute import ComputeClock
+from ._compute import BusyClock, ComputeClock
 from ._exceptions import ConfigError, PlanError
 from ._ledger import LedgerEntry, StepLedger
 
 __all__ = ["BusyClock", "WeightedCommHook", "OutputWeighting", "weighted_comm_hook",
            "attach_hook", "attach_output_weighting"]
-
-
-class BusyClock:
-    """Marks of 'last bucket ready' and 'all-reduce done'; turns them into busy seconds.
-
-    CPU: ``time.monotonic``. CUDA: events recorded on the current stream, resolved later with
-    ``Event.query()`` so the training loop never waits for the device.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self._pending: collections.deque = collections.deque()
-
-    def now(self) -> Any:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.monotonic()
-
-    def measure(self, start: Any, end: Any, payload: Any) -> None:
-        self._pending.append((start, end, payload))
-
-    def ready(self) -> list[tuple[Any, float]]:
-        """``(payload, busy_seconds)`` for every measurement whose marks are resolved."""
-        out = []
-        while self._pending:
-            start, end, payload = self._pending[0]
-            if self.cuda:
-                if not end.query():
-                    break
-                seconds = start.elapsed_time(end) / 1e3
-            else:
-                seconds = end - start
-            self._pending.popleft()
-            if seconds > 0:
-                out.append((payload, seconds))
-        return out
 
 
 HookFn = Callable[[Any, dist.GradBucket], torch.futures.Future]
@@ -233,7 +193,7 @@ class _StepWeighting:
             spans = [span for _, entry_spans in self._spans for span in entry_spans]
             self._spans = []
             if steady:
-                self.compute.measure(tuple(group), spans)
+                self.compute.measure_spans(tuple(group), spans)
             measured = self.compute.ready()
         else:
             ready = self.clock.now()

@@ -69,7 +69,7 @@ class _ShardBalanceLoader(DataLoaderShard):
         sampler = self.shardbalance_sampler
         steps = self._accumulation_steps
         if steps > 1 and sampler.accumulation_steps != steps \
-                and sampler._weighting is not None:
+                and sampler.attached:
             # Checked here, not at prepare time: evaluation loaders need no such setting.
             raise ConfigError(
                 f"the accelerator accumulates gradients over {steps} batches but the attached "

@@ -519,6 +519,11 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         self._weighting = hook
 
     @property
+    def attached(self) -> bool:
+        """Whether :meth:`attach` gave this sampler a model to weight and time."""
+        return self._weighting is not None
+
+    @property
     def trained_steps(self) -> int:
         """Optimizer steps (synchronised backward passes) weighted since :meth:`attach`."""
         return 0 if self._weighting is None else self._weighting.steps
