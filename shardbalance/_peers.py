@@ -15,6 +15,8 @@ from typing import Mapping
 import torch
 import torch.distributed as dist
 
+from ._exceptions import ConfigError
+
 __all__ = ["PeerGroup"]
 
 
@@ -41,6 +43,15 @@ class PeerGroup:
         touch it at the same point the first time: creating it is itself a collective."""
         if self._group is None and self.size > 1 and self.distributed \
                 and dist.get_world_size() > 1:
+            if dist.get_world_size() != self.size:
+                # Ranks outside the sampler's num_replicas (tensor or pipeline parallel peers)
+                # would join every sum and gather: step weights and probe figures silently
+                # off by their count. Refused on every rank alike, before any collective.
+                raise ConfigError(
+                    f"num_replicas={self.size} but torch.distributed has "
+                    f"{dist.get_world_size()} ranks: a sampler over a data-parallel subgroup "
+                    "(model-parallel peers) is not supported yet; every rank of the job must "
+                    "be one data-parallel replica")
             self._group = dist.new_group(backend="gloo",
                                          timeout=timedelta(seconds=self.peer_timeout_s))
         return self._group

@@ -312,3 +312,19 @@ def test_local_policies_check_settings_and_probe_weights_are_the_same_everywhere
         for name, message in refused.items():
             assert message is not None and "different settings" in message, name
     assert first0 == first1 and sum(first0[1]) == B
+
+
+def _subgroup_sampler(rank, world):
+    # Three processes, two data-parallel replicas: the third would be a model-parallel peer.
+    try:
+        WeightedDistributedSampler(_data(), B, num_replicas=2, rank=rank % 2, policy="equal")
+        return None
+    except ConfigError as exc:
+        return str(exc)
+
+
+def test_a_sampler_over_a_data_parallel_subgroup_is_refused_on_every_rank():
+    # Its step-weight sums and probe gathers would include the extra ranks: refused, not
+    # silently off by their count.
+    for message in run_ranks(_subgroup_sampler, 3):
+        assert message is not None and "num_replicas=2 but torch.distributed has 3" in message
