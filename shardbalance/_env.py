@@ -8,7 +8,11 @@
     SHARDBALANCE_LOG           journal path of the embedded coordinator
     SHARDBALANCE_TIMEOUT       seconds to wait for the coordinator (default 30)
     SHARDBALANCE_PEER_TIMEOUT  seconds to wait for the other ranks at a plan boundary (default 1800)
-    TORCHELASTIC_RESTART_COUNT torchrun's restart count: the plan generation
+    TORCHELASTIC_RESTART_COUNT torchrun's restart count: where the plan generation starts
+                               (a membership change restarts the workers without counting;
+                               the session then counts worker groups in the rendezvous store)
+    LOCAL_RANK                 torchrun's rank on this node: part of a rank's identity (host,
+                               local rank, device) that lets a new generation keep its history
     MASTER_ADDR, MASTER_PORT   torchrun's rendezvous address
     WORLD_SIZE, LOCAL_WORLD_SIZE  torchrun's rank counts (does the job span nodes?)
     GLOO_SOCKET_IFNAME         gloo's interfaces (comma-separated): where the embedded
@@ -41,6 +45,8 @@ class Environment:
     # GLOO_SOCKET_IFNAME: the interfaces the job's gloo traffic goes through, so the other
     # nodes reach this one there; used where this node's own name maps to loopback.
     socket_interfaces: tuple[str, ...] = ()
+    #: LOCAL_RANK (None outside torchrun).
+    local_rank: int | None = None
 
     @property
     def spans_nodes(self) -> bool:
@@ -93,4 +99,5 @@ def read_environment() -> Environment:
         socket_interfaces=tuple(name.strip() for name in
                                 os.environ.get("GLOO_SOCKET_IFNAME", "").split(",")
                                 if name.strip()),
+        local_rank=_number("LOCAL_RANK", None, int),
     )

@@ -4,6 +4,14 @@ Global rank 0 starts the embedded coordinator (a child process) unless a standal
 given; the address, the run id and the run's secret reach the other ranks through the
 torch.distributed rendezvous store (DESIGN §8), never through a collective. The session holds
 the request client and the background stats sender, and stops all of it at close or exit.
+
+The generation follows the rendezvous round. torchrun counts a restart after a failure
+(``TORCHELASTIC_RESTART_COUNT``) but not after a membership change (a node joining or leaving
+restarts every worker with a new world size and the same count). So rank 0 also counts, in the
+rendezvous store (which the agents keep across rounds), the worker groups that started a session
+there; the generation is the restart count plus that count, and every rank reads it from the
+store. Each rank also names itself (host, local rank, device) so that a coordinator that lives
+across rounds can keep the history of the ranks whose hardware did not change.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ import itertools
 import logging
 import os
 import secrets
+import socket
 import uuid
 import weakref
 from datetime import timedelta
@@ -25,7 +34,7 @@ from ._peers import PeerGroup
 from .client import (CoordinatorClient, EmbeddedCoordinator, StatsSender, external_address,
                      routable_address, running_interfaces)
 
-__all__ = ["CoordinatorSession"]
+__all__ = ["CoordinatorSession", "member_identity"]
 
 log = logging.getLogger("shardbalance")
 
@@ -39,7 +48,9 @@ class CoordinatorSession:
         address: a standalone coordinator's ``tcp://host:port``, or None to embed one.
         env: the environment (token, bind address, journal path, rendezvous address).
         peers: the sampler's ranks (the barrier that orders the store exchange).
-        rank, world_size, generation: this rank's identity in the run.
+        rank, world_size: this rank's identity in the run.
+        generation: torchrun's restart count; the session's :attr:`generation` adds the worker
+            groups started before this one in the same rendezvous store.
         journal: the embedded coordinator's journal path (None: the environment's or default).
         timeout_s: bound on each wait for the coordinator or for rank 0's published address.
     """
@@ -50,6 +61,10 @@ class CoordinatorSession:
         self.embedded: EmbeddedCoordinator | None = None
         self.client: CoordinatorClient | None = None
         self.sender: StatsSender | None = None
+        #: The plan generation every rank of this worker group uses (see the module docstring).
+        self.generation: int = generation
+        #: The embedded coordinator's secret, for ``shardbalance status`` (rank 0 only).
+        self.key_file: str | None = None
         # What the finalizer stops, held apart from self so that it cannot keep self alive.
         self._parts: list = []
         self._finalizer = weakref.finalize(self, _shutdown, self._parts)
@@ -86,9 +101,18 @@ class CoordinatorSession:
                 if "0.0.0.0" in address or "*" in address:
                     host = coordinator_host(env)
                     address = address.replace("0.0.0.0", host).replace("*", host)
-                log.info("shardbalance: embedded coordinator at %s (pid %d), journal %s",
-                         address, self.embedded.pid, journal)
+                self.key_file = _write_key_file(journal + ".token", secret)
+                if self.key_file is not None:
+                    self._parts.append(_KeyFile(self.key_file))
+                log.info("shardbalance: embedded coordinator at %s (pid %d), journal %s; "
+                         "watch it with: shardbalance status --coordinator %s --token-file %s",
+                         address, self.embedded.pid, journal, address, self.key_file)
             if store is not None:
+                # Counted once per worker group (its rank 0's session number `instance`): a
+                # membership change is then a new generation although torchrun's count stays.
+                started = store.add(f"shardbalance/groups/s{instance}", 1)
+                generation += started - 1
+                store.set(prefix + "generation", str(generation))
                 store.set(prefix + "run", run_id)
                 store.set(prefix + "address", address)
                 store.set(prefix + "secret", (secret or b"").decode())
@@ -96,22 +120,25 @@ class CoordinatorSession:
         # rank 0 has written this round's.
         peers.barrier()
         if not leader:
-            keys = [prefix + k for k in ("run", "address", "secret")]
+            keys = [prefix + k for k in ("run", "address", "secret", "generation")]
             try:
                 store.wait(keys, timedelta(seconds=timeout_s))
             except Exception as exc:  # the store raises its own timeout types
                 raise CoordinatorError(
                     f"rank {rank} waited {timeout_s:g} s for rank 0 to publish the "
                     f"coordinator address: {exc}") from exc
-            run_id, address, secret = (store.get(k).decode() for k in keys)
+            run_id, address, secret, generation = (store.get(k).decode() for k in keys)
             secret = secret.encode() or None
+            generation = int(generation)
+        self.generation = generation
         self.run_id: str = run_id
         self.address: str = address
         self.client = CoordinatorClient(address, secret, timeout_s=min(5.0, timeout_s),
                                         retries=max(1, int(timeout_s // 5)))
         self._parts.insert(0, self.client)
         self.sender = StatsSender(address, secret, {
-            "run": run_id, "generation": generation, "rank": rank, "world_size": world_size})
+            "run": run_id, "generation": generation, "rank": rank, "world_size": world_size,
+            "member": member_identity(env, rank)})
         self._parts.insert(0, self.sender)
 
     def flush(self, timeout_s: float) -> None:
@@ -138,6 +165,53 @@ def _shutdown(parts: list) -> None:
             part.close()
         else:
             part.stop()
+
+
+def member_identity(env: Environment, rank: int) -> str:
+    """``host/local rank/device``: what a rank runs on, the same across rendezvous rounds as
+    long as its hardware is. The device is named only where CUDA is already initialised (this
+    never initialises it)."""
+    import torch
+
+    device = "cpu"
+    if torch.cuda.is_available():
+        device = "cuda"
+        if torch.cuda.is_initialized():
+            index = torch.cuda.current_device()
+            device = f"cuda:{index} {torch.cuda.get_device_name(index)}"
+    local = env.local_rank if env.local_rank is not None else rank
+    text = f"{socket.gethostname()}/{local}/{device}"
+    return "".join(c if " " <= c <= "~" else "?" for c in text)[:128]
+
+
+def _write_key_file(path: str, secret: bytes) -> str | None:
+    """Write the embedded coordinator's secret to ``path``, readable by this user only (who can
+    read it from the coordinator's environment anyway); None if it cannot be written."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
+            os.write(fd, secret + b"\n")
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        log.warning("shardbalance: cannot write the coordinator key to %s (%s); "
+                    "`shardbalance status` cannot reach this coordinator", path, exc)
+        return None
+    return path
+
+
+class _KeyFile:
+    """Removes the key file when the session stops (the key is useless afterwards)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def stop(self) -> None:
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
 
 
 def coordinator_host(env: Environment) -> str:

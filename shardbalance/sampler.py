@@ -223,6 +223,8 @@ class WeightedDistributedSampler(Sampler[list[int]]):
             self.session = CoordinatorSession(
                 coordinator or env.coordinator, env, self.peers, self.rank, num_replicas,
                 self.generation, coordinator_log, self.timeout_s)
+            # A membership change is a new generation too (torchrun does not count it).
+            self.generation = self.session.generation
             self.plan_source: LocalPlans = CoordinatedPlans(
                 self.settings, self.peers, self.session, self.rank, self.generation,
                 self.timeout_s)
