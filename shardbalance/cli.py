@@ -3,6 +3,7 @@
     shardbalance coordinator --bind tcp://127.0.0.1:5555 --log coord.jsonl [--token-file F]
     shardbalance simulate --ranks 4096 --speeds lognormal:0.5 --noise 0.1 --policy affine
     shardbalance report coord.jsonl [--run RUN] [--plot out.png] [--follow [--interval S]]
+    shardbalance status --coordinator tcp://10.0.0.5:5555 [--token-file F] [--watch]
 
 Imports are deferred to each command so a coordinator starts without importing torch.
 """
@@ -42,6 +43,25 @@ def _report(args: argparse.Namespace) -> int:
         plot(args.journal, args.plot, run=args.run)
         print(f"plot written to {args.plot}")
     return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from ._env import read_environment, read_token
+    from ._exceptions import ConfigError
+    from .status import watch
+
+    if not args.interval > 0:
+        raise ConfigError(f"Invalid --interval {args.interval!r}, it should be > 0 seconds")
+    if not args.timeout > 0:
+        raise ConfigError(f"Invalid --timeout {args.timeout!r}, it should be > 0 seconds")
+    if args.count is not None and args.count < 1:
+        raise ConfigError(f"Invalid --count {args.count!r}, it should be >= 1")
+    if not args.coordinator.startswith(("tcp://", "ipc://")):
+        raise ConfigError(f"Invalid --coordinator {args.coordinator!r}: expected "
+                          "tcp://HOST:PORT")
+    secret = read_token(args.token_file) if args.token_file else read_environment().token
+    count = args.count if args.watch else 1
+    return watch(args.coordinator, secret, args.run, args.interval, count, args.timeout)
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -85,6 +105,29 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--interval", type=float, default=2.0, metavar="SECONDS",
                         help="how often --follow re-reads the journal (default 2)")
     report.set_defaults(func=_report)
+
+    status = sub.add_parser(
+        "status", help="show what a running coordinator serves: per run the plan in force and "
+                       "its predicted step time, per rank the newest batch size, busy time and "
+                       "samples/s")
+    status.add_argument("--coordinator", required=True, metavar="tcp://HOST:PORT",
+                        help="the coordinator's address (an embedded one logs it, with the "
+                             "--token-file to pass, when it starts)")
+    status.add_argument("--token-file", default=None,
+                        help="file with the coordinator's secret (default: $SHARDBALANCE_TOKEN "
+                             "or $SHARDBALANCE_TOKEN_FILE; an embedded coordinator's is "
+                             "<journal>.token while the job runs)")
+    status.add_argument("--run", default=None, help="only this run id")
+    status.add_argument("--watch", action="store_true",
+                        help="refresh the table every --interval seconds until Ctrl-C "
+                             "(or --count tables)")
+    status.add_argument("--interval", type=float, default=2.0, metavar="SECONDS",
+                        help="how often --watch refreshes (default 2)")
+    status.add_argument("--count", type=int, default=None, metavar="N",
+                        help="with --watch: stop after N tables")
+    status.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                        help="how long to wait for each reply (default 5)")
+    status.set_defaults(func=_status)
     return parser
 
 

@@ -143,6 +143,17 @@ class CoordinatorClient:
             raise CoordinatorError(f"unexpected reply to a pull request: {reply!r}")
         return reply
 
+    def status(self, run: str | None = None) -> dict:
+        """What the coordinator serves now (every run, or only ``run``): the ``status`` reply,
+        checked by :func:`protocol.parse_status_reply`. Read-only."""
+        reply = self.request({"type": "status", **({} if run is None else {"run": run})})
+        if reply.get("type") != "status":
+            raise CoordinatorError(f"unexpected reply to a status request: {reply!r}")
+        try:
+            return protocol.parse_status_reply(reply)
+        except ProtocolError as exc:
+            raise CoordinatorError(f"invalid status reply from {self.address}: {exc}") from exc
+
     def close(self) -> None:
         self._reset()
         self._context.term()

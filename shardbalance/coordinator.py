@@ -17,6 +17,14 @@ Journal records (one JSON object a line, each with ``time`` and ``event``):
               for the same ``(run, generation, epoch, window)`` supersedes an earlier one
     rejected  a count of refused messages
 
+A run's generation moves on with each rendezvous round of its job (an elastic restart or a
+membership change): the new generation starts with fresh state, keeping the measurements of the
+ranks that run on the same hardware as before (each rank names its host, local rank and device
+in its stats), so a node joining does not cost the others their history.
+
+A ``status`` request is answered read-only with what every run looks like now (see
+:meth:`Coordinator.status`; ``shardbalance status`` prints it).
+
 Runs are isolated by run id, bounded in number, and forgotten when idle. The loop is a
 ``poll(timeout)`` with housekeeping after every poll; replies are sent without blocking, so a
 dead or stalled rank can never stall the others.
@@ -25,6 +33,7 @@ dead or stalled rank can never stall the others.
 from __future__ import annotations
 
 import bisect
+import collections
 import itertools
 import json
 import logging
@@ -124,11 +133,42 @@ class RunState:
     stats: OrderedDict = field(default_factory=OrderedDict)
     #: The encoded fields of the newest plan replies (protocol.encode_fields).
     replies: OrderedDict = field(default_factory=OrderedDict)
+    #: What each rank runs on (``host/local_rank/device``), as its stats said.
+    members: list = field(init=False)
+    #: When each rank was last heard (monotonic clock; None: not yet).
+    heard: list = field(init=False)
+    #: The previous generation's history by member, for the ranks of this one that run on
+    #: the same hardware (taken over at a rank's first stats, then dropped).
+    carried: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.options = check_options(dict(self.config.options))
         if not self.history:
             self.history = [OrderedDict() for _ in range(self.config.world_size)]
+        self.members = [None] * self.config.world_size
+        self.heard = [None] * self.config.world_size
+
+    def carry_from(self, old: "RunState") -> None:
+        """Offer ``old``'s history (an earlier generation of this run) to the ranks of this one
+        that name the same member; only members that are unique in ``old``."""
+        seen = collections.Counter(m for m in old.members if m is not None)
+        self.carried = {m: (old.generation, h) for m, h in zip(old.members, old.history)
+                        if m is not None and seen[m] == 1 and h}
+
+    def name(self, rank: int, member: str) -> bool:
+        """Record what ``rank`` runs on; take over its earlier history. True if it did."""
+        self.members[rank] = member
+        found = self.carried.pop(member, None)
+        if found is None:
+            return False
+        generation, old = found
+        hist = OrderedDict(((generation, *key), value) for key, value in old.items())
+        # Earlier measurements first: the policy reads history oldest first.
+        hist.update(self.history[rank])
+        while len(hist) > HISTORY_PER_RANK:
+            hist.popitem(last=False)
+        self.history[rank] = hist
+        return True
 
     def add(self, rank: int, records) -> None:
         hist = self.history[rank]
@@ -292,6 +332,9 @@ class Coordinator:
                                        self.secret)
             if isinstance(req, protocol.PlanRequest):
                 return protocol.encode_reply("plan", msg_id, self._plan_reply(req), self.secret)
+            if isinstance(req, protocol.StatusRequest):
+                return protocol.encode({"type": "status", "id": msg_id,
+                                        **self.status(req.run)}, self.secret)
             return protocol.encode({"type": "ack", "id": msg_id,
                                     "accepted": self._stats(req)}, self.secret)
         except ShardBalanceError as exc:
@@ -323,8 +366,12 @@ class Coordinator:
                 raise ProtocolError(f"unknown run {run!r} generation {generation}: ask for a "
                                     "plan first")
             check_policy(req.config.policy)
+            previous = state
             state = RunState(req.run, req.generation, req.config)
             state.initial_plan(0, 0)  # raises if the bounds cannot hold the batch
+            if previous is not None:
+                self._write_windows(previous)
+                state.carry_from(previous)
             self.runs[run] = state
             self._write({"event": "run", "run": run, "generation": generation,
                          "config": state.config.to_dict()})
@@ -350,6 +397,12 @@ class Coordinator:
             if rec[2] > state.config.global_batch_size:
                 raise ProtocolError(f"batch size {rec[2]} exceeds the global batch "
                                     f"{state.config.global_batch_size}")
+        if report.member is not None and state.members[report.rank] != report.member:
+            if state.name(report.rank, report.member):
+                log.info("run %s generation %d: rank %d (%s) keeps its measurements of an "
+                         "earlier generation", state.run_id, state.generation, report.rank,
+                         report.member)
+        state.heard[report.rank] = time.monotonic()
         state.add(report.rank, report.records)
         return len(report.records)
 
@@ -467,6 +520,43 @@ class Coordinator:
         self._write(record)
         log.info("%s", line)
         return _stats_of(record, len(busy_ms))
+
+    # -- status --------------------------------------------------------------------------
+
+    def status(self, run: str | None = None) -> dict[str, Any]:
+        """What every run (or only ``run``) looks like now; read-only. See
+        protocol.parse_status_reply. Per-rank rows (and plan sizes) for at most
+        protocol.MAX_STATUS_RANKS ranks in all, newest runs first; the rest is summarized."""
+        if run is not None and run not in self.runs and run not in self.pull_runs:
+            raise ConfigError(f"unknown run {run!r}: this coordinator serves "
+                              f"{len(self.runs) + len(self.pull_runs)} runs")
+        now = time.monotonic()
+        rows_left, truncated, runs = protocol.MAX_STATUS_RANKS, False, []
+        for state in reversed(self.runs.values()):
+            if run is not None and state.run_id != run:
+                continue
+            world = state.config.world_size
+            detail = world <= rows_left
+            rows_left -= world if detail else 0
+            truncated |= not detail
+            plan = None
+            if state.current is not None:
+                predicted = state.current.predicted_step_s
+                plan = {"epoch": state.current.epoch, "window": state.current.window,
+                        "batch_sizes": list(state.current.batch_sizes) if detail else None,
+                        "predicted_step_ms": (None if predicted is None
+                                              else round(predicted * 1e3, 3))}
+            runs.append({"run": state.run_id, "generation": state.generation,
+                         "world_size": world, "global_batch_size": state.config.global_batch_size,
+                         "policy": state.config.policy, "idle_s": round(now - state.last_seen, 3),
+                         "plan": plan, "ranks": _rank_rows(state, now) if detail else None})
+        runs.reverse()
+        pulls = [{"run": p.run_id, "generation": p.generation,
+                  "world_size": p.config.world_size, "num_samples": p.config.num_samples,
+                  "completed_epochs": sorted(p.completed)[-16:],
+                  "idle_s": round(now - p.last_seen, 3)}
+                 for p in self.pull_runs.values() if run is None or p.run_id == run]
+        return {"runs": runs, "pull_runs": pulls, "truncated": truncated}
 
     # -- pull mode -----------------------------------------------------------------------
 
@@ -626,6 +716,27 @@ def _stats_of(record: dict[str, Any], world_size: int) -> protocol.PlanStats | N
         return protocol.PlanStats.from_dict(data, world_size)
     except ProtocolError:
         return None
+
+
+#: Samples per busy second are taken over each rank's newest this many steps.
+STATUS_STEPS = 8
+
+
+def _rank_rows(state: RunState, now: float) -> list[dict[str, Any]]:
+    """Per rank: what it runs on, its newest step's batch size and busy time, its samples per
+    busy second over its newest STATUS_STEPS steps, and how long ago it was heard."""
+    rows = []
+    for rank, hist in enumerate(state.history):
+        recent = list(itertools.islice(reversed(hist.values()), STATUS_STEPS))
+        busy = sum(b for _, b in recent)
+        heard = state.heard[rank]
+        rows.append({"rank": rank, "member": state.members[rank],
+                     "batch_size": recent[0][0] if recent else None,
+                     "busy_ms": round(recent[0][1] * 1e3, 3) if recent else None,
+                     "samples_per_s": (round(sum(n for n, _ in recent) / busy, 3)
+                                       if busy > 0 else None),
+                     "idle_s": None if heard is None else round(now - heard, 3)})
+    return rows
 
 
 def _alive(pid: int, is_parent: bool) -> bool:

@@ -8,10 +8,12 @@ validated field by field here, before any of them can touch coordinator state.
 Requests (rank -> coordinator):
     plan   {run, generation, rank, world_size, epoch, window, global_batch_size, policy,
             min_sizes, max_sizes, quantum, initial_weights, options}
-    stats  {run, generation, rank, world_size, records: [[epoch, step, batch_size, busy_s], ...]}
+    stats  {run, generation, rank, world_size, records: [[epoch, step, batch_size, busy_s], ...],
+            member (optional): "host/local_rank/device", what the rank runs on}
     pull   {run, generation, rank, world_size, client, epoch, op, want, done: [[start, stop], ...],
             held: [start, ...], ranges: [[start, stop], ...], num_samples, chunk_size,
             min_chunk_size, lease_s, max_leases}            (pull mode, see _leases.py)
+    status {run (optional): only this run}                 (read-only, see StatusReply)
     ping   {}
 Replies (coordinator -> rank):
     plan   {plan: Plan.to_dict(), stats: PlanStats.to_dict() (optional: what the coordinator
@@ -19,6 +21,7 @@ Replies (coordinator -> rank):
     ack    {accepted: n}
     chunk  {kind, lease: [start, stop] | null, complete, stale: [start, ...], remaining,
             completed: [[start, stop], ...] (op "status"), restored (op "restore")}
+    status {runs: [...], pull_runs: [...], truncated}      (see StatusReply)
     pong   {}
     error  {error: "what was wrong"}
 """
@@ -40,6 +43,7 @@ __all__ = [
     "encode", "encode_fields", "encode_reply", "decode", "parse_request", "RunConfig",
     "PlanRequest", "StatsReport", "Ping", "PlanStats", "MAX_STATS_RANKS",
     "PullRequest", "PULL_OPS", "MAX_PULL_RANGES",
+    "StatusRequest", "MAX_STATUS_RANKS", "parse_status_reply",
 ]
 
 PROTOCOL_VERSION = 1
@@ -61,6 +65,10 @@ _CLIENT_ID = re.compile(r"^[0-9a-f]{8,64}$")
 #: beyond it only the run-wide ones do, so a reply stays well under MAX_MESSAGE_BYTES.
 MAX_STATS_RANKS = 16384
 _RUN_ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
+#: A rank's ``host/local_rank/device``: printable ASCII.
+_MEMBER = re.compile(r"^[ -~]{1,128}$")
+#: Per-rank rows in one status reply (at most ~250 bytes of JSON each); runs beyond it are summarized.
+MAX_STATUS_RANKS = 2048
 _POLICY = re.compile(r"^[a-z_]{1,32}$")
 
 
@@ -304,6 +312,17 @@ class StatsReport:
     world_size: int
     #: (epoch, step, batch_size, busy_seconds) per trained step.
     records: tuple[tuple[int, int, int, float], ...]
+    #: What the rank runs on (``host/local_rank/device``), if it said.
+    member: str | None = None
+
+
+@dataclass(frozen=True)
+class StatusRequest:
+    """A read-only look at what the coordinator serves (``shardbalance status``)."""
+
+    id: int
+    #: Only this run (None: every run).
+    run: str | None = None
 
 
 @dataclass(frozen=True)
@@ -421,7 +440,83 @@ def parse_request(msg: dict[str, Any]) -> Ping | PlanRequest | StatsReport | Pul
                 raise ProtocolError(f"bad stats record {rec!r}: expected [epoch, step, "
                                     f"batch_size >= 1, 0 < busy_s <= {MAX_BUSY_SECONDS:g}]")
             clean.append((rec[0], rec[1], rec[2], float(rec[3])))
-        return StatsReport(msg["id"], run, generation, rank, world, tuple(clean))
+        member = msg.get("member")
+        if member is not None:
+            member = _str(msg, "member", _MEMBER)
+        return StatsReport(msg["id"], run, generation, rank, world, tuple(clean), member)
+    if kind == "status":
+        return StatusRequest(msg["id"], None if msg.get("run") is None
+                             else _str(msg, "run", _RUN_ID))
     if kind == "pull":
         return _parse_pull(msg)
-    raise ProtocolError(f"unknown message type {kind!r}; expected plan, stats, pull or ping")
+    raise ProtocolError(f"unknown message type {kind!r}; expected plan, stats, pull, status "
+                        "or ping")
+
+
+def _optional_number(row: dict, key: str) -> None:
+    value = row.get(key)
+    if value is not None and not (_number(value) and value >= 0):
+        raise ProtocolError(f"status field {key!r} must be null or a number >= 0, got {value!r}")
+
+
+def parse_status_reply(reply: dict[str, Any]) -> dict[str, Any]:
+    """Check a ``status`` reply's shape (what a status table prints); return it.
+
+    ``runs``: one object per plan run, ``{run, generation, world_size, global_batch_size,
+    policy, idle_s, plan: {epoch, window, batch_sizes, predicted_step_ms} | null, ranks:
+    [{rank, member, batch_size, busy_ms, samples_per_s, idle_s}, ...] | null}`` (``ranks`` and
+    the plan's ``batch_sizes`` are null where the reply would exceed MAX_STATUS_RANKS per-rank
+    rows); ``pull_runs``: ``{run,
+    generation, world_size, num_samples, completed_epochs, idle_s}``; ``truncated``: whether
+    per-rank rows were left out.
+    """
+    runs, pulls = reply.get("runs"), reply.get("pull_runs")
+    if not isinstance(runs, list) or not isinstance(pulls, list):
+        raise ProtocolError("status reply needs lists 'runs' and 'pull_runs'")
+    for run in runs:
+        if not isinstance(run, dict):
+            raise ProtocolError(f"status run must be an object, got {run!r}")
+        _str(run, "run", _RUN_ID)
+        world = _int(run, "world_size", 1, MAX_WORLD_SIZE)
+        _int(run, "generation", 0, 1 << 31)
+        _int(run, "global_batch_size", 1, MAX_BATCH_SIZE)
+        _str(run, "policy", _POLICY)
+        _optional_number(run, "idle_s")
+        plan = run.get("plan")
+        if plan is not None:
+            if not isinstance(plan, dict):
+                raise ProtocolError(f"status plan must be an object, got {plan!r}")
+            _int(plan, "epoch", 0, _MAX_COUNTER)
+            _int(plan, "window", 0, _MAX_COUNTER)
+            if plan.get("batch_sizes") is not None:
+                _int_list(plan, "batch_sizes", world, 0, MAX_BATCH_SIZE)
+            _optional_number(plan, "predicted_step_ms")
+        ranks = run.get("ranks")
+        if ranks is None:
+            continue
+        if not isinstance(ranks, list) or len(ranks) != world:
+            raise ProtocolError(f"status 'ranks' of run {run['run']} must be null or "
+                                f"{world} rows")
+        for row in ranks:
+            if not isinstance(row, dict):
+                raise ProtocolError(f"status rank row must be an object, got {row!r}")
+            _int(row, "rank", 0, world - 1)
+            if row.get("member") is not None:
+                _str(row, "member", _MEMBER)
+            if row.get("batch_size") is not None:
+                _int(row, "batch_size", 1, MAX_BATCH_SIZE)
+            for key in ("busy_ms", "samples_per_s", "idle_s"):
+                _optional_number(row, key)
+    for pull in pulls:
+        if not isinstance(pull, dict):
+            raise ProtocolError(f"status pull run must be an object, got {pull!r}")
+        _str(pull, "run", _RUN_ID)
+        _int(pull, "world_size", 1, MAX_WORLD_SIZE)
+        _int(pull, "num_samples", 1, _MAX_COUNTER)
+        _optional_number(pull, "idle_s")
+        done = pull.get("completed_epochs")
+        if not isinstance(done, list) or not _ints_within(done, 0, _MAX_COUNTER):
+            raise ProtocolError("status 'completed_epochs' must be a list of epochs")
+    if not isinstance(reply.get("truncated"), bool):
+        raise ProtocolError("status reply needs a boolean 'truncated'")
+    return reply
