@@ -15,6 +15,8 @@ Journal records (one JSON object a line, each with ``time`` and ``event``):
     window    what the ranks measured while one plan window trained, per rank: ``steps``,
               ``samples`` and the median ``busy_ms`` (see :class:`WindowTally`); a later record
               for the same ``(run, generation, epoch, window)`` supersedes an earlier one
+    carried   a rank of a new generation runs on the same ``member`` (host/local rank/device)
+              as one of the previous generation and took over its measurements (``steps``)
     rejected  a count of refused messages
 
 A run's generation moves on with each rendezvous round of its job (an elastic restart or a
@@ -399,9 +401,13 @@ class Coordinator:
                                     f"{state.config.global_batch_size}")
         if report.member is not None and state.members[report.rank] != report.member:
             if state.name(report.rank, report.member):
-                log.info("run %s generation %d: rank %d (%s) keeps its measurements of an "
+                steps = len(state.history[report.rank])
+                self._write({"event": "carried", "run": state.run_id,
+                             "generation": state.generation, "rank": report.rank,
+                             "member": report.member, "steps": steps})
+                log.info("run %s generation %d: rank %d (%s) keeps its %d measurements of the "
                          "earlier generation", state.run_id, state.generation, report.rank,
-                         report.member)
+                         report.member, steps)
         state.heard[report.rank] = time.monotonic()
         state.add(report.rank, report.records)
         return len(report.records)

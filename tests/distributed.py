@@ -55,11 +55,15 @@ def _entry(fn, rank, world_size, port, env, queue, args):
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args, timeout_s: float = 90.0,
-              env: dict[str, str] | None = None) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return each result."""
+              env: dict[str, str] | None = None, port: int | None = None) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return each result.
+
+    ``port``: the rendezvous store's port (default: a free one, the store hosted by rank 0;
+    with ``TORCHELASTIC_USE_AGENT_STORE=True`` in ``env``, a store the caller hosts there, as
+    torchrun's agent does, which outlives the ranks)."""
     ctx = _context()
     queue = ctx.Queue()
-    port = free_port()
+    port = port or free_port()
     procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, env or {}, queue, args),
                          daemon=False) for r in range(world_size)]
     for p in procs:
