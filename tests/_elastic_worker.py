@@ -32,7 +32,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("out_dir")
     p.add_argument("--journal", default=None)
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=2)
     args = p.parse_args()
     out = Path(args.out_dir)
     warnings.simplefilter("always")
