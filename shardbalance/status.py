@@ -46,7 +46,7 @@ def format_status(reply: dict[str, Any], address: str) -> str:
             continue
         width = max([len("member")] + [len(r["member"] or "-") for r in run["ranks"]])
         lines.append(f"  {'rank':>5}  {'member':<{width}}  {'plan':>6}  {'batch':>6}  "
-                     f"{'busy ms':>9}  {'samples/s':>10}  {'heard':>9}")
+                     f"{'busy ms':>9}  {'samples/s':>10}  {'heard':>11}")
         for row in run["ranks"]:
             sizes = plan["batch_sizes"] if plan is not None else None
             lines.append(
@@ -54,7 +54,7 @@ def format_status(reply: dict[str, Any], address: str) -> str:
                 f"{'-' if sizes is None else sizes[row['rank']]:>6}  "
                 f"{_number(row['batch_size'], 'd'):>6}  {_number(row['busy_ms'], '.1f'):>9}  "
                 f"{_number(row['samples_per_s'], '.1f'):>10}  "
-                f"{_number(row['idle_s'], '.1f', ' s ago'):>9}")
+                f"{_number(row['idle_s'], '.1f', ' s ago'):>11}")
     for pull in pulls:
         lines.append("")
         done = pull["completed_epochs"]
