@@ -10,7 +10,7 @@
     SHARDBALANCE_PEER_TIMEOUT  seconds to wait for the other ranks at a plan boundary (default 1800)
     TORCHELASTIC_RESTART_COUNT torchrun's restart count: where the plan generation starts
                                (a membership change restarts the workers without counting;
-                               the session then counts worker groups in the rendezvous store)
+                               the session then moves it on through the rendezvous store)
     LOCAL_RANK                 torchrun's rank on this node: part of a rank's identity (host,
                                local rank, device) that lets a new generation keep its history
     MASTER_ADDR, MASTER_PORT   torchrun's rendezvous address

@@ -7,10 +7,12 @@ the request client and the background stats sender, and stops all of it at close
 
 The generation follows the rendezvous round. torchrun counts a restart after a failure
 (``TORCHELASTIC_RESTART_COUNT``) but not after a membership change (a node joining or leaving
-restarts every worker with a new world size and the same count). So rank 0 also counts, in the
-rendezvous store (which the agents keep across rounds), the worker groups that started a session
-there; the generation is the restart count plus that count, and every rank reads it from the
-store. Each rank also names itself (host, local rank, device) so that a coordinator that lives
+restarts every worker with a new world size and the same count). So rank 0 keeps each round's
+generation in the rendezvous store (which torchrun's agents keep across rounds by default): a
+round's generation is the restart count, or one more than the previous round's where that is
+larger, and every rank reads it from the store. Where the store is made anew each round
+(``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``) nothing of the earlier round is there: the round is
+then a new run (a new run id), its generation the restart count. Each rank also names itself (host, local rank, device) so that a coordinator that lives
 across rounds can keep the history of the ranks whose hardware did not change.
 """
 
@@ -49,8 +51,8 @@ class CoordinatorSession:
         env: the environment (token, bind address, journal path, rendezvous address).
         peers: the sampler's ranks (the barrier that orders the store exchange).
         rank, world_size: this rank's identity in the run.
-        generation: torchrun's restart count; the session's :attr:`generation` adds the worker
-            groups started before this one in the same rendezvous store.
+        generation: torchrun's restart count; the session's :attr:`generation` also moves on
+            with rounds that torchrun does not count (see the module docstring).
         journal: the embedded coordinator's journal path (None: the environment's or default).
         timeout_s: bound on each wait for the coordinator or for rank 0's published address.
     """
@@ -108,10 +110,12 @@ class CoordinatorSession:
                          "watch it with: shardbalance status --coordinator %s --token-file %s",
                          address, self.embedded.pid, journal, address, self.key_file)
             if store is not None:
-                # Counted once per worker group (its rank 0's session number `instance`): a
-                # membership change is then a new generation although torchrun's count stays.
-                started = store.add(f"shardbalance/groups/s{instance}", 1)
-                generation += started - 1
+                # Once per worker group (its rank 0's session number `instance`): a membership
+                # change is then a new generation although torchrun's count stays.
+                last = f"shardbalance/generation/s{instance}"
+                if store.check([last]):
+                    generation = max(generation, int(store.get(last)) + 1)
+                store.set(last, str(generation))
                 store.set(prefix + "generation", str(generation))
                 store.set(prefix + "run", run_id)
                 store.set(prefix + "address", address)

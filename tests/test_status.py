@@ -188,3 +188,24 @@ def test_status_of_an_embedded_coordinator_with_the_key_file_its_job_wrote(tmp_p
     # (rank 0) trains more samples per busy second.
     assert all(r[3] != "-" and r[4] != "-" for r in rows)
     assert float(rows[0][5]) > float(rows[1][5])
+
+
+def test_bad_status_requests_and_bad_members_are_refused_and_change_nothing(coordinator):
+    feed(coordinator)
+    client = CoordinatorClient(coordinator, SECRET.encode(), timeout_s=5.0)
+    try:
+        before = client.status()
+        with pytest.raises(CoordinatorError, match="field 'run' must match"):
+            client.request({"type": "status", "run": 5})
+        with pytest.raises(CoordinatorError, match="field 'member' must match"):
+            client.request({"type": "stats", "run": "run-s", "generation": 0, "rank": 1,
+                            "world_size": 2, "member": "x" * 129,
+                            "records": [[0, 99, 32, 9.0]]})
+        after = client.status()
+    finally:
+        client.close()
+    for run in (before, after):  # idle times move on; nothing else does
+        for row in run["runs"][0]["ranks"]:
+            row.pop("idle_s")
+        run["runs"][0].pop("idle_s")
+    assert after == before and after["runs"][0]["ranks"][1]["busy_ms"] == pytest.approx(60.0)
