@@ -12,8 +12,9 @@ generation in the rendezvous store (which torchrun's agents keep across rounds b
 round's generation is the restart count, or one more than the previous round's where that is
 larger, and every rank reads it from the store. Where the store is made anew each round
 (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``) nothing of the earlier round is there: the round is
-then a new run (a new run id), its generation the restart count. Each rank also names itself (host, local rank, device) so that a coordinator that lives
-across rounds can keep the history of the ranks whose hardware did not change.
+then a new run (a new run id), its generation the restart count. Each rank also names itself
+(host, local rank, device) so that a coordinator that lives across rounds can keep the history
+of the ranks whose hardware did not change.
 """
 
 from __future__ import annotations

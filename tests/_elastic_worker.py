@@ -59,11 +59,11 @@ def main() -> None:
             model.zero_grad()
         plan = sampler.plan
         with lines.open("a") as fh:
-            fh.write(json.dumps({"t": round(time.time(), 2), "epoch": epoch, "rank": rank, "world": world, "speed": speed,
-                                 "generation": sampler.generation, "run": sampler.session.run_id,
-                                 "plan": list(plan.batch_sizes), "plan_generation":
-                                 plan.generation, "restart_count":
-                                 int(os.environ["TORCHELASTIC_RESTART_COUNT"])}) + "\n")
+            fh.write(json.dumps({
+                "epoch": epoch, "rank": rank, "world": world, "speed": speed,
+                "generation": sampler.generation, "run": sampler.session.run_id,
+                "plan": list(plan.batch_sizes), "plan_generation": plan.generation,
+                "restart_count": int(os.environ["TORCHELASTIC_RESTART_COUNT"])}) + "\n")
         if world == 1:
             (out / "alone").touch()
         if time.monotonic() > deadline:

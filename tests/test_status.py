@@ -85,7 +85,8 @@ def test_status_shows_each_ranks_measurements_and_the_plan_in_force(coordinator,
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == f"coordinator {coordinator}: 1 run(s), 0 pull run(s)"
-    assert any(line.startswith("run run-s  generation 0  2 ranks  global batch 64") for line in lines)
+    assert any(line.startswith("run run-s  generation 0  2 ranks  global batch 64")
+               for line in lines)
     assert f"plan: epoch 0 step 12: {list(plan.batch_sizes)}" in done.stdout
     rows = [line.split() for line in lines if line.strip().startswith(("0 ", "1 "))]
     assert [r[:6] for r in rows] == [
