@@ -154,7 +154,7 @@ def _embedded_rank(rank, world, journal):
     sampler = WeightedDistributedSampler(data, global_batch_size=16, policy="affine",
                                          rebalance_every=2, coordinator_log=journal,
                                          timeout_s=20)
-    model = DDP(torch.nn.Sequential(EmulatedSpeed([4.0, 1.0][rank], per_sample_s=0.002,
+    model = DDP(torch.nn.Sequential(EmulatedSpeed([4.0, 1.0][rank], per_sample_s=0.005,
                                                   overhead_s=0.001), torch.nn.Linear(8, 2)))
     sampler.attach(model)
     for step, (x, y) in enumerate(DataLoader(data, batch_sampler=sampler)):
