@@ -47,7 +47,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from ._env import read_environment, read_token
-    from ._exceptions import ConfigError
+    from ._exceptions import ConfigError, CoordinatorUnavailable
     from .status import watch
 
     if not args.interval > 0:
@@ -61,7 +61,12 @@ def _status(args: argparse.Namespace) -> int:
                           "tcp://HOST:PORT")
     secret = read_token(args.token_file) if args.token_file else read_environment().token
     count = args.count if args.watch else 1
-    return watch(args.coordinator, secret, args.run, args.interval, count, args.timeout)
+    try:
+        return watch(args.coordinator, secret, args.run, args.interval, count, args.timeout)
+    except CoordinatorUnavailable as exc:
+        # A reply signed under another secret is dropped unread: it looks like no reply.
+        raise CoordinatorUnavailable(f"{exc} (or its secret is not the one given: check "
+                                     "--token-file / SHARDBALANCE_TOKEN)") from exc
 
 
 def _simulate(args: argparse.Namespace) -> int:

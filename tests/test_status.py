@@ -109,6 +109,7 @@ def test_a_wrong_token_or_no_coordinator_is_an_error_not_a_hang(coordinator, tmp
     # A reply the client cannot verify is ignored: no reply within the bound.
     done = cli("--coordinator", coordinator, "--token-file", str(wrong), "--timeout", "1")
     assert done.returncode == 2 and "no reply from the coordinator" in done.stderr
+    assert "its secret is not the one given" in done.stderr
     done = cli("--coordinator", coordinator, "--token-file", str(wrong), "--interval", "0")
     assert done.returncode == 2 and "Invalid --interval 0.0" in done.stderr
     done = cli("--coordinator", "127.0.0.1:5555")
@@ -154,7 +155,7 @@ def _embedded_rank(rank, world, journal):
     sampler = WeightedDistributedSampler(data, global_batch_size=16, policy="affine",
                                          rebalance_every=2, coordinator_log=journal,
                                          timeout_s=20)
-    model = DDP(torch.nn.Sequential(EmulatedSpeed([4.0, 1.0][rank], per_sample_s=0.005,
+    model = DDP(torch.nn.Sequential(EmulatedSpeed([4.0, 1.0][rank], per_sample_s=0.02,
                                                   overhead_s=0.001), torch.nn.Linear(8, 2)))
     sampler.attach(model)
     for step, (x, y) in enumerate(DataLoader(data, batch_sampler=sampler)):
