@@ -42,7 +42,7 @@ def _train(rank, world, coordinator, journal, speeds):
     sampler = WeightedDistributedSampler(data, global_batch_size=32, rebalance_every=2,
                                          coordinator=coordinator, coordinator_log=journal,
                                          timeout_s=20)
-    model = DDP(torch.nn.Sequential(EmulatedSpeed(speeds[rank], per_sample_s=0.005,
+    model = DDP(torch.nn.Sequential(EmulatedSpeed(speeds[rank], per_sample_s=0.02,
                                                   overhead_s=0.001), torch.nn.Linear(8, 2)))
     sampler.attach(model)
     plans = []
