@@ -191,11 +191,11 @@ class Sender:
 
     def decode(self, frames: list[bytes], message: dict[str, Any]) -> dict[str, Any]:
         """A reply to ``message``: signed with the key the request was signed with, or (an
-        error about that key) with the token."""
+        error about that key) with the token (unsigned in unsigned mode)."""
         try:
             return decode(frames, self.key_for(message))
         except AuthenticationError:
-            if self.token is None or self.key_for(message) == self.token:
+            if self.key_for(message) == self.token:
                 raise
             return decode(frames, self.token)
 
