@@ -325,6 +325,8 @@ class Coordinator:
         self.runs: OrderedDict[str, RunState] = OrderedDict()
         self.pull_runs: OrderedDict[str, PullRun] = OrderedDict()
         self.bindings: dict[str, Binding] = {}
+        #: The decision a request :meth:`handle` deferred waits for.
+        self.deferred_key: tuple | None = None
         self.rejected = 0
         self._rejected_logged = 0
         self._last_reject_log = 0.0
@@ -488,6 +490,7 @@ class Coordinator:
             if defer and self._needs_decision(req):
                 if created:
                     del self.bindings[binding.run_id]
+                self.deferred_key = (req.run, req.generation, req.epoch, req.window)
                 return None
             try:
                 kind, fields = self._dispatch(req)
@@ -940,7 +943,10 @@ class Coordinator:
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
-        deferred: collections.deque = collections.deque()
+        # Requests waiting for a decision, grouped by the decision (run, generation, epoch,
+        # window) they wait for, oldest group first.
+        deferred: OrderedDict[tuple, list] = OrderedDict()
+        waiting = 0
         while not self._stop and (deadline is None or time.monotonic() < deadline):
             if poller.poll(0 if deferred else poll_ms):
                 for _ in range(1000):  # bounded burst, then a decision and housekeeping
@@ -952,14 +958,18 @@ class Coordinator:
                         continue
                     if len(frames) < 2:
                         continue
-                    reply = self.handle(frames[1:], defer=len(deferred) < MAX_DEFERRED)
+                    reply = self.handle(frames[1:], defer=waiting < MAX_DEFERRED)
                     if reply is None:
-                        deferred.append(frames)
+                        deferred.setdefault(self.deferred_key, []).append(frames)
+                        waiting += 1
                     else:
                         self._send(frames[0], reply)
             if deferred:
-                frames = deferred.popleft()
-                self._send(frames[0], self.handle(frames[1:]))
+                # One decision, then every request that waited for it (now a cached plan).
+                _, group = deferred.popitem(last=False)
+                waiting -= len(group)
+                for frames in group:
+                    self._send(frames[0], self.handle(frames[1:]))
             self._housekeeping()
 
     def _send(self, peer: bytes, reply: list[bytes]) -> None:
