@@ -45,7 +45,6 @@ dead or stalled rank can never stall the others.
 from __future__ import annotations
 
 import bisect
-import collections
 import hashlib
 import hmac
 import itertools
@@ -97,6 +96,9 @@ STATS_PER_RUN = 8
 #: Requests waiting for a decision while cheap ones are answered first; beyond this many a
 #: request is answered in arrival order.
 MAX_DEFERRED = 4096
+#: The largest reply kept per sender for an exact resend (a plan reply is one object shared by
+#: every rank of the window and always kept); a larger one (a pull ``status``) is not.
+MAX_CACHED_REPLY = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,8 @@ class Limits:
 
     Memory is then bounded by about ``max_ranks`` x (HISTORY_PER_RANK x 2 floats of history +
     plans_kept plan entries + OPEN_WINDOWS x WINDOW_BUSY_KEPT floats + senders_per_rank sender
-    records), plus per connected peer ``queue_bytes`` each way.
+    records of at most MAX_CACHED_REPLY bytes), plus per connected peer ``queue_bytes`` each
+    way.
     """
 
     #: World sizes summed over all live runs (plan and pull runs).
@@ -484,8 +487,11 @@ class Coordinator:
             binding, created = self._authorise(msg, body, mac)
             key = binding.key
             sender = self._sequence(binding, msg, _digest(body, mac))
-            if sender is not None and sender[0] == msg_id:
-                return protocol.encode_reply(sender[2], msg_id, sender[3], key)  # a resend
+            if sender is not None and sender[0] == msg_id:  # an exact resend
+                if sender[3] is None:
+                    raise ProtocolError(f"the reply to request {msg_id} was too large to keep "
+                                        "for a resend; send it again as a new request")
+                return protocol.encode_reply(sender[2], msg_id, sender[3], key)
             req = protocol.parse_request(msg)
             if defer and self._needs_decision(req):
                 if created:
@@ -612,6 +618,8 @@ class Coordinator:
         nonce = msg.get("nonce")
         if nonce is None:
             return
+        if kind != "plan" and len(fields) > MAX_CACHED_REPLY:
+            fields = None  # plan replies are shared by every rank; others are per sender
         binding.senders[nonce] = [msg["id"], bytes(digest), kind, fields]
         binding.senders.move_to_end(nonce)
         world = max([s.config.world_size for s in (self.runs.get(binding.run_id),
