@@ -1,7 +1,33 @@
 """Load on one standalone coordinator: many simulated ranks reporting stats and asking for plans.
 
     python benchmarks/coordinator_load.py [--ranks 256 --windows 50 --steps-per-window 10
-                                          --workers 4 --json-out FILE]
+                                          --workers 4 --attack-ranks 3840 --attack-rate 2000
+                                          --no-attack --json-out FILE]
+
+The load runs twice, quiet and under attack, and the table shows both side by side. With the
+trust model of issue 12 (CURVE transport, run keys, sender sequence numbers, bounds), measured
+2026-12-02 on the same 2-core VM while other jobs kept its load average at 11-13 (so every
+figure is several times the quiet-machine ones below; compare the two columns, not the rows
+with the older figures):
+
+    metric (python benchmarks/coordinator_load.py)     | quiet                  | under attack
+    requests (stats + plan)                            | 12800 + 13056 in 110 s | ... in 240 s
+    stats latency p50 / p99 ms                         | 164.5 / 592.6          | 144.4 / 1555.5
+    plan latency p50 / p99 ms                          | 901.4 / 3235.4         | 3088.7 / 10382.3
+    plans decided (expected); digests agree            | 51 (51); yes           | 51 (51); yes
+    lost reports; missing / error replies              | 0 of 128000; 0 / 0     | 0 of 128000; 0 / 0
+    coordinator RSS end MiB; CPU s                     | 90.0; 16.4             | 106.9; 82.5
+
+    attacker (3840-rank run, --max-ranks 4096): ~13,800 each of invalid, wrong-key, generation
+    bump and foreign-stats requests, 25,853 replayed honest frames (answered from the cache or
+    refused as older), 12,837 runs over the rank budget: every one refused; 20 max-size
+    decisions of its own run (each several seconds on this loaded machine).
+
+The honest run loses nothing and every plan is agreed; what the attacker costs it is time: an
+honest plan decision waits for at most the one attacker decision ahead of it (decisions are
+made one per turn in arrival order, after every cheap request), which is the p50/p99 rise.
+
+Before issue 12 (same machine, quiet):
 
 Measured on a 2-core x86 VM shared with other jobs, Python 3.11, pyzmq 27.3 / libzmq 4.3.5,
 numpy 2.4. Default run (``python benchmarks/coordinator_load.py``, ~60 s in all, of which
@@ -35,10 +61,12 @@ RSS grows while each rank's history fills toward HISTORY_PER_RANK=512 steps (500
 50) and is bounded by that cap (~40 MiB per 256 ranks), not a leak. No reports were lost.
 
 What runs: ONE real coordinator (``python -m shardbalance coordinator --bind tcp://127.0.0.1:0
---log <tmp>/coord.jsonl``, secret in ``SHARDBALANCE_TOKEN``), and ``--workers`` forked worker
-processes that own the ``--ranks`` simulated ranks of one run (policy ``affine``, global batch
-32 per rank, bounds [1, 128]), one DEALER socket per rank, messages built and checked with
-``shardbalance.protocol.encode/decode`` (signed). The ranks move in lockstep as the sampler does
+--log <tmp>/coord.jsonl --max-ranks <ranks + attack-ranks>``, token in ``SHARDBALANCE_TOKEN``),
+and ``--workers`` forked worker processes that own the ``--ranks`` simulated ranks of one run
+(policy ``affine``, global batch 32 per rank, bounds [1, 128]), one CURVE DEALER socket and one
+``protocol.Sender`` (the run's key, its own sender id) per rank, replies checked with it.
+Under attack, :func:`attacker` runs in its own process from one second before the load to its
+end (see its docstring). The ranks move in lockstep as the sampler does
 (stats flushed, barrier, then the plan request):
 
     plan(window 0); then per window w: stats(w: steps-per-window records, batch size from the
