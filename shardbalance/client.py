@@ -170,9 +170,12 @@ class CoordinatorClient:
         self._context.term()
 
 
-class _StaleSender(Exception):
+class _StaleSender(CoordinatorError):
+    """The coordinator forgot this sender id (code ``sender``); a new one is needed."""
+
     def __init__(self, horizon: int) -> None:
-        super().__init__(horizon)
+        super().__init__(f"the coordinator refused this sender id as older than {horizon} ms "
+                         "(it restarted or forgot it) twice in a row")
         self.horizon = horizon
 
 
