@@ -170,8 +170,10 @@ class Binding:
 
 
 def _loopback(endpoint: str) -> bool:
-    """Whether ``endpoint`` can only be reached from this host."""
-    if endpoint.startswith(("ipc://", "inproc://")):
+    """Whether ``endpoint`` can only be reached from this host (or is no ZeroMQ network
+    transport at all: binding it then fails with its own error)."""
+    scheme = endpoint.split("://", 1)[0] if "://" in endpoint else ""
+    if scheme not in ("tcp", "udp", "pgm", "epgm", "ws", "wss", "tipc", "norm", "vmci"):
         return True
     host = endpoint.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
     if ";" in host:  # tcp://source;destination
