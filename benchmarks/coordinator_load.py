@@ -1,7 +1,33 @@
 """Load on one standalone coordinator: many simulated ranks reporting stats and asking for plans.
 
     python benchmarks/coordinator_load.py [--ranks 256 --windows 50 --steps-per-window 10
-                                          --workers 4 --json-out FILE]
+                                          --workers 4 --attack-ranks 3840 --attack-rate 2000
+                                          --no-attack --json-out FILE]
+
+The load runs twice, quiet and under attack, and the table shows both side by side. With the
+trust model of issue 12 (CURVE transport, run keys, sender sequence numbers, bounds), measured
+2026-12-02 on the same 2-core VM while other jobs kept its load average at 11-13 (so every
+figure is several times the quiet-machine ones below; compare the two columns, not the rows
+with the older figures):
+
+    metric (python benchmarks/coordinator_load.py)     | quiet                  | under attack
+    requests (stats + plan)                            | 12800 + 13056 in 110 s | ... in 240 s
+    stats latency p50 / p99 ms                         | 164.5 / 592.6          | 144.4 / 1555.5
+    plan latency p50 / p99 ms                          | 901.4 / 3235.4         | 3088.7 / 10382.3
+    plans decided (expected); digests agree            | 51 (51); yes           | 51 (51); yes
+    lost reports; missing / error replies              | 0 of 128000; 0 / 0     | 0 of 128000; 0 / 0
+    coordinator RSS end MiB; CPU s                     | 90.0; 16.4             | 106.9; 82.5
+
+    attacker (3840-rank run, --max-ranks 4096): ~13,800 each of invalid, wrong-key, generation
+    bump and foreign-stats requests, 25,853 replayed honest frames (answered from the cache or
+    refused as older), 12,837 runs over the rank budget: every one refused; 20 max-size
+    decisions of its own run (each several seconds on this loaded machine).
+
+The honest run loses nothing and every plan is agreed; what the attacker costs it is time: an
+honest plan decision waits for at most the one attacker decision ahead of it (decisions are
+made one per turn in arrival order, after every cheap request), which is the p50/p99 rise.
+
+Before issue 12 (same machine, quiet):
 
 Measured on a 2-core x86 VM shared with other jobs, Python 3.11, pyzmq 27.3 / libzmq 4.3.5,
 numpy 2.4. Default run (``python benchmarks/coordinator_load.py``, ~60 s in all, of which
@@ -35,10 +61,12 @@ RSS grows while each rank's history fills toward HISTORY_PER_RANK=512 steps (500
 50) and is bounded by that cap (~40 MiB per 256 ranks), not a leak. No reports were lost.
 
 What runs: ONE real coordinator (``python -m shardbalance coordinator --bind tcp://127.0.0.1:0
---log <tmp>/coord.jsonl``, secret in ``SHARDBALANCE_TOKEN``), and ``--workers`` forked worker
-processes that own the ``--ranks`` simulated ranks of one run (policy ``affine``, global batch
-32 per rank, bounds [1, 128]), one DEALER socket per rank, messages built and checked with
-``shardbalance.protocol.encode/decode`` (signed). The ranks move in lockstep as the sampler does
+--log <tmp>/coord.jsonl --max-ranks <ranks + attack-ranks>``, token in ``SHARDBALANCE_TOKEN``),
+and ``--workers`` forked worker processes that own the ``--ranks`` simulated ranks of one run
+(policy ``affine``, global batch 32 per rank, bounds [1, 128]), one CURVE DEALER socket and one
+``protocol.Sender`` (the run's key, its own sender id) per rank, replies checked with it.
+Under attack, :func:`attacker` runs in its own process from one second before the load to its
+end (see its docstring). The ranks move in lockstep as the sampler does
 (stats flushed, barrier, then the plan request):
 
     plan(window 0); then per window w: stats(w: steps-per-window records, batch size from the
@@ -151,8 +179,8 @@ def check_plan(reply: dict, sim: Sim, w: int) -> Plan:
 # ---------------------------------------------------------------------------------------------
 # Worker processes
 
-def worker(wid: int, my_ranks: list[int], args, endpoint: str, secret: bytes, barrier,
-           results) -> None:
+def worker(wid: int, my_ranks: list[int], args, endpoint: str, secret: bytes, run_key: bytes,
+           barrier, results) -> None:
     import zmq
 
     out = {"worker": wid, "stats_ms": [], "plan_ms": [], "records_sent": 0, "accepted": 0,
@@ -160,6 +188,7 @@ def worker(wid: int, my_ranks: list[int], args, endpoint: str, secret: bytes, ba
     ctx = zmq.Context()
     ctx.set(zmq.MAX_SOCKETS, len(my_ranks) + 64)
     socks: dict[int, zmq.Socket] = {}
+    senders: dict[int, protocol.Sender] = {}
     try:
         sim = Sim(args.ranks, args.steps_per_window)
         poller = zmq.Poller()
@@ -167,8 +196,10 @@ def worker(wid: int, my_ranks: list[int], args, endpoint: str, secret: bytes, ba
             s = ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES + 4096)
+            protocol.curve_client(s, secret)
             s.connect(endpoint)
             socks[r] = s
+            senders[r] = protocol.Sender(secret, run_key)
             poller.register(s, zmq.POLLIN)
         ids = itertools.count(1)
         sizes = {}  # rank -> batch size of the window in force
@@ -184,8 +215,8 @@ def worker(wid: int, my_ranks: list[int], args, endpoint: str, secret: bytes, ba
                 else:
                     msg = {"type": "ping"}
                 i = next(ids)
-                frames = protocol.encode({**msg, "id": i}, secret)
-                pending[i] = (r, time.perf_counter())
+                frames = senders[r].encode({**msg, "id": i})
+                pending[i] = (r, time.perf_counter(), msg)
                 try:
                     socks[r].send_multipart(frames, zmq.NOBLOCK)
                 except zmq.ZMQError as exc:
@@ -203,12 +234,13 @@ def worker(wid: int, my_ranks: list[int], args, endpoint: str, secret: bytes, ba
                         except zmq.Again:
                             break
                         t1 = time.perf_counter()
-                        reply = protocol.decode(frames, secret)
+                        reply = protocol.open_envelope(frames)[0]
                         entry = pending.pop(reply["id"], None)
                         if entry is None:
                             out["errors"].append(f"unexpected reply id {reply['id']}")
                             continue
-                        r, t0 = entry
+                        r, t0, msg = entry
+                        reply = senders[r].decode(frames, msg)
                         if reply["type"] == "error":
                             out["errors"].append(f"{kind} {w} rank {r}: {reply.get('error')}")
                             continue
@@ -262,13 +294,14 @@ def proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def start_coordinator(tmp: str, secret: bytes, timeout_s: float) -> tuple[subprocess.Popen, str]:
+def start_coordinator(tmp: str, secret: bytes, timeout_s: float,
+                      flags: list[str] = ()) -> tuple[subprocess.Popen, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDBALANCE_")}
     env["SHARDBALANCE_TOKEN"] = secret.decode()
     stderr = open(os.path.join(tmp, "coord.stderr"), "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "shardbalance", "coordinator", "--bind", "tcp://127.0.0.1:0",
-         "--log", os.path.join(tmp, "coord.jsonl")],
+         "--log", os.path.join(tmp, "coord.jsonl"), *flags],
         stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL, env=env)
     stderr.close()
     deadline = time.monotonic() + timeout_s
@@ -291,9 +324,109 @@ def start_coordinator(tmp: str, secret: bytes, timeout_s: float) -> tuple[subpro
 
 
 # ---------------------------------------------------------------------------------------------
+# The attacker: another job holding the token, at the coordinator's configured bounds
+
+ATTACK_KINDS = ("invalid", "bad signature", "generation bump", "foreign stats", "replayed",
+                "over budget", "max-size decision")
+
+
+def attacker(args, endpoint: str, secret: bytes, captured: list, stop, results) -> None:
+    """Floods the coordinator while the honest ranks run; counts its replies by kind.
+
+    Per turn, on 4 CURVE connections (it holds the token), without waiting for replies:
+    invalid frames (not JSON), a request signed with a wrong key, a plan request bumping the
+    honest run's generation and a stats message for it (both signed with its own run key, the
+    key of another job), the honest frames it captured (replayed), a run declaring more ranks
+    than the budget; and, one outstanding at a time, a plan request for a new window of its own
+    run of ``--attack-ranks`` ranks (the rest of the budget), each of which costs a decision.
+    """
+    import zmq
+
+    counts: dict = {k: Counter() for k in ATTACK_KINDS}
+    ctx = zmq.Context()
+    socks = []
+    try:
+        for _ in range(4):
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.SNDHWM, 64)
+            protocol.curve_client(s, secret)
+            s.connect(endpoint)
+            socks.append(s)
+        own = protocol.Sender(secret, secrets.token_hex(32).encode())
+        wrong = protocol.Sender(secret, secrets.token_hex(32).encode())
+        wrong.token = secrets.token_hex(32).encode()
+        sim = Sim(args.ranks, args.steps_per_window)
+        k = args.attack_ranks
+        big = {"type": "plan", "run": "attacker-big", "generation": 0, "rank": 0,
+               "world_size": k, "epoch": 0, "window": 0, "global_batch_size": k,
+               "policy": "affine", "min_sizes": [1] * k, "max_sizes": [4] * k, "quantum": 1,
+               "initial_weights": None, "options": {}}
+        over = args.ranks + k + 1
+        ids = itertools.count(1000)  # apart from the captured frames' ids
+        kind_of: dict[int, str] = {0: "invalid", 1: "replayed", 2: "replayed"}
+        big_outstanding = False
+        window = 0
+        turn = 0
+        # Built once (so the attacker's own CPU does not compete with the coordinator's on a
+        # small machine); each is refused before any state is touched, so resending it costs
+        # the coordinator the same every time.
+        flood = [
+            ("invalid", [b"{not json", b""]),
+            ("bad signature", wrong.encode({**sim.plan_msg(0, 0), "generation": 1,
+                                            "id": next(ids)})),
+            ("generation bump", own.encode({**sim.plan_msg(0, 0), "generation": 5,
+                                            "id": next(ids)})),
+            ("foreign stats", own.encode({**sim.stats_msg(0, 0, 32), "id": next(ids)})),
+            *[("replayed", f) for f in captured],
+            ("over budget", own.encode({**big, "run": "attacker-over", "world_size": over,
+                                        "min_sizes": [1] * over, "max_sizes": [4] * over,
+                                        "global_batch_size": over, "id": next(ids)})),
+        ]
+        for kind, frames in flood:
+            if kind not in ("invalid", "replayed"):
+                kind_of[protocol.open_envelope(frames)[0]["id"]] = kind
+        while not stop.is_set():
+            turn += 1
+            sock = socks[turn % len(socks)]
+            msgs = list(flood)
+            if not big_outstanding:
+                window += 1
+                msgs.append(("max-size decision", own.encode({**big, "window": window,
+                                                              "id": next(ids)})))
+                big_outstanding = True
+            for kind, frames in msgs:
+                try:
+                    sock.send_multipart(frames, zmq.NOBLOCK)
+                    counts[kind]["sent"] += 1
+                    if kind == "max-size decision":
+                        kind_of[protocol.open_envelope(frames)[0]["id"]] = kind
+                except zmq.Again:
+                    counts[kind]["not sent (queue full)"] += 1
+                    if kind == "max-size decision":
+                        big_outstanding = False
+            for s in socks:
+                while s.poll(0):
+                    reply = protocol.open_envelope(s.recv_multipart())[0]
+                    kind = kind_of.get(reply["id"], "unknown")
+                    if kind == "max-size decision":
+                        big_outstanding = False
+                    label = "error" if reply["type"] == "error" else reply["type"]
+                    counts[kind][label] += 1
+            # At --attack-rate messages/s: on a small machine an unthrottled attacker measures
+            # the CPU it takes from the coordinator's process, not the coordinator.
+            time.sleep(len(msgs) / args.attack_rate)
+    finally:
+        for s in socks:
+            s.close(linger=0)
+        ctx.term()
+        results.put({k: dict(v) for k, v in counts.items()})
+
+
+# ---------------------------------------------------------------------------------------------
 # In-process replay: where the coordinator's time goes
 
-def replay(args, secret: bytes, tmp: str) -> dict:
+def replay(args, secret: bytes, run_key: bytes, tmp: str) -> dict:
     import shardbalance.coordinator as cm
 
     timers: dict[str, list[float]] = defaultdict(list)
@@ -324,15 +457,16 @@ def replay(args, secret: bytes, tmp: str) -> dict:
     handle_s: dict[str, list[float]] = defaultdict(list)
     per_window_s: dict[int, float] = defaultdict(float)
     ids = itertools.count(1)
+    sender = protocol.Sender(secret, run_key)
     try:
         for kind, w in schedule(args.windows):
             for r in range(args.ranks):
                 msg = sim.stats_msg(r, w, sizes[r]) if kind == "stats" else sim.plan_msg(r, w)
-                frames = protocol.encode({**msg, "id": next(ids)}, secret)
+                frames = sender.encode({**msg, "id": next(ids)})
                 t0 = time.perf_counter()
                 reply_frames = coord.handle(frames)
                 dt = time.perf_counter() - t0
-                reply = protocol.decode(reply_frames, secret)
+                reply = sender.decode(reply_frames, msg)
                 if kind == "stats":
                     handle_s["stats"].append(dt)
                     if reply.get("accepted") != len(msg["records"]):
@@ -378,6 +512,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-breakdown", action="store_true",
                    help="skip the in-process replay that times the coordinator's parts")
     p.add_argument("--json-out", default=None, help="write every figure as JSON to this file")
+    p.add_argument("--attack-ranks", type=int, default=3840,
+                   help="the attacker's own run: this many ranks, the rest of the coordinator's "
+                        "--max-ranks (which is set to --ranks + this); 0: no attacked run")
+    p.add_argument("--attack-rate", type=float, default=2000.0,
+                   help="the attacker's messages per second (default 2000)")
+    p.add_argument("--no-attack", action="store_true", help="only the quiet run")
     args = p.parse_args(argv)
     if args.ranks < 1 or args.windows < 1 or args.steps_per_window < 1:
         p.error("--ranks, --windows and --steps-per-window must be >= 1")
@@ -390,28 +530,65 @@ def pct(xs, q) -> float:
     return float(np.percentile(xs, q)) if len(xs) else float("nan")
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def capture(endpoint: str, secret: bytes, run_key: bytes, sim: Sim) -> list:
+    """Two honest requests (rank 0's plan of window 0 and its stats of window 0), sent once
+    by an honest sender; their frames are what an attacker on the path could replay (the same
+    values the workers send, so they change nothing either way)."""
+    import zmq
+
+    sender = protocol.Sender(secret, run_key)
+    frames = [sender.encode({**sim.plan_msg(0, 0), "id": 1}),
+              sender.encode({**sim.stats_msg(0, 0, PER_RANK_BATCH), "id": 2})]
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    protocol.curve_client(sock, secret)
+    sock.connect(endpoint)
+    try:
+        for f in frames:
+            sock.send_multipart(f)
+            if not sock.poll(30_000) or protocol.open_envelope(sock.recv_multipart())[0][
+                    "type"] == "error":
+                raise RuntimeError("the honest capture request failed")
+    finally:
+        sock.close()
+        ctx.term()
+    return frames
+
+
+def run_load(args, attack: bool) -> tuple[dict, list, bool]:
+    """One load run (with the attacker if ``attack``); its figures, table rows and verdict."""
     secret = secrets.token_hex(32).encode()
+    run_key = secrets.token_hex(32).encode()
     mpc = mp.get_context("fork")  # before any zmq context exists in this process
     procs: list = []
     coord = None
-    res: dict = {"config": vars(args)}
+    res: dict = {"config": vars(args), "attack": attack}
+    stop_attack = mpc.Event()
+    attack_results = mpc.Queue()
+    attack_proc = None
     with tempfile.TemporaryDirectory(prefix="coordinator-load-") as tmp:
         try:
-            coord, endpoint = start_coordinator(tmp, secret, 30.0)
+            coord, endpoint = start_coordinator(
+                tmp, secret, 30.0, ["--max-ranks", str(args.ranks + args.attack_ranks)])
             pid = coord.pid
             rss_ready = proc_rss_kib(pid)["VmRSS"]
+            captured = capture(endpoint, secret, run_key, Sim(args.ranks, args.steps_per_window))
             barrier = mpc.Barrier(args.workers + 1)
             results = mpc.Queue()
             for wid in range(args.workers):
                 my = list(range(wid, args.ranks, args.workers))
-                p = mpc.Process(target=worker, args=(wid, my, args, endpoint, secret, barrier,
-                                                     results), daemon=True)
+                p = mpc.Process(target=worker, args=(wid, my, args, endpoint, secret, run_key,
+                                                     barrier, results), daemon=True)
                 p.start()
                 procs.append(p)
             barrier.wait(args.reply_timeout)  # all connected and pinged
             rss_connected = proc_rss_kib(pid)["VmRSS"]
+            if attack:
+                attack_proc = mpc.Process(target=attacker, args=(
+                    args, endpoint, secret, captured, stop_attack, attack_results), daemon=True)
+                attack_proc.start()
+                time.sleep(1.0)  # under attack before the honest load starts
             cpu0, t0 = proc_cpu_s(pid), time.perf_counter()
             rss_trace, phase_s = [], defaultdict(list)
             t_prev = t0
@@ -426,6 +603,9 @@ def main(argv=None) -> int:
             cpu = proc_cpu_s(pid) - cpu0
             mem_end = proc_rss_kib(pid)
             outs = [results.get(timeout=args.reply_timeout) for _ in procs]
+            if attack_proc is not None:
+                stop_attack.set()
+                res["attacker"] = attack_results.get(timeout=args.reply_timeout)
         except BaseException:
             if procs:
                 try:
@@ -434,7 +614,8 @@ def main(argv=None) -> int:
                     pass
             raise
         finally:
-            for p in procs:
+            stop_attack.set()
+            for p in procs + ([attack_proc] if attack_proc is not None else []):
                 p.join(10)
                 if p.is_alive():
                     p.terminate()
@@ -457,7 +638,7 @@ def main(argv=None) -> int:
         live_digests = {w: next(iter(d.values())) for w, d in by_window.items() if d}
         journal = [json.loads(line) for line in open(os.path.join(tmp, "coord.jsonl"))]
         events = Counter(rec.get("event") for rec in journal)
-        plans = [rec for rec in journal if rec.get("event") == "plan"]
+        plans = [rec for rec in journal if rec.get("event") == "plan" and rec.get("run") == RUN_ID]
         changed = sum(rec["batch_sizes"] != rec["previous"] for rec in plans)
         with open(os.path.join(tmp, "coord.stderr"), errors="replace") as fh:
             stderr_lines = fh.read().splitlines()
@@ -483,8 +664,8 @@ def main(argv=None) -> int:
             "coordinator_cpu_s": cpu, "coordinator_cpu_share": cpu / wall,
             "workers_cpu_s": sum(o["cpu_s"] for o in outs),
         })
-        if not args.no_breakdown:
-            rp = replay(args, secret, tmp)
+        if not args.no_breakdown and not attack:
+            rp = replay(args, secret, run_key, tmp)
             rp["digests_match_live"] = rp.pop("digests") == live_digests
             res["replay"] = rp
 
@@ -522,20 +703,42 @@ def main(argv=None) -> int:
             ("replay: coordinator Python ms per window", f"{rp['per_window_ms']:.0f}"),
             ("replay digests equal live digests", "yes" if rp["digests_match_live"] else "NO"),
         ]
-    width = max(len(k) for k, _ in rows)
-    print(f"{'metric':<{width}} | value")
-    print(f"{'-' * width}-|-{'-' * 30}")
-    for k, v in rows:
-        print(f"{k:<{width}} | {v}")
-    if errors:
-        print("\nerrors (first 5):", *errors[:5], sep="\n  ")
-    if warnings_:
-        print("\ncoordinator warnings (first 5):", *warnings_[:5], sep="\n  ")
-    print(f"\nRSS after each plan phase (MiB): {res['rss_trace_mib']}")
+    ok = agree and sent == accepted and not errors and len(plans) == args.windows + 1
+    res["table_errors"], res["table_warnings"] = errors[:5], warnings_[:5]
+    return res, rows, ok
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    quiet, rows, ok = run_load(args, attack=False)
+    runs = [("quiet", quiet, rows)]
+    if args.attack_ranks > 0 and not args.no_attack:
+        attacked, rows_a, ok_a = run_load(args, attack=True)
+        runs.append(("under attack", attacked, rows_a))
+        ok = ok and ok_a
+    labels = [k for k, _ in runs[0][2]]
+    values = [dict(r) for _, _, r in runs]
+    width = max(len(k) for k in labels)
+    cols = [max(30, *(len(v.get(k, "")) for k in labels)) for v in values]
+    print(f"{'metric':<{width}} | " + " | ".join(f"{n:<{c}}" for (n, _, _), c in zip(runs, cols)))
+    print(f"{'-' * width}-|-" + "-|-".join("-" * c for c in cols))
+    for k in labels:
+        print(f"{k:<{width}} | " + " | ".join(f"{v.get(k, '-'):<{c}}"
+                                             for v, c in zip(values, cols)))
+    for name, res, _ in runs:
+        if res["table_errors"]:
+            print(f"\n{name}: errors (first 5):", *res["table_errors"], sep="\n  ")
+        print(f"\n{name}: RSS after each plan phase (MiB): {res['rss_trace_mib']}")
+    if len(runs) > 1:
+        attack = runs[1][1]["attacker"]
+        print(f"\nattacker ({args.attack_ranks}-rank run, --max-ranks "
+              f"{args.ranks + args.attack_ranks}): replies by kind of request")
+        for kind in ATTACK_KINDS:
+            got = attack.get(kind, {})
+            print(f"  {kind:<18} " + ", ".join(f"{k} {v}" for k, v in sorted(got.items())))
     if args.json_out:
         with open(args.json_out, "w") as fh:
-            json.dump(res, fh, indent=1, default=str)
-    ok = agree and sent == accepted and not errors and len(plans) == args.windows + 1
+            json.dump([r for _, r, _ in runs], fh, indent=1, default=str)
     return 0 if ok else 1
 
 

@@ -4,8 +4,11 @@
 # same token:
 #   BIND=tcp://10.0.0.5:5555 launch/coordinator.sh
 #   export SHARDBALANCE_COORDINATOR=tcp://10.0.0.5:5555 SHARDBALANCE_TOKEN_FILE=$PWD/shardbalance.token
-# The token file is created (mode 600) if it does not exist. A restart with the same LOG
-# resumes from the journal.
+# The token file is created (mode 600) if it does not exist. The token only authorises creating
+# runs and encrypts the connection (CURVE, key pair derived from it); each job binds its run to
+# its own run key, so jobs sharing the token cannot steer each other's runs. A restart with the
+# same LOG resumes from the journal. Bounds (refused beyond, see `shardbalance coordinator -h`):
+#   MAX_RANKS=16384 MAX_RUNS=256 JOURNAL_MAX_MB=256 launch/coordinator.sh
 set -euo pipefail
 
 : "${BIND:?set BIND=tcp://IP:PORT, an address of this host the ranks can reach}"
@@ -17,4 +20,6 @@ if [ ! -s "$TOKEN_FILE" ]; then
     echo "created token file $TOKEN_FILE; give it to the ranks (SHARDBALANCE_TOKEN_FILE)" >&2
 fi
 
-exec shardbalance coordinator --bind "$BIND" --log "$LOG" --token-file "$TOKEN_FILE" "$@"
+exec shardbalance coordinator --bind "$BIND" --log "$LOG" --token-file "$TOKEN_FILE" \
+    --max-ranks "${MAX_RANKS:-16384}" --max-runs "${MAX_RUNS:-256}" \
+    --journal-max-mb "${JOURNAL_MAX_MB:-256}" "$@"

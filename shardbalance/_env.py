@@ -1,7 +1,8 @@
 """Every environment variable shardbalance reads, read here and nowhere else.
 
     SHARDBALANCE_COORDINATOR   address of a standalone coordinator, e.g. tcp://10.0.0.5:5555
-    SHARDBALANCE_TOKEN         shared secret for a standalone coordinator (or ...)
+    SHARDBALANCE_TOKEN         a standalone coordinator's token: authorises creating runs and
+                               derives its CURVE key pair (or ...)
     SHARDBALANCE_TOKEN_FILE    ... a file holding it
     SHARDBALANCE_BIND          endpoint the embedded coordinator binds (default: the interface
                                that routes to MASTER_ADDR, on a free port)

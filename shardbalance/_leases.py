@@ -264,6 +264,28 @@ class LeaseTable:
 
     # -- journal replay ------------------------------------------------------------------
 
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Records (without ``run``) that :meth:`replay` rebuilds this table from: each kept
+        epoch's restored ranges, its chunks (done, leased, or waiting to be reissued)."""
+        out: list[dict[str, Any]] = []
+        for epoch, state in sorted(self.epochs.items()):
+            if state.skip:
+                out.append({"event": "pull_restore", "epoch": epoch, "rank": -1,
+                            "ranges": [list(r) for r in state.skip]})
+            for chunk in state.chunks.values():
+                span = {"epoch": epoch, "start": chunk.start, "stop": chunk.stop}
+                if chunk.done or not chunk.leases:
+                    out.append({"event": "pull_lease", "rank": -1, "client": "snapshot",
+                                "kind": "snapshot", **span})
+                    out.append({"event": "pull_done" if chunk.done else "pull_expire",
+                                "rank": -1, "client": "snapshot", "counted": chunk.done,
+                                **span})
+                    continue
+                for client, (rank, _) in chunk.leases.items():
+                    out.append({"event": "pull_lease", "rank": rank, "client": client,
+                                "kind": "snapshot", **span})
+        return out
+
     def replay(self, rec: dict[str, Any], now: float) -> None:
         """Apply one journal record of this run (``pull_lease``, ``pull_done``,
         ``pull_restore``). Leases come back with a fresh deadline: a live rank's heartbeat

@@ -1,8 +1,11 @@
 """A job's session with its coordinator: start-up, the address exchange, the clients, shutdown.
 
 Global rank 0 starts the embedded coordinator (a child process) unless a standalone one is
-given; the address, the run id and the run's secret reach the other ranks through the
-torch.distributed rendezvous store (DESIGN §8), never through a collective. The session holds
+given; the address, the run id, the token and the run key reach the other ranks through the
+torch.distributed rendezvous store (DESIGN §8), never through a collective. The run key is the
+job's own (DESIGN §10): made once per job (an elastic restart keeps it, as it keeps the run id),
+it signs every request of the run; the embedded coordinator takes it as its token too, so only
+this job can create runs on it. The session holds
 the request client and the background stats sender, and stops all of it at close or exit.
 
 The generation follows the rendezvous round. torchrun counts a restart after a failure
@@ -90,9 +93,14 @@ class CoordinatorSession:
                 # One run id for the whole job: an elastic restart keeps it (the rendezvous
                 # store outlives the workers) and only the generation moves on.
                 run_id = store.compare_set(f"shardbalance/run/s{instance}", "", run_id).decode()
+            run_key = secrets.token_hex(32)
+            if store is not None:
+                run_key = store.compare_set(f"shardbalance/key/s{instance}", "",
+                                            run_key).decode()
+            run_key = run_key.encode()
             secret = env.token
             if address is None:
-                secret = secrets.token_hex(32).encode()
+                secret = run_key
                 bind = env.bind or f"tcp://{coordinator_host(env)}:0"
                 journal = journal or env.log_path or f"shardbalance_logs/{run_id}.jsonl"
                 parent = os.path.dirname(journal)
@@ -121,29 +129,32 @@ class CoordinatorSession:
                 store.set(prefix + "run", run_id)
                 store.set(prefix + "address", address)
                 store.set(prefix + "secret", (secret or b"").decode())
+                store.set(prefix + "key", run_key.decode())
         # Keys of an earlier rendezvous round may still be in the store: read only after
         # rank 0 has written this round's.
         peers.barrier()
         if not leader:
-            keys = [prefix + k for k in ("run", "address", "secret", "generation")]
+            keys = [prefix + k for k in ("run", "address", "secret", "key", "generation")]
             try:
                 store.wait(keys, timedelta(seconds=timeout_s))
             except Exception as exc:  # the store raises its own timeout types
                 raise CoordinatorError(
                     f"rank {rank} waited {timeout_s:g} s for rank 0 to publish the "
                     f"coordinator address: {exc}") from exc
-            run_id, address, secret, generation = (store.get(k).decode() for k in keys)
+            run_id, address, secret, run_key, generation = (store.get(k).decode()
+                                                            for k in keys)
             secret = secret.encode() or None
+            run_key = run_key.encode()
             generation = int(generation)
         self.generation = generation
         self.run_id: str = run_id
         self.address: str = address
         self.client = CoordinatorClient(address, secret, timeout_s=min(5.0, timeout_s),
-                                        retries=max(1, int(timeout_s // 5)))
+                                        retries=max(1, int(timeout_s // 5)), run_key=run_key)
         self._parts.insert(0, self.client)
         self.sender = StatsSender(address, secret, {
             "run": run_id, "generation": generation, "rank": rank, "world_size": world_size,
-            "member": member_identity(env, rank)})
+            "member": member_identity(env, rank)}, run_key=run_key)
         self._parts.insert(0, self.sender)
 
     def flush(self, timeout_s: float) -> None:

@@ -1,6 +1,8 @@
 """The ``shardbalance`` command line.
 
     shardbalance coordinator --bind tcp://127.0.0.1:5555 --log coord.jsonl [--token-file F]
+                             [--max-ranks N --max-runs N --plans-kept N --queue-mb MB
+                              --journal-max-mb MB --senders-per-rank N]
     shardbalance simulate --ranks 4096 --speeds lognormal:0.5 --noise 0.1 --policy affine
     shardbalance report coord.jsonl [--run RUN] [--plot out.png] [--follow [--interval S]]
     shardbalance status --coordinator tcp://10.0.0.5:5555 [--token-file F] [--watch]
@@ -20,8 +22,14 @@ def _coordinator(args: argparse.Namespace) -> int:
     from ._env import read_environment, read_token
     from .coordinator import serve
 
+    from .coordinator import Limits
+
     secret = read_token(args.token_file) if args.token_file else read_environment().token
-    return serve(args.bind, args.log, secret, args.parent_pid)
+    limits = Limits(max_ranks=args.max_ranks, max_runs=args.max_runs,
+                    plans_kept=args.plans_kept, queue_bytes=int(args.queue_mb * (1 << 20)),
+                    journal_max_bytes=int(args.journal_max_mb * (1 << 20)),
+                    senders_per_rank=args.senders_per_rank)
+    return serve(args.bind, args.log, secret, args.parent_pid, limits=limits)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -89,6 +97,23 @@ def build_parser() -> argparse.ArgumentParser:
                             "$SHARDBALANCE_TOKEN_FILE; none: accept unsigned messages)")
     coord.add_argument("--parent-pid", type=int, default=None,
                        help="exit when this process is gone (used by the embedded coordinator)")
+    coord.add_argument("--max-ranks", type=int, default=16384,
+                       help="ranks summed over all live runs; a run beyond it is refused "
+                            "(default 16384)")
+    coord.add_argument("--max-runs", type=int, default=256,
+                       help="live runs (plan and pull); more are refused (default 256)")
+    coord.add_argument("--plans-kept", type=int, default=256,
+                       help="decided plans kept per run (default 256)")
+    coord.add_argument("--queue-mb", type=float, default=16.0,
+                       help="per connected peer and direction, MiB of queued messages "
+                            "(default 16: the high-water mark is this over the largest "
+                            "message, 1 MiB)")
+    coord.add_argument("--journal-max-mb", type=float, default=256.0,
+                       help="compact the journal (a snapshot of the live runs, then the tail) "
+                            "when it grows past this (default 256; 0: never)")
+    coord.add_argument("--senders-per-rank", type=int, default=4,
+                       help="sender ids tracked per rank of a run for replay protection "
+                            "(default 4; the least recently heard beyond it is forgotten)")
     coord.set_defaults(func=_coordinator)
 
     from .simulate import add_arguments

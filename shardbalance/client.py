@@ -39,19 +39,27 @@ _REPORTED_KEPT = 8
 class CoordinatorClient:
     """Request/reply with a coordinator, bounded in time. Not thread-safe: one per thread.
 
+    Each client is one sender: it has its own random sender id, and its request ids are that
+    sender's sequence numbers (a resend after a timeout is the same message, answered from the
+    coordinator's cache).
+
     Args:
         address: the coordinator's endpoint, ``tcp://host:port``.
-        secret: the shared secret messages are signed with (None: unsigned).
+        secret: the coordinator's token (None: unsigned mode, loopback only); with a token the
+            connection is CURVE-encrypted to the key pair derived from it.
         timeout_s: how long to wait for each reply.
         retries: how many times to send a request before giving up.
+        run_key: the run's key, which signs every request naming a run (default: ``secret``).
     """
 
     def __init__(self, address: str, secret: bytes | None = None, timeout_s: float = 5.0,
-                 retries: int = 3) -> None:
+                 retries: int = 3, *, run_key: bytes | None = None) -> None:
         self.address = address
         self.secret = secret
         self.timeout_s = timeout_s
         self.retries = max(1, retries)
+        self.sender = protocol.Sender(secret, run_key)
+        self.run_key = self.sender.run_key
         self._ids = itertools.count(1)
         #: What the coordinator measured with each plan it served, by plan digest (newest few).
         self.reported: collections.OrderedDict[str, protocol.PlanStats] = \
@@ -63,6 +71,10 @@ class CoordinatorClient:
         if self._socket is None:
             sock = protocol.configure_socket(self._context.socket(zmq.DEALER))
             try:
+                if protocol.uses_curve(self.address, self.secret):
+                    protocol.curve_client(sock, self.secret)
+                if self.address.startswith("tcp://["):
+                    sock.setsockopt(zmq.IPV6, 1)
                 sock.connect(self.address)
             except zmq.ZMQError as exc:
                 sock.close(linger=0)
@@ -78,8 +90,16 @@ class CoordinatorClient:
 
     def request(self, message: dict) -> dict:
         """Send ``message`` and return the matching reply; CoordinatorError on an error reply."""
+        try:
+            return self._request(message)
+        except _StaleSender as exc:
+            # The coordinator forgot this sender (it restarted, or evicted it): a new one.
+            self.sender.roll(exc.horizon)
+            return self._request(message)
+
+    def _request(self, message: dict) -> dict:
         msg_id = next(self._ids)
-        frames = protocol.encode({**message, "id": msg_id}, self.secret)
+        frames = self.sender.encode({**message, "id": msg_id})
         for _ in range(self.retries):
             sock = self._open()
             try:
@@ -93,7 +113,7 @@ class CoordinatorClient:
                 if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1, zmq.POLLIN):
                     break
                 try:
-                    reply = protocol.decode(sock.recv_multipart(zmq.NOBLOCK), self.secret)
+                    reply = self.sender.decode(sock.recv_multipart(zmq.NOBLOCK), message)
                 except zmq.Again:
                     continue
                 except ProtocolError as exc:
@@ -102,6 +122,8 @@ class CoordinatorClient:
                 if reply["id"] != msg_id:
                     continue  # a late reply to an earlier, abandoned attempt
                 if reply["type"] == "error":
+                    if reply.get("code") == "sender" and isinstance(reply.get("horizon"), int):
+                        raise _StaleSender(reply["horizon"])
                     raise CoordinatorError(f"coordinator {self.address} refused "
                                            f"{message.get('type')}: {reply.get('error')}")
                 return reply
@@ -159,6 +181,15 @@ class CoordinatorClient:
         self._context.term()
 
 
+class _StaleSender(CoordinatorError):
+    """The coordinator forgot this sender id (code ``sender``); a new one is needed."""
+
+    def __init__(self, horizon: int) -> None:
+        super().__init__(f"the coordinator refused this sender id as older than {horizon} ms "
+                         "(it restarted or forgot it) twice in a row")
+        self.horizon = horizon
+
+
 class StatsSender:
     """Pushes busy-time records to the coordinator from a background thread.
 
@@ -169,7 +200,8 @@ class StatsSender:
     """
 
     def __init__(self, address: str, secret: bytes | None, identity: dict, interval_s: float = 0.2,
-                 timeout_s: float = 2.0, max_buffered: int = 65536) -> None:
+                 timeout_s: float = 2.0, max_buffered: int = 65536, *,
+                 run_key: bytes | None = None) -> None:
         self.identity = identity
         self.interval_s = interval_s
         self.max_buffered = max_buffered
@@ -177,6 +209,7 @@ class StatsSender:
         self.dropped = 0
         self._queue: collections.deque = collections.deque()
         self._client_args = (address, secret, timeout_s, 1)
+        self._run_key = run_key
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._stop_deadline = math.inf
@@ -192,7 +225,7 @@ class StatsSender:
         self._idle.clear()
 
     def _run(self) -> None:
-        client = CoordinatorClient(*self._client_args)
+        client = CoordinatorClient(*self._client_args, run_key=self._run_key)
         pending: list = []
         try:
             while True:

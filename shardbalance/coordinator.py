@@ -18,6 +18,26 @@ Journal records (one JSON object a line, each with ``time`` and ``event``):
     carried   a rank of a new generation runs on the same ``member`` (host/local rank/device)
               as one of the previous generation and took over its measurements (``steps``)
     rejected  a count of refused messages
+    compact   the journal was compacted: what follows up to the next non-``snapshot`` record is
+              a snapshot of every live run (its ``run`` record, the ``plan`` records of the plans
+              kept, its open ``window`` records; a pull run's ``pull_run``, ``pull_restore``,
+              ``pull_lease``/``pull_done``/``pull_expire`` and ``pull_complete`` records), each
+              marked ``"snapshot": true``, then the tail as usual. A reader reads a compacted
+              journal as any other; the file is replaced (os.replace), so a follower re-reads it
+              from the start when it shrinks or its inode changes.
+
+Trust (DESIGN §10): a run is bound at creation to its job's run key (the ``run`` record keeps
+its ``key_digest`` only); every later request of the run must be signed with that key, so no
+one else (another job holding the token included) can move its plans, bump its generation,
+replay into it or stop it. Per (run, sender id) the newest sequence number and the reply to it
+are kept: an exact resend gets the cached reply, an older sequence number is refused.
+
+Bounds (:class:`Limits`, the ``coordinator`` command's flags): ranks over all live runs, runs,
+plans kept per run, senders tracked per run, per-peer ZeroMQ queues (in bytes, through the
+high-water marks), the journal's size (compaction). The excess is refused with an error reply.
+A request that needs a new decision (whose cost grows with the run's world size) is answered
+after the cheap requests received with it, one decision at a time, so a large run's decision
+never holds up other runs' stats, pings and cached plans for more than one decision.
 
 A run's generation moves on with each rendezvous round of its job (an elastic restart or a
 membership change): the new generation starts with fresh state, keeping the measurements of the
@@ -36,6 +56,8 @@ from __future__ import annotations
 
 import bisect
 import collections
+import hashlib
+import hmac
 import itertools
 import json
 import logging
@@ -53,7 +75,8 @@ import zmq
 
 from . import protocol
 from ._leases import LeaseTable, PullConfig
-from ._exceptions import ConfigError, PlanError, ProtocolError, ShardBalanceError
+from ._exceptions import (AuthenticationError, ConfigError, PlanError, ProtocolError,
+                          ShardBalanceError)
 from .plan import Plan, apportion, initial_plan
 from .policies import (HISTORY_PER_RANK, PolicyInput, check_options, check_policy, decide,
                        fit_cost_model)
@@ -62,7 +85,8 @@ __all__ = ["Coordinator", "serve"]
 
 log = logging.getLogger("shardbalance.coordinator")
 
-#: Decided plans kept per run (requests for older windows are refused).
+#: Decided plans kept per run (requests for older windows are refused); the default of
+#: Limits.plans_kept.
 PLANS_PER_RUN = 256
 MAX_RUNS = 256
 #: A run that sent nothing for this long is forgotten (its journal lines stay).
@@ -80,6 +104,92 @@ WINDOW_REFRESH_S = 30.0
 #: Plans whose stats (PlanStats) and encoded reply are kept: all ranks ask within seconds,
 #: and a reply encoded once serves them all (per-rank floats cost ~3 us each to encode).
 STATS_PER_RUN = 8
+#: Requests waiting for a decision while cheap ones are answered first; beyond this many a
+#: request is answered in arrival order.
+MAX_DEFERRED = 4096
+#: The largest reply kept per sender for an exact resend (a plan reply is one object shared by
+#: every rank of the window and always kept); a larger one (a pull ``status``) is not.
+MAX_CACHED_REPLY = 64 << 10
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What requests can make a coordinator hold or compute; the excess is refused.
+
+    Memory is then bounded by about ``max_ranks`` x (HISTORY_PER_RANK x 2 floats of history +
+    plans_kept plan entries + OPEN_WINDOWS x WINDOW_BUSY_KEPT floats + senders_per_rank sender
+    records of at most MAX_CACHED_REPLY bytes), plus per connected peer ``queue_bytes`` each
+    way.
+    """
+
+    #: World sizes summed over all live runs (plan and pull runs).
+    max_ranks: int = 16384
+    #: Live runs (plan and pull runs); an idle run is forgotten after RUN_IDLE_S.
+    max_runs: int = MAX_RUNS
+    #: Decided plans kept per run.
+    plans_kept: int = PLANS_PER_RUN
+    #: Per connected peer, each way: the ZeroMQ high-water marks are this over the largest
+    #: message (MAX_MESSAGE_BYTES), at least 2.
+    queue_bytes: int = 16 << 20
+    #: The journal is compacted (a snapshot of the live runs, then the tail) when it grows
+    #: past this; 0: never.
+    journal_max_bytes: int = 256 << 20
+    #: Senders (sender ids) tracked per run: this x its world size, at least 64.
+    senders_per_rank: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("max_ranks", "max_runs", "plans_kept", "queue_bytes", "senders_per_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"Invalid {name}={value!r}: expected an integer >= 1")
+        if not isinstance(self.journal_max_bytes, int) or self.journal_max_bytes < 0:
+            raise ConfigError(f"Invalid journal_max_bytes={self.journal_max_bytes!r}: expected "
+                              "an integer >= 0")
+
+    @property
+    def high_water_mark(self) -> int:
+        return max(2, self.queue_bytes // protocol.MAX_MESSAGE_BYTES)
+
+
+class StaleSender(ProtocolError):
+    """A sender id older than the coordinator remembers: the sender must start a new one."""
+
+    def __init__(self, message: str, horizon: int) -> None:
+        super().__init__(message)
+        self.horizon = horizon
+
+
+@dataclass
+class Binding:
+    """A run's trust binding: its key, and per sender id the newest sequence number seen and
+    the reply to it (for an exact resend). Shared by a plan run and a pull run of one id."""
+
+    run_id: str
+    #: The run key; None while only its digest is known (resumed from the journal, not yet
+    #: presented again) or for a run created unsigned (no key: unsigned mode only).
+    key: bytes | None
+    digest: str | None
+    #: Sender ids created at or before this time (ms) are refused: a forgotten sender's
+    #: messages cannot come back as a replay.
+    horizon: int = 0
+    #: sender id -> [sequence, request signature, reply kind, reply fields (JSON)], LRU order.
+    senders: OrderedDict = field(default_factory=OrderedDict)
+
+    @property
+    def keyed(self) -> bool:
+        return self.digest is not None
+
+
+def _loopback(endpoint: str) -> bool:
+    """Whether ``endpoint`` can only be reached from this host (or is no ZeroMQ network
+    transport at all: binding it then fails with its own error)."""
+    scheme = endpoint.split("://", 1)[0] if "://" in endpoint else ""
+    if scheme not in ("tcp", "udp", "pgm", "epgm", "ws", "wss", "tipc", "norm", "vmci"):
+        return True
+    host = endpoint.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    if ";" in host:  # tcp://source;destination
+        host = host.split(";", 1)[1]
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 class WindowTally:
@@ -241,38 +351,61 @@ class Coordinator:
         bind: the ZeroMQ endpoint to bind, e.g. ``tcp://10.0.0.5:5555``; port ``0`` or ``*``
             picks a free port (see :attr:`endpoint`).
         journal_path: the JSONL journal; an existing one is resumed from. ``None``: no journal.
-        secret: shared secret for message signatures; ``None`` accepts unsigned messages.
+        secret: the token: it authorises creating runs and derives the CURVE key pair the
+            transport is encrypted with. ``None``: unsigned mode, refused unless ``bind`` is a
+            loopback (or ipc/inproc) address.
         parent_pid: exit when this process is gone (the embedded coordinator's rank 0).
+        limits: the bounds (default :class:`Limits`).
     """
 
     def __init__(self, bind: str, journal_path: str | None = None, secret: bytes | None = None,
-                 parent_pid: int | None = None) -> None:
+                 parent_pid: int | None = None, limits: Limits | None = None) -> None:
         self.secret = secret or None
+        self.limits = limits or Limits()
+        if self.secret is None and not _loopback(bind):
+            raise ConfigError(
+                f"Refusing to bind {bind!r} without a token: anyone who can reach it could "
+                f"drive every run. Give a token (--token-file, SHARDBALANCE_TOKEN) or bind a "
+                f"loopback address (tcp://127.0.0.1:PORT)")
         self.parent_pid = parent_pid
         self._parent_is_ppid = parent_pid == os.getppid()
         self.runs: OrderedDict[str, RunState] = OrderedDict()
         self.pull_runs: OrderedDict[str, PullRun] = OrderedDict()
+        self.bindings: dict[str, Binding] = {}
+        #: The decision a request :meth:`handle` deferred waits for.
+        self.deferred_key: tuple | None = None
         self.rejected = 0
         self._rejected_logged = 0
         self._last_reject_log = 0.0
         self._stop = False
         self.journal_path = journal_path
+        #: The journal's size right after the last compaction (a snapshot larger than the
+        #: limit is compacted again only once it doubled).
+        self._compacted_bytes = 0
         if journal_path:
             self._resume(journal_path)
         self._journal = open(journal_path, "a", encoding="utf-8") if journal_path else None
         self.context = zmq.Context()
         self.socket = protocol.configure_socket(self.context.socket(zmq.ROUTER))
-        self.socket.setsockopt(zmq.SNDHWM, 10000)
-        self.socket.setsockopt(zmq.RCVHWM, 10000)
+        self.socket.setsockopt(zmq.SNDHWM, self.limits.high_water_mark)
+        self.socket.setsockopt(zmq.RCVHWM, self.limits.high_water_mark)
         bind = bind[:-2] + ":*" if bind.endswith(":0") else bind
+        if protocol.uses_curve(bind, self.secret):
+            protocol.curve_server(self.socket, self.secret)
+        if bind.startswith("tcp://[") or bind.startswith("tcp://::"):
+            self.socket.setsockopt(zmq.IPV6, 1)
         try:
             self.socket.bind(bind)
         except zmq.ZMQError as exc:
             self.close()
             raise ConfigError(f"Cannot bind the coordinator to {bind!r}: {exc}") from exc
         self.endpoint: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        if self.secret is None:
+            log.warning("no token: unsigned mode on %s; any local user can create runs (a run "
+                        "created with a key is still bound to it)", self.endpoint)
         self._write({"event": "start", "endpoint": self.endpoint, "pid": os.getpid(),
-                     "authenticated": self.secret is not None})
+                     "authenticated": self.secret is not None,
+                     "encrypted": protocol.uses_curve(bind, self.secret)})
 
     # -- journal -------------------------------------------------------------------------
 
@@ -289,6 +422,51 @@ class Coordinator:
                 tally.dirty = False
         state.windows_written = time.monotonic()
 
+    def compact(self) -> None:
+        """Rewrite the journal as a snapshot of the live runs (see the module docstring), then
+        go on appending to it; the old file is replaced atomically."""
+        if self._journal is None:
+            return
+        for state in self.runs.values():
+            self._write_windows(state)
+        before = self._journal.tell()
+        tmp = f"{self.journal_path}.compact"
+        now = round(time.time(), 3)
+        with open(tmp, "w", encoding="utf-8") as fh:
+            def put(record: dict[str, Any]) -> None:
+                fh.write(json.dumps({"time": now, **record, "snapshot": True}) + "\n")
+
+            fh.write(json.dumps({"time": now, "event": "compact", "endpoint": self.endpoint,
+                                 "replaced_bytes": before}) + "\n")
+            for state in self.runs.values():
+                put(self._run_record(state))
+                for key, plan in state.plans.items():
+                    record = {"event": "plan", "run": state.run_id,
+                              "generation": state.generation, "epoch": plan.epoch,
+                              "window": plan.window, "batch_sizes": list(plan.batch_sizes),
+                              "policy": plan.policy, "reason": "(snapshot)",
+                              "plan": plan.to_dict()}
+                    if plan.predicted_step_s is not None:
+                        record["predicted_step_ms"] = round(plan.predicted_step_s * 1e3, 3)
+                    record.update(state.stats.get(key, {}))
+                    put(record)
+                for tally in state.windows:
+                    put(tally.record(state.run_id, state.generation))
+            for pull in self.pull_runs.values():
+                put(self._pull_run_record(pull))
+                for record in pull.table.snapshot():
+                    put({**record, "run": pull.run_id})
+                for epoch in sorted(pull.completed):
+                    put({"event": "pull_complete", "run": pull.run_id, "epoch": epoch,
+                         "num_samples": pull.config.num_samples})
+            fh.flush()
+            os.fsync(fh.fileno())
+        self._journal.close()
+        os.replace(tmp, self.journal_path)
+        self._journal = open(self.journal_path, "a", encoding="utf-8")
+        self._compacted_bytes = self._journal.tell()
+        log.info("journal compacted: %d bytes -> %d", before, self._compacted_bytes)
+
     def _resume(self, path: str) -> None:
         """Rebuild runs and their decided plans from an existing journal."""
         if not os.path.exists(path):
@@ -298,6 +476,8 @@ class Coordinator:
             for line in fh:
                 try:
                     rec = json.loads(line)
+                    if rec.get("event") in ("run", "pull_run"):
+                        self._resume_binding(rec)
                     if rec.get("event") == "run":
                         state = RunState(rec["run"], int(rec["generation"]),
                                          protocol.RunConfig.from_dict(rec["config"]))
@@ -313,40 +493,190 @@ class Coordinator:
                         self._pull_replay(rec)
                 except (ValueError, KeyError, TypeError, ShardBalanceError):
                     continue  # a torn last line after a crash, or a foreign line
-        while len(self.runs) > MAX_RUNS:
-            self.runs.popitem(last=False)
+        while len(self.runs) + len(self.pull_runs) > self.limits.max_runs:
+            (self.runs if self.runs else self.pull_runs).popitem(last=False)
+        for run in [r for r in self.bindings if r not in self.runs and r not in self.pull_runs]:
+            del self.bindings[run]
         if resumed:
             log.info("resumed %d plans of %d runs from %s", resumed, len(self.runs), path)
 
+    def _resume_binding(self, rec: dict[str, Any]) -> None:
+        """A journaled run's binding: its key digest only, and every sender id created before
+        now refused (the sequence numbers seen before the restart are not journaled), so
+        each sender starts a new id and presents the key again."""
+        digest = rec.get("key_digest")
+        if isinstance(digest, str):
+            self.bindings[rec["run"]] = Binding(rec["run"], None, digest,
+                                                horizon=int(time.time() * 1000))
+
     # -- requests ------------------------------------------------------------------------
 
-    def handle(self, frames: list[bytes]) -> list[bytes]:
-        """Answer one request (without its routing frame): a reply, or an error reply."""
-        msg_id = 0
+    def handle(self, frames: list[bytes], defer: bool = False) -> list[bytes] | None:
+        """Answer one request (without its routing frame): a reply, or an error reply.
+
+        With ``defer``, a request that needs a new decision returns None untouched (the loop
+        answers it after the cheap requests received with it).
+        """
+        msg_id, key, binding, created = 0, self.secret, None, False
         try:
-            msg = protocol.decode(frames, self.secret)
+            msg, body, mac = protocol.open_envelope(frames)
             msg_id = msg["id"]
+            if msg.get("type") == "status" or not isinstance(msg.get("run"), str):
+                # Read-only requests (ping, status: what an operator holding the token may
+                # see) are checked against the token, never against a run's key.
+                if not protocol.verify(body, mac, self.secret):
+                    raise AuthenticationError("bad or missing signature: the sender does not "
+                                              "hold this coordinator's token")
+                req = protocol.parse_request(msg)
+                kind, fields = self._dispatch(req)
+                return protocol.encode_reply(kind, msg_id, fields, key)
+            binding, created = self._authorise(msg, body, mac)
+            key = binding.key
+            sender = self._sequence(binding, msg, _digest(body, mac))
+            if sender is not None and sender[0] == msg_id:  # an exact resend
+                if sender[3] is None:
+                    raise ProtocolError(f"the reply to request {msg_id} was too large to keep "
+                                        "for a resend; send it again as a new request")
+                return protocol.encode_reply(sender[2], msg_id, sender[3], key)
             req = protocol.parse_request(msg)
-            if isinstance(req, protocol.Ping):
-                return protocol.encode({"type": "pong", "id": msg_id}, self.secret)
-            if isinstance(req, protocol.PullRequest):
-                return protocol.encode({"type": "chunk", "id": msg_id, **self._pull(req)},
-                                       self.secret)
-            if isinstance(req, protocol.PlanRequest):
-                return protocol.encode_reply("plan", msg_id, self._plan_reply(req), self.secret)
-            if isinstance(req, protocol.StatusRequest):
-                return protocol.encode({"type": "status", "id": msg_id,
-                                        **self.status(req.run)}, self.secret)
-            return protocol.encode({"type": "ack", "id": msg_id,
-                                    "accepted": self._stats(req)}, self.secret)
-        except ShardBalanceError as exc:
+            if defer and self._needs_decision(req):
+                if created:
+                    del self.bindings[binding.run_id]
+                self.deferred_key = (req.run, req.generation, req.epoch, req.window)
+                return None
+            try:
+                kind, fields = self._dispatch(req)
+            except ShardBalanceError as exc:
+                self._reject(exc)
+                kind, fields = "error", protocol.encode_fields({"error": str(exc)})
+            if created and not (binding.run_id in self.runs or binding.run_id in self.pull_runs):
+                del self.bindings[binding.run_id]  # the request that would create it failed
+            else:
+                self._remember_sender(binding, msg, _digest(body, mac), kind, fields)
+            return protocol.encode_reply(kind, msg_id, fields, key)
+        except StaleSender as exc:
             self._reject(exc)
-            return protocol.encode({"type": "error", "id": msg_id, "error": str(exc)}, self.secret)
+            return protocol.encode({"type": "error", "id": msg_id, "error": str(exc),
+                                    "code": "sender", "horizon": exc.horizon}, key)
+        except ShardBalanceError as exc:
+            if created:
+                self.bindings.pop(binding.run_id, None)
+            self._reject(exc)
+            return protocol.encode({"type": "error", "id": msg_id, "error": str(exc)}, key)
         except Exception as exc:  # a bug must cost one request, never the service
             log.exception("internal error while handling a request")
             self._reject(exc)
             return protocol.encode({"type": "error", "id": msg_id,
-                                    "error": f"internal error: {type(exc).__name__}"}, self.secret)
+                                    "error": f"internal error: {type(exc).__name__}"}, key)
+
+    def _dispatch(self, req) -> tuple[str, str]:
+        """The reply's kind and its fields (JSON, see protocol.encode_fields) for a request."""
+        if isinstance(req, protocol.Ping):
+            return "pong", "{}"
+        if isinstance(req, protocol.PullRequest):
+            return "chunk", protocol.encode_fields(self._pull(req))
+        if isinstance(req, protocol.PlanRequest):
+            return "plan", self._plan_reply(req)
+        if isinstance(req, protocol.StatusRequest):
+            return "status", protocol.encode_fields(self.status(req.run))
+        return "ack", protocol.encode_fields({"accepted": self._stats(req)})
+
+    def _needs_decision(self, req) -> bool:
+        if not isinstance(req, protocol.PlanRequest):
+            return False
+        state = self.runs.get(req.run)
+        return state is None or state.generation != req.generation or \
+            (req.epoch, req.window) not in state.plans
+
+    def _authorise(self, msg: dict[str, Any], body: bytes, mac: bytes) -> tuple[Binding, bool]:
+        """The binding of the message's run, the signature checked against its key; a new
+        binding (True) if the message may create the run."""
+        run = msg["run"]
+        presented = bytes.fromhex(msg["key"]) if isinstance(msg.get("key"), str) else None
+        binding = self.bindings.get(run)
+        if binding is not None and binding.key is not None:
+            if not protocol.verify(body, mac, binding.key):
+                raise AuthenticationError(f"run {run!r} refuses this message: it is not signed "
+                                          f"with the run's key (only the run's own job holds it)")
+            return binding, False
+        if binding is not None and binding.keyed:
+            # Resumed from the journal: the job presents its key again.
+            if presented is None or not hmac.compare_digest(protocol.key_digest(presented),
+                                                            binding.digest) \
+                    or not protocol.verify(body, mac, presented):
+                raise AuthenticationError(f"run {run!r} refuses this message: it is not signed "
+                                          f"with the run's key (only the run's own job holds it)")
+            binding.key = presented
+            return binding, False
+        if binding is not None:  # created unsigned (unsigned mode): anyone local may use it
+            if not protocol.verify(body, mac, None):
+                raise AuthenticationError(f"run {run!r} was created unsigned; this message is "
+                                          "signed")
+            return binding, False
+        if run in self.runs or run in self.pull_runs:
+            raise AuthenticationError(f"run {run!r} has no binding")  # not reached: kept in step
+        if self.secret is not None:
+            if presented is None or not isinstance(msg.get("grant"), str) or \
+                    not hmac.compare_digest(protocol.grant(self.secret, run, presented),
+                                            msg["grant"]):
+                raise AuthenticationError(
+                    f"cannot create run {run!r}: the request does not prove the coordinator's "
+                    f"token (check SHARDBALANCE_TOKEN / --token-file)")
+        if presented is not None and not protocol.verify(body, mac, presented):
+            raise AuthenticationError(f"cannot create run {run!r}: the request is not signed "
+                                      "with the key it presents")
+        if presented is None and not protocol.verify(body, mac, None):
+            raise AuthenticationError(f"cannot create run {run!r}: a signed request must "
+                                      "present its run key")
+        binding = Binding(run, presented,
+                          None if presented is None else protocol.key_digest(presented))
+        self.bindings[run] = binding
+        return binding, True
+
+    def _sequence(self, binding: Binding, msg: dict[str, Any], digest: bytes):
+        """Replay check: the sender's record if this is an exact resend, None if new; raises
+        for an older sequence number or a forgotten sender."""
+        nonce = msg.get("nonce")
+        if nonce is None:
+            if binding.keyed:
+                raise ProtocolError(f"a request of run {binding.run_id!r} must carry a sender "
+                                    "id ('nonce') and sequence number")
+            return None
+        sender = binding.senders.get(nonce)
+        if sender is None:
+            if protocol.nonce_time(nonce) <= binding.horizon:
+                raise StaleSender(f"sender {nonce} of run {binding.run_id!r} is older than what "
+                                  f"the coordinator remembers: start a new sender",
+                                  binding.horizon)
+            return None
+        seq = msg["id"]
+        if seq < sender[0]:
+            raise ProtocolError(f"replayed or reordered request: sequence {seq} of sender "
+                                f"{nonce} is older than {sender[0]}")
+        if seq == sender[0]:
+            if not hmac.compare_digest(bytes(sender[1]), bytes(digest)):
+                raise ProtocolError(f"sequence {seq} of sender {nonce} was already used for "
+                                    "another request")
+            binding.senders.move_to_end(nonce)
+            return sender
+        return None
+
+    def _remember_sender(self, binding: Binding, msg: dict[str, Any], digest: bytes, kind: str,
+                         fields: str) -> None:
+        nonce = msg.get("nonce")
+        if nonce is None:
+            return
+        if kind != "plan" and len(fields) > MAX_CACHED_REPLY:
+            fields = None  # plan replies are shared by every rank; others are per sender
+        binding.senders[nonce] = [msg["id"], bytes(digest), kind, fields]
+        binding.senders.move_to_end(nonce)
+        world = max([s.config.world_size for s in (self.runs.get(binding.run_id),
+                                                    self.pull_runs.get(binding.run_id))
+                     if s is not None] or [1])
+        cap = max(64, self.limits.senders_per_rank * world)
+        while len(binding.senders) > cap:
+            old, _ = binding.senders.popitem(last=False)
+            binding.horizon = max(binding.horizon, protocol.nonce_time(old))
 
     def _reject(self, exc: Exception) -> None:
         self.rejected += 1
@@ -369,19 +699,17 @@ class Coordinator:
                                     "plan first")
             check_policy(req.config.policy)
             previous = state
+            self._admit(run, req.config.world_size, replacing=self.runs.get(run))
             state = RunState(req.run, req.generation, req.config)
             state.initial_plan(0, 0)  # raises if the bounds cannot hold the batch
             if previous is not None:
                 self._write_windows(previous)
                 state.carry_from(previous)
             self.runs[run] = state
-            self._write({"event": "run", "run": run, "generation": generation,
-                         "config": state.config.to_dict()})
+            self._write(self._run_record(state))
             log.info("run %s generation %d: %d ranks, global batch %d, policy %s", run,
                      generation, state.config.world_size, state.config.global_batch_size,
                      state.config.policy)
-            while len(self.runs) > MAX_RUNS:
-                self.runs.popitem(last=False)
         elif req is not None and req.config != state.config:
             raise ConfigError(f"rank {req.rank} of run {run} asks with a configuration that "
                               f"differs from the one the run started with: "
@@ -389,6 +717,28 @@ class Coordinator:
         state.last_seen = time.monotonic()
         self.runs.move_to_end(run)
         return state
+
+    def _admit(self, run: str, world_size: int, replacing=None) -> None:
+        """Refuse a new run (or generation) the configured bounds cannot hold."""
+        states = [*self.runs.values(), *self.pull_runs.values()]
+        others = [s for s in states if s is not replacing]
+        in_use = sum(s.config.world_size for s in others)
+        if in_use + world_size > self.limits.max_ranks:
+            raise ConfigError(
+                f"run {run!r} declares {world_size} ranks; this coordinator serves at most "
+                f"{self.limits.max_ranks} ranks over all live runs and {in_use} are in use "
+                f"(coordinator --max-ranks)")
+        if replacing is None and len(others) >= self.limits.max_runs:
+            raise ConfigError(f"run {run!r} refused: this coordinator serves at most "
+                              f"{self.limits.max_runs} live runs (coordinator --max-runs)")
+
+    def _run_record(self, state: RunState) -> dict[str, Any]:
+        binding = self.bindings.get(state.run_id)
+        record = {"event": "run", "run": state.run_id, "generation": state.generation,
+                  "config": state.config.to_dict()}
+        if binding is not None and binding.digest is not None:
+            record["key_digest"] = binding.digest
+        return record
 
     def _stats(self, report: protocol.StatsReport) -> int:
         state = self._state(report.run, report.generation, None)
@@ -416,7 +766,7 @@ class Coordinator:
                   stats: protocol.PlanStats | None = None) -> None:
         key = (plan.epoch, plan.window)
         state.plans[key] = plan
-        while len(state.plans) > PLANS_PER_RUN:
+        while len(state.plans) > self.limits.plans_kept:
             state.plans.popitem(last=False)
         if stats is not None:
             # As the reply's dict: _plan_reply encodes it into the reply once.
@@ -587,14 +937,12 @@ class Coordinator:
             raise ProtocolError(f"pull run {req.run} generation {req.generation} is stale: the "
                                 f"run restarted as generation {state.generation}")
         if state is None:
+            self._admit(req.run, config.world_size)
             state = PullRun(req.run, req.generation, config)
             self.pull_runs[req.run] = state
-            self._write({"event": "pull_run", "run": req.run, "generation": req.generation,
-                         "config": config.to_dict()})
+            self._write(self._pull_run_record(state))
             log.info("pull run %s: %d ranks, %d samples, chunks of %d", req.run,
                      config.world_size, config.num_samples, config.chunk_size)
-            while len(self.pull_runs) > MAX_RUNS:
-                self.pull_runs.popitem(last=False)
         elif config != state.config:
             raise ConfigError(f"rank {req.rank} of pull run {req.run} asks with "
                               f"{config.to_dict()}, the run started with "
@@ -604,6 +952,14 @@ class Coordinator:
         state.last_seen = time.monotonic()
         self.pull_runs.move_to_end(req.run)
         return state
+
+    def _pull_run_record(self, state: PullRun) -> dict[str, Any]:
+        binding = self.bindings.get(state.run_id)
+        record = {"event": "pull_run", "run": state.run_id, "generation": state.generation,
+                  "config": state.config.to_dict()}
+        if binding is not None and binding.digest is not None:
+            record["key_digest"] = binding.digest
+        return record
 
     def _pull_dropped(self, state: PullRun, dropped, why: str) -> None:
         for epoch, rank, client, start, stop in dropped:
@@ -664,23 +1020,43 @@ class Coordinator:
             del self.runs[run]
         for run in [r for r, s in self.pull_runs.items() if now - s.last_seen > RUN_IDLE_S]:
             del self.pull_runs[run]
+        for run in [r for r in self.bindings if r not in self.runs and r not in self.pull_runs]:
+            del self.bindings[run]
         for state in self.pull_runs.values():
             self._pull_dropped(state, state.table.expire(now), "expired")
         for state in self.runs.values():
             if now - state.windows_written > WINDOW_REFRESH_S:
                 self._write_windows(state)
+        if self._journal is not None and self.limits.journal_max_bytes and \
+                self._journal.tell() > max(self.limits.journal_max_bytes,
+                                           2 * self._compacted_bytes):
+            try:
+                self.compact()
+            except OSError as exc:
+                log.warning("journal compaction failed, appending on: %s", exc)
+                if self._journal.closed:
+                    self._journal = open(self.journal_path, "a", encoding="utf-8")
         if self.parent_pid is not None and not _alive(self.parent_pid, self._parent_is_ppid):
             log.info("parent process %d is gone; stopping", self.parent_pid)
             self._stop = True
 
     def serve_forever(self, poll_ms: int = 200, max_seconds: float | None = None) -> None:
-        """Serve until :meth:`stop`, a signal, the parent's death, or ``max_seconds``."""
+        """Serve until :meth:`stop`, a signal, the parent's death, or ``max_seconds``.
+
+        Each turn answers every cheap request received (a bounded burst) and then at most one
+        request that needs a new decision, so a long decision delays other runs' cheap
+        requests by at most itself.
+        """
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
+        # Requests waiting for a decision, grouped by the decision (run, generation, epoch,
+        # window) they wait for, oldest group first.
+        deferred: OrderedDict[tuple, list] = OrderedDict()
+        waiting = 0
         while not self._stop and (deadline is None or time.monotonic() < deadline):
-            if poller.poll(poll_ms):
-                for _ in range(1000):  # bounded burst, then housekeeping
+            if poller.poll(0 if deferred else poll_ms):
+                for _ in range(1000):  # bounded burst, then a decision and housekeeping
                     try:
                         frames = self.socket.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
@@ -689,12 +1065,25 @@ class Coordinator:
                         continue
                     if len(frames) < 2:
                         continue
-                    reply = self.handle(frames[1:])
-                    try:
-                        self.socket.send_multipart([frames[0], *reply], zmq.NOBLOCK)
-                    except zmq.ZMQError:
-                        pass  # the peer is gone or not reading: never block on it
+                    reply = self.handle(frames[1:], defer=waiting < MAX_DEFERRED)
+                    if reply is None:
+                        deferred.setdefault(self.deferred_key, []).append(frames)
+                        waiting += 1
+                    else:
+                        self._send(frames[0], reply)
+            if deferred:
+                # One decision, then every request that waited for it (now a cached plan).
+                _, group = deferred.popitem(last=False)
+                waiting -= len(group)
+                for frames in group:
+                    self._send(frames[0], self.handle(frames[1:]))
             self._housekeeping()
+
+    def _send(self, peer: bytes, reply: list[bytes]) -> None:
+        try:
+            self.socket.send_multipart([peer, *reply], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # the peer is gone or not reading: never block on it
 
     def stop(self) -> None:
         self._stop = True
@@ -709,6 +1098,11 @@ class Coordinator:
                 self._write_windows(state)
             self._journal.close()
             self._journal = None
+
+
+def _digest(body: bytes, mac: bytes) -> bytes:
+    """What identifies a request for the resend check: its signature, or a hash if unsigned."""
+    return mac or hashlib.blake2b(body, digest_size=16).digest()
 
 
 def _stats_of(record: dict[str, Any], world_size: int) -> protocol.PlanStats | None:
@@ -770,7 +1164,7 @@ def _die_with_parent() -> None:
 
 
 def serve(bind: str, journal_path: str | None = None, secret: bytes | None = None,
-          parent_pid: int | None = None, ready_file=None) -> int:
+          parent_pid: int | None = None, ready_file=None, limits: Limits | None = None) -> int:
     """Run a coordinator in this process until stopped; the CLI and embedded mode call this.
 
     Prints ``READY <endpoint>`` on ``ready_file`` (stdout by default) once bound.
@@ -783,7 +1177,7 @@ def serve(bind: str, journal_path: str | None = None, secret: bytes | None = Non
         log.propagate = False
     if parent_pid is not None:
         _die_with_parent()
-    coordinator = Coordinator(bind, journal_path, secret, parent_pid)
+    coordinator = Coordinator(bind, journal_path, secret, parent_pid, limits)
 
     def _on_signal(signum, frame):
         coordinator.stop()
@@ -793,7 +1187,8 @@ def serve(bind: str, journal_path: str | None = None, secret: bytes | None = Non
     out = ready_file or sys.stdout
     print(f"READY {coordinator.endpoint}", file=out, flush=True)
     log.info("listening on %s%s (journal: %s)", coordinator.endpoint,
-             ", messages authenticated" if coordinator.secret else "", journal_path or "none")
+             ", CURVE-encrypted, runs bound to their keys" if coordinator.secret else "",
+             journal_path or "none")
     try:
         coordinator.serve_forever()
     finally:

@@ -1,9 +1,22 @@
 """The wire format between ranks and the coordinator. Nothing else builds or parses frames.
 
-A message is two ZeroMQ frames: a UTF-8 JSON object and its HMAC-SHA256 (hex) under the run's
-shared secret (an empty frame when no secret is configured). Every JSON object carries the
-protocol version ``v``, a ``type`` and a request ``id`` that the reply echoes. Requests are
-validated field by field here, before any of them can touch coordinator state.
+A message is two ZeroMQ frames: a UTF-8 JSON object and its HMAC-SHA256 (hex) (an empty frame
+when unsigned). Every JSON object carries the protocol version ``v``, a ``type`` and a request
+``id`` that the reply echoes. Requests are validated field by field here, before any of them can
+touch coordinator state.
+
+Trust (DESIGN §10; README "Threat model"). The *token* of a standalone coordinator only
+authorises creating runs; each run is bound at creation to a random *run key* that only its job
+holds. The envelope of a request that names a ``run`` carries:
+    nonce   the sending process's random sender id (32 hex digits: 16 of its creation time in
+            ms, 16 random), new for every client object, so two sender threads or an elastic
+            restart are different senders; ``id`` is that sender's sequence number
+    key     the run key (hex); the transport is CURVE-encrypted whenever a token is configured
+    grant   HMAC(token, "create" run key-digest): proves the token, needed to create the run
+and is signed with the run key. Requests without a ``run`` (ping) are signed with the token.
+Replies are signed with the key their request was verified with. An error reply may carry a
+``code``: ``sender`` (this sender id is older than what the coordinator remembers: start a new
+one with a creation time after ``horizon``).
 
 Requests (rank -> coordinator):
     plan   {run, generation, rank, world_size, epoch, window, global_batch_size, policy,
@@ -32,7 +45,9 @@ import hashlib
 import hmac
 import json
 import math
+import os
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,8 +57,10 @@ __all__ = [
     "PROTOCOL_VERSION", "MAX_MESSAGE_BYTES", "MAX_WORLD_SIZE", "MAX_RECORDS_PER_MESSAGE",
     "encode", "encode_fields", "encode_reply", "decode", "parse_request", "RunConfig",
     "PlanRequest", "StatsReport", "Ping", "PlanStats", "MAX_STATS_RANKS",
-    "PullRequest", "PULL_OPS", "MAX_PULL_RANGES",
+    "PullRequest", "PULL_OPS", "MAX_PULL_RANGES", "Sender", "open_envelope", "verify",
     "StatusRequest", "MAX_STATUS_RANKS", "parse_status_reply",
+    "key_digest", "grant", "new_nonce", "nonce_time", "curve_server_keys", "curve_server",
+    "curve_client", "uses_curve",
 ]
 
 PROTOCOL_VERSION = 1
@@ -82,6 +99,115 @@ def configure_socket(sock):
     return sock
 
 
+_NONCE = re.compile(r"^[0-9a-f]{32}$")
+_HEX_KEY = re.compile(r"^[0-9a-f]{32,512}$")
+#: The label the CURVE server key pair is derived from the token under (HMAC-SHA256).
+_CURVE_LABEL = b"shardbalance curve server key v1"
+
+
+def uses_curve(endpoint: str, token: bytes | None) -> bool:
+    """Whether a connection to or from ``endpoint`` is CURVE-encrypted: whenever a token is
+    configured, on every transport but inproc (which carries no ZeroMQ security)."""
+    return bool(token) and not endpoint.startswith("inproc://")
+
+
+def curve_server_keys(token: bytes) -> tuple[bytes, bytes]:
+    """The coordinator's CURVE ``(public, secret)`` key pair (Z85), derived from the token, so
+    every token holder knows the server's public key without further configuration."""
+    import zmq
+    from zmq.utils import z85
+
+    raw = hmac.new(token, _CURVE_LABEL, hashlib.sha256).digest()
+    secret = z85.encode(raw)
+    return zmq.curve_public(secret), secret
+
+
+def curve_server(sock, token: bytes) -> None:
+    """Make ``sock`` (the coordinator's ROUTER) a CURVE server under the token's key pair."""
+    import zmq
+
+    public, secret = curve_server_keys(token)
+    sock.setsockopt(zmq.CURVE_SERVER, 1)
+    sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+
+
+def curve_client(sock, token: bytes) -> None:
+    """Make ``sock`` a CURVE client of the token's coordinator (a fresh client key pair: the
+    client is authenticated per message, by its run key or the token, not by its CURVE key)."""
+    import zmq
+
+    public, secret = zmq.curve_keypair()
+    sock.setsockopt(zmq.CURVE_SERVERKEY, curve_server_keys(token)[0])
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+    sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+
+
+def key_digest(key: bytes) -> str:
+    """What the journal keeps of a run key: enough to recognise it, not to use it."""
+    return hashlib.sha256(b"shardbalance run key\0" + key).hexdigest()
+
+
+def grant(token: bytes, run: str, key: bytes) -> str:
+    """Proof that the creator of ``run`` (bound to ``key``) holds the coordinator's token."""
+    return hmac.new(token, f"create\0{run}\0{key_digest(key)}".encode(),
+                    hashlib.sha256).hexdigest()
+
+
+def new_nonce(after_ms: int = 0) -> str:
+    """A new sender id: its creation time (ms, at least ``after_ms`` + 1) and 64 random bits."""
+    created = max(int(time.time() * 1000), after_ms + 1)
+    return f"{created:016x}{os.urandom(8).hex()}"
+
+
+def nonce_time(nonce: str) -> int:
+    """The creation time (ms) of sender id ``nonce``."""
+    return int(nonce[:16], 16)
+
+
+class Sender:
+    """One sending process's (or thread's) credentials and sender id; builds request frames.
+
+    ``token`` authorises creating runs (and signs requests without a run); ``run_key`` signs
+    every request of a run (default: the token, for a caller that has only one secret).
+    """
+
+    def __init__(self, token: bytes | None = None, run_key: bytes | None = None) -> None:
+        self.token = token or None
+        self.run_key = run_key or self.token
+        self.nonce = new_nonce()
+        self._grants: dict[str, str] = {}
+
+    def roll(self, after_ms: int) -> None:
+        """Become a new sender created after ``after_ms`` (the coordinator forgot older ones)."""
+        self.nonce = new_nonce(after_ms)
+
+    def key_for(self, message: dict[str, Any]) -> bytes | None:
+        return self.run_key if "run" in message else self.token
+
+    def encode(self, message: dict[str, Any]) -> list[bytes]:
+        """Frames of ``message`` (which has its ``id``) with this sender's envelope."""
+        envelope: dict[str, Any] = {"nonce": self.nonce}
+        run = message.get("run")
+        if run is not None and self.run_key:
+            envelope["key"] = self.run_key.hex()
+            if self.token:
+                if run not in self._grants:
+                    self._grants[run] = grant(self.token, str(run), self.run_key)
+                envelope["grant"] = self._grants[run]
+        return encode({**message, **envelope}, self.key_for(message))
+
+    def decode(self, frames: list[bytes], message: dict[str, Any]) -> dict[str, Any]:
+        """A reply to ``message``: signed with the key the request was signed with, or (an
+        error about that key) with the token (unsigned in unsigned mode)."""
+        try:
+            return decode(frames, self.key_for(message))
+        except AuthenticationError:
+            if self.key_for(message) == self.token:
+                raise
+            return decode(frames, self.token)
+
+
 def _mac(secret: bytes | None, body: bytes) -> bytes:
     if not secret:
         return b""
@@ -110,16 +236,28 @@ def encode_reply(kind: str, msg_id: int, fields_json: str, secret: bytes | None)
     return [body, _mac(secret, body)]
 
 
+def verify(body: bytes, mac: bytes, secret: bytes | None) -> bool:
+    """Whether ``mac`` is ``body``'s signature under ``secret`` (empty when unsigned)."""
+    return hmac.compare_digest(_mac(secret, body), bytes(mac))
+
+
 def decode(frames: list[bytes], secret: bytes | None) -> dict[str, Any]:
     """Check the signature and the envelope of a message; return its JSON object."""
+    msg, body, mac = open_envelope(frames)
+    if not verify(body, mac, secret):
+        raise AuthenticationError("bad or missing signature: the sender does not hold this "
+                                  "run's secret (check SHARDBALANCE_TOKEN / --token-file)")
+    return msg
+
+
+def open_envelope(frames: list[bytes]) -> tuple[dict[str, Any], bytes, bytes]:
+    """``(message, body, signature)`` with the envelope checked but the signature NOT yet
+    verified: the coordinator picks the key by the message's run, then calls :func:`verify`."""
     if len(frames) != 2:
         raise ProtocolError(f"expected 2 frames (body, signature), got {len(frames)}")
     body, mac = frames
     if len(body) > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"message of {len(body)} bytes exceeds {MAX_MESSAGE_BYTES}")
-    if not hmac.compare_digest(_mac(secret, body), bytes(mac)):
-        raise AuthenticationError("bad or missing signature: the sender does not hold this "
-                                  "run's secret (check SHARDBALANCE_TOKEN / --token-file)")
     try:
         msg = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -133,7 +271,12 @@ def decode(frames: list[bytes], secret: bytes | None) -> dict[str, Any]:
         raise ProtocolError("message has no string 'type'")
     if not _is_int(msg.get("id"), 0, _MAX_COUNTER):
         raise ProtocolError(f"message id must be an integer in [0, 2^53], got {msg.get('id')!r}")
-    return msg
+    for name, pattern in (("nonce", _NONCE), ("key", _HEX_KEY), ("grant", _HEX_KEY)):
+        value = msg.get(name)
+        if value is not None and not (isinstance(value, str) and pattern.match(value)):
+            raise ProtocolError(f"envelope field {name!r} must match {pattern.pattern}, "
+                                f"got {value!r:.80}")
+    return msg, bytes(body), bytes(mac)
 
 
 def _reject_constant(name: str):

@@ -163,6 +163,8 @@ class DynamicShardSampler:
         self._heartbeat: threading.Thread | None = None
 
         self._pid = os.getpid()
+        #: The run key (None: the token, the only secret independent processes share).
+        self._run_key = None
         address = coordinator or env.coordinator
         # Pull requests are tiny and answered at once: a short wait per try, resent until
         # timeout_s, so a restarted coordinator is found again within a couple of seconds.
@@ -180,6 +182,7 @@ class DynamicShardSampler:
             self.run_id = run_id or f"pull-{self._session.run_id}"
             self.address = self._session.address
             self._secret = self._session.client.secret
+            self._run_key = self._session.client.run_key
         elif address is not None:
             if run_id is None and num_replicas > 1:
                 raise ConfigError(
@@ -200,7 +203,8 @@ class DynamicShardSampler:
                 f"Invalid coordinator None for {num_replicas} independent processes without a "
                 "process group: start `shardbalance coordinator --bind tcp://HOST:PORT` and pass "
                 "coordinator='tcp://HOST:PORT' (or SHARDBALANCE_COORDINATOR) and a run_id")
-        self._client = CoordinatorClient(self.address, self._secret, per_try, retries)
+        self._client = CoordinatorClient(self.address, self._secret, per_try, retries,
+                                         run_key=self._run_key)
         self._closed = False
         self._heartbeat = threading.Thread(target=self._renew_leases, daemon=True,
                                            name="shardbalance-pull-heartbeat")
@@ -226,7 +230,8 @@ class DynamicShardSampler:
                                      ranges=[list(r) for r in ranges])
 
     def _renew_leases(self) -> None:
-        client = CoordinatorClient(self.address, self._secret, min(2.0, self.timeout_s), 1)
+        client = CoordinatorClient(self.address, self._secret, min(2.0, self.timeout_s), 1,
+                                   run_key=self._run_key)
         try:
             while not self._stop.wait(self.lease_s / 4):
                 with self._lock:

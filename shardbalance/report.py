@@ -51,7 +51,8 @@ class JournalReader:
     """Reads a journal incrementally: each :meth:`poll` adds the complete lines written since.
 
     A line without its newline yet (the writer is mid-line) waits for the next poll; a line
-    that is not a JSON object is skipped. A journal that shrank (rewritten) is read afresh.
+    that is not a JSON object is skipped. A journal that shrank or was replaced (another
+    inode: the coordinator compacted it) is read afresh.
     """
 
     def __init__(self, path: str) -> None:
@@ -59,15 +60,18 @@ class JournalReader:
         self.records: list[dict[str, Any]] = []
         self._offset = 0
         self._partial = b""
+        self._inode: int | None = None
 
     def poll(self) -> bool:
         """Read what was appended; True if any record was added."""
         try:
-            size = os.path.getsize(self.path)
+            stat = os.stat(self.path)
         except OSError:
             return False
-        if size < self._offset:
+        size = stat.st_size
+        if size < self._offset or (self._inode is not None and stat.st_ino != self._inode):
             self.records, self._offset, self._partial = [], 0, b""
+        self._inode = stat.st_ino
         if size == self._offset:
             return False
         with open(self.path, "rb") as fh:

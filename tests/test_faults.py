@@ -139,6 +139,7 @@ def test_randomized_hostile_traffic_changes_nothing_while_a_sampler_gets_plans(t
             for s in socks:
                 s.setsockopt(zmq.LINGER, 0)
                 s.setsockopt(zmq.SNDHWM, 1000)
+                protocol.curve_client(s, secret)  # a token holder: past the transport
                 s.connect(address)
             while not stop.is_set() and sent[0] < 30000:
                 sock = socks[sent[0] % len(socks)]
@@ -194,6 +195,7 @@ def test_a_peer_that_never_reads_replies_does_not_stall_the_others(tmp_path):
     stalled.setsockopt(zmq.LINGER, 0)
     stalled.setsockopt(zmq.RCVHWM, 1)
     stalled.setsockopt(zmq.RCVBUF, 4096)
+    protocol.curve_client(stalled, SECRET.encode())
     stalled.connect(address)
     try:
         ping = protocol.encode({"type": "ping", "id": 1}, SECRET.encode())
