@@ -515,10 +515,15 @@ def fit_cost_model(history: tuple[np.ndarray, ...], options: Mapping[str, float]
     only one batch size to go on (α unidentified) borrows α from the line its cut broke or the
     other ranks' fits.
     """
-    opts = _options(options)
     if not history or any(len(h) == 0 for h in history):
         return None
-    rows = _Rows.stack(history)
+    return _fit_affine(_Rows.stack(history), _options(options))[0]
+
+
+def _fit_affine(rows: _Rows, opts: Mapping[str, float]
+                ) -> tuple[CostModel, _Segments, np.ndarray, np.ndarray]:
+    """:func:`fit_cost_model` of stacked rows (every rank has some), with the segment table
+    and the relative errors it computed on the way (the curve fit reuses them)."""
     segs = _segment_table(rows)
     spread, noise = _relative_errors(rows)
     alpha, beta, fitted, prior = _scan(segs, spread, opts["drift_tolerance"],
@@ -528,7 +533,7 @@ def fit_cost_model(history: tuple[np.ndarray, ...], options: Mapping[str, float]
     borrowed = np.minimum(np.where(np.isnan(prior), pooled_alpha, prior), 0.5 * busy)
     alphas = np.where(fitted, alpha, borrowed)
     betas = np.maximum(np.where(fitted, beta, (busy - borrowed) / size), 1e-12)
-    return CostModel(alphas, betas, noise)
+    return CostModel(alphas, betas, noise), segs, spread, noise
 
 
 def _throughputs(history: tuple[np.ndarray, ...]) -> np.ndarray:
@@ -716,39 +721,44 @@ class CurveModel:
         return targets, high
 
 
-def _drop_new_shape_steps(history: tuple[np.ndarray, ...], steps: int) -> tuple[np.ndarray, ...]:
-    """Each rank's rows without the first ``steps`` of the first run at each batch size (a rank
-    left with no rows keeps them all). Vectorised over all ranks' rows at once."""
-    if steps <= 0 or not history:
-        return history
-    arrays = [np.asarray(h, dtype=np.float64).reshape(-1, 2) for h in history]
-    lengths = np.array([len(a) for a in arrays])
-    rows = np.concatenate(arrays)
-    n = len(rows)
-    if n == 0:
-        return tuple(arrays)
-    first = np.zeros(len(arrays) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=first[1:])
-    rank = np.repeat(np.arange(len(arrays)), lengths)
-    size = rows[:, 0]
-    run_start = _starts(n, first)
-    run_start[1:] |= size[1:] != size[:-1]
-    run_id = np.cumsum(run_start) - 1
+def _drop_new_shape_steps(rows: _Rows, steps: int) -> _Rows:
+    """The rows without each rank's first ``steps`` rows of the first run at each batch size
+    (a rank left with no rows keeps them all).
+
+    Worked out per run of one batch size, not per row (a rank's history holds a few runs and
+    hundreds of rows): the first run of each (rank, size) is found by sorting the runs.
+    """
+    n = len(rows.size)
+    if steps <= 0 or n == 0:
+        return rows
+    k = len(rows.first) - 1
+    run_start = _starts(n, rows.first)
+    run_start[1:] |= rows.size[1:] != rows.size[:-1]
     begin = np.flatnonzero(run_start)
-    # The first row of each (rank, size): sort rows by (rank, size, row) and mark group starts.
-    order = np.lexsort((np.arange(n), size, rank))
-    new_group = np.ones(n, dtype=bool)
-    new_group[1:] = (rank[order[1:]] != rank[order[:-1]]) | (size[order[1:]] != size[order[:-1]])
-    group_first = order[new_group][np.cumsum(new_group) - 1]
-    first_row = np.empty(n, dtype=np.int64)
-    first_row[order] = group_first
-    in_first_run = run_id[first_row] == run_id
-    drop = in_first_run & (np.arange(n) - begin[run_id] < steps)
-    kept = np.bincount(rank[~drop], minlength=len(arrays))
-    drop &= kept[rank] > 0
-    keep = ~drop
-    counts = np.bincount(rank[keep], minlength=len(arrays))
-    return tuple(np.split(rows[keep], np.cumsum(counts)[:-1]))
+    end = np.append(begin[1:], n)
+    run_rank = np.searchsorted(rows.first, begin, side="right") - 1
+    run_size = rows.size[begin]
+    order = np.lexsort((begin, run_size, run_rank))
+    first_of_size = np.ones(len(begin), dtype=bool)
+    first_of_size[1:] = (run_rank[order[1:]] != run_rank[order[:-1]]) | \
+        (run_size[order[1:]] != run_size[order[:-1]])
+    first_run = np.zeros(len(begin), dtype=bool)
+    first_run[order[first_of_size]] = True
+    dropped = np.where(first_run, np.minimum(end - begin, steps), 0)
+    length = end - begin
+    # A rank that would keep nothing keeps everything.
+    kept = np.bincount(run_rank, length - dropped, minlength=k)
+    dropped = np.where(kept[run_rank] > 0, dropped, 0)
+    if not dropped.any():
+        return rows
+    keep = np.ones(n, dtype=bool)
+    drop_index = _ranges(begin, begin + dropped)
+    keep[drop_index] = False
+    size, busy = rows.size[keep], rows.busy[keep]
+    first = np.zeros(k + 1, dtype=np.int64)
+    np.cumsum(np.bincount(run_rank, length - dropped, minlength=k), out=first[1:])
+    padded = np.concatenate([busy, np.full(SEGMENT_STEPS, np.inf)])
+    return _Rows(size, busy, padded, first)
 
 
 def _since_last_change(segs: _Segments, tolerance: float) -> np.ndarray:
@@ -799,13 +809,10 @@ class _CurveFit:
 
 def _fit_curves(inp_history: tuple[np.ndarray, ...], opts: Mapping[str, float]
                 ) -> _CurveFit | None:
-    history = _drop_new_shape_steps(inp_history, int(opts["shape_warmup_steps"]))
-    base = fit_cost_model(history, opts)
-    if base is None:
+    if not inp_history or any(len(h) == 0 for h in inp_history):
         return None
-    rows = _Rows.stack(history)
-    segs = _segment_table(rows)
-    spread, noise = _relative_errors(rows)
+    rows = _drop_new_shape_steps(_Rows.stack(inp_history), int(opts["shape_warmup_steps"]))
+    base, segs, spread, noise = _fit_affine(rows, opts)
     start = _since_last_change(segs, opts["drift_tolerance"])
     index = _ranges(start, segs.first[1:])
     rank, size = segs.rank[index], segs.size[index]
@@ -817,7 +824,7 @@ def _fit_curves(inp_history: tuple[np.ndarray, ...], opts: Mapping[str, float]
     order = np.lexsort((size[newest], rank[newest]))
     knot = newest[order]
     k_rank, k_size, k_time, k_n = rank[knot], size[knot], pooled_t[knot], pooled_n[knot]
-    k = len(history)
+    k = len(inp_history)
     counts = np.bincount(k_rank, minlength=k)
     width = int(counts.max())
     col = np.arange(len(knot)) - np.searchsorted(k_rank, k_rank)
