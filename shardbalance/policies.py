@@ -655,19 +655,25 @@ class CurveModel:
         _, _, s_hi, t_hi = self._ends()
         return t_hi - self.high_slopes * s_hi
 
-    def busy_seconds(self, batch_sizes) -> np.ndarray:
+    def busy_seconds(self, batch_sizes, ranks=None) -> np.ndarray:
+        """Busy seconds of every rank at ``batch_sizes``, or of the ranks ``ranks`` (an index
+        array) at ``batch_sizes`` (one per rank given)."""
         b = np.asarray(batch_sizes, dtype=np.float64)
-        s_lo, t_lo, s_hi, t_hi = self._ends()
-        rows = np.arange(len(b))
-        j = np.clip((self.sizes <= b[:, None]).sum(axis=1) - 1, 0,
-                    np.maximum(self.counts - 2, 0))
-        nxt = np.minimum(j + 1, self.counts - 1)
-        s0, s1 = self.sizes[rows, j], self.sizes[rows, nxt]
-        t0, t1 = self.times[rows, j], self.times[rows, nxt]
+        rows = np.arange(len(b)) if ranks is None else np.asarray(ranks)
+        counts = self.counts[rows]
+        last = counts - 1
+        sizes, times = self.sizes[rows], self.times[rows]
+        local = np.arange(len(rows))
+        s_lo, t_lo = sizes[:, 0], times[:, 0]
+        s_hi, t_hi = sizes[local, last], times[local, last]
+        j = np.clip((sizes <= b[:, None]).sum(axis=1) - 1, 0, np.maximum(counts - 2, 0))
+        nxt = np.minimum(j + 1, last)
+        s0, s1 = sizes[local, j], sizes[local, nxt]
+        t0, t1 = times[local, j], times[local, nxt]
         with np.errstate(divide="ignore", invalid="ignore"):
             inside = np.where(s1 > s0, t0 + (t1 - t0) * (b - s0) / (s1 - s0), t0)
-        below = np.maximum(t_lo - self.low_slopes * (s_lo - b), 0.0)
-        above = t_hi + self.high_slopes * (b - s_hi)
+        below = np.maximum(t_lo - self.low_slopes[rows] * (s_lo - b), 0.0)
+        above = t_hi + self.high_slopes[rows] * (b - s_hi)
         return np.where(b <= s_lo, below, np.where(b >= s_hi, above, inside))
 
     def step_seconds(self, batch_sizes) -> float:
@@ -707,7 +713,8 @@ class CurveModel:
         if sizes_at(low).sum() >= total:
             high = low
         for _ in range(100):
-            if high - low <= 1e-12 * max(high, 1e-9):
+            # A relative 1e-9 of the step is far below one sample's worth of time.
+            if high - low <= 1e-9 * max(high, 1e-9):
                 break
             mid = 0.5 * (low + high)
             if sizes_at(mid).sum() >= total:
@@ -952,20 +959,26 @@ def _refine(model: CurveModel, sizes, inp: PolicyInput) -> tuple[tuple[int, ...]
     q = inp.quantum
     lo, hi = np.asarray(inp.min_sizes), np.asarray(inp.max_sizes)
     busy = model.busy_seconds(b)
+    # Each move changes two ranks: only their busy times (now and one quantum up) are redone.
+    grown = np.where(b + q <= hi, model.busy_seconds(b + q), np.inf)
     for _ in range(REFINE_MOVES):
         slow = int(np.argmax(busy))
         if b[slow] - q < lo[slow]:
             break
-        grown = np.where(b + q <= hi, model.busy_seconds(b + q), np.inf)
-        grown[slow] = np.inf
+        slow_grown, grown[slow] = grown[slow], np.inf
         to = int(np.argmin(grown))
-        trial = b.copy()
-        trial[slow] -= q
-        trial[to] += q
-        trial_busy = model.busy_seconds(trial)
-        if not trial_busy.max() < busy.max() * (1.0 - 1e-9):
+        grown[slow] = slow_grown
+        if to == slow or not np.isfinite(grown[to]):
+            break  # no other rank can take a quantum more
+        pair = np.array([slow, to])
+        moved = b[pair] + np.array([-q, q])
+        rest = busy.copy()
+        rest[pair] = model.busy_seconds(moved, pair)
+        if not rest.max() < busy[slow] * (1.0 - 1e-9):
             break
-        b, busy = trial, trial_busy
+        b[pair], busy = moved, rest
+        grown[pair] = np.where(moved + q <= hi[pair], model.busy_seconds(moved + q, pair),
+                               np.inf)
     return tuple(int(x) for x in b), float(busy.max())
 
 
