@@ -17,6 +17,7 @@ the coordinator, the simulator and the tests all run exactly the same code.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -638,7 +639,8 @@ class CurveModel:
     #: Relative standard error of each rank's newest busy-time estimate (0 if unknown).
     noise: np.ndarray | None = None
 
-    def _ends(self):
+    @functools.cached_property
+    def _end_knots(self):
         rows = np.arange(len(self.counts))
         last = self.counts - 1
         return (self.sizes[:, 0], self.times[:, 0], self.sizes[rows, last],
@@ -652,7 +654,7 @@ class CurveModel:
     @property
     def alphas(self) -> np.ndarray:
         """Intercept of the line of slope :attr:`betas` through the largest knot (for logs)."""
-        _, _, s_hi, t_hi = self._ends()
+        _, _, s_hi, t_hi = self._end_knots
         return t_hi - self.high_slopes * s_hi
 
     def busy_seconds(self, batch_sizes, ranks=None) -> np.ndarray:
@@ -684,7 +686,7 @@ class CurveModel:
         """Per rank, the largest real batch size whose busy time is at most ``seconds``
         (-inf where even the smallest is slower, +inf where the curve never gets there)."""
         T = float(seconds)
-        s_lo, t_lo, s_hi, t_hi = self._ends()
+        s_lo, t_lo, s_hi, t_hi = self._end_knots
         rows = np.arange(len(self.counts))
         j = np.minimum((self.times <= T).sum(axis=1) - 1, self.counts - 1)
         jj = np.maximum(j, 0)
