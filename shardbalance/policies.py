@@ -47,8 +47,8 @@ DEFAULT_OPTIONS: Mapping[str, float] = {
     "half_life_segments": 2.0,
     # seed: the step size β of W(t+1) = W(t) + β·(R − L).
     "seed_beta": 0.5,
-    # curve: steps dropped at the start of the first run of each new batch size of a rank (a
-    # new shape pays one-off costs: cudnn autotuning, recompiles, CUDA-graph capture).
+    # affine, curve: steps dropped at the start of the first run of each new batch size of a
+    # rank (a new shape pays one-off costs: cudnn autotuning, recompiles, CUDA-graph capture).
     "shape_warmup_steps": 2.0,
     # curve: an exploration step (and any move the fit extrapolates optimistically) grows a
     # rank's largest measured batch size by at most this fraction.
@@ -578,13 +578,20 @@ def seed(inp: PolicyInput) -> Decision:
 
 
 def affine(inp: PolicyInput) -> Decision:
-    """Equal finish under ``t_i(b) = α_i + β_i·b``: ``b_i = (T − α_i)/β_i`` water-filled into bounds."""
-    model = fit_cost_model(inp.history, inp.options)
-    if model is None:
+    """Equal finish under ``t_i(b) = α_i + β_i·b``: ``b_i = (T − α_i)/β_i`` water-filled into bounds.
+
+    The first ``shape_warmup_steps`` steps at each new batch size are left out of the fit: a
+    one-off cost there (cudnn autotuning, a recompile) read as a fixed cost per step gave the
+    slowest rank almost nothing (``[2, 38, 44, 44]`` where the optimum is ``[8, 32, 44, 44]``).
+    """
+    opts = _options(inp.options)
+    if not inp.history or any(len(h) == 0 for h in inp.history):
         return _keep(inp, None, "waiting for measurements from every rank")
+    rows = _drop_new_shape_steps(_Rows.stack(inp.history), int(opts["shape_warmup_steps"]))
+    model = _fit_affine(rows, opts)[0]
     targets, finish = model.equal_finish(inp.min_sizes, inp.max_sizes, inp.global_batch_size)
     sizes = apportion(targets, inp.global_batch_size, inp.min_sizes, inp.max_sizes, inp.quantum)
-    band = _options(inp.options)["band"]
+    band = opts["band"]
     if model.noise is not None and len(model.noise):
         # The slowest of k noisy estimates overstates the current step by about
         # sqrt(2 ln k) standard errors: a gain smaller than that is noise, not imbalance.
