@@ -840,13 +840,22 @@ class _CurveFit:
     flat_top: np.ndarray
     #: Seconds per sample the model assumes beyond its bounded optimistic step (pessimistic).
     far_slopes: np.ndarray
+    #: Ranks with (kept) measurements at their batch size of the plan in force (all True when
+    #: the fit was not given that plan).
+    measured_current: np.ndarray
 
 
-def _fit_curves(inp_history: tuple[np.ndarray, ...], opts: Mapping[str, float]
-                ) -> _CurveFit | None:
+def _fit_curves(inp_history: tuple[np.ndarray, ...], opts: Mapping[str, float],
+                current=None) -> _CurveFit | None:
     if not inp_history or any(len(h) == 0 for h in inp_history):
         return None
     rows = _drop_new_shape_steps(_Rows.stack(inp_history), int(opts["shape_warmup_steps"]))
+    k = len(inp_history)
+    measured_current = np.ones(k, dtype=bool)
+    if current is not None:
+        row_rank = np.repeat(np.arange(k), np.diff(rows.first))
+        hit = rows.size == np.asarray(current, dtype=np.float64)[row_rank]
+        measured_current = np.bincount(row_rank[hit], minlength=k) > 0
     base, segs, spread, noise = _fit_affine(rows, opts)
     start = _since_last_change(segs, opts["drift_tolerance"])
     index = _ranges(start, segs.first[1:])
@@ -929,7 +938,7 @@ def _fit_curves(inp_history: tuple[np.ndarray, ...], opts: Mapping[str, float]
     counts2 = counts + extra
     high = np.where(extra, far, near)
     model = CurveModel(sizes2, times2, counts2, low, np.maximum(high, 1e-12), noise)
-    return _CurveFit(model, flat_top, far)
+    return _CurveFit(model, flat_top, far, measured_current)
 
 
 def fit_curve_model(history: tuple[np.ndarray, ...], options: Mapping[str, float] | None = None
@@ -971,10 +980,12 @@ def _band(inp: PolicyInput, noise) -> float:
     current and the new plan from the same measured points, so that overstatement is in both."""
     band = _options(inp.options)["band"]
     if noise is not None and len(noise):
-        band += 2.0 * math.sqrt(2.0) * float(np.median(noise))
+        band += CURVE_BAND_SES * math.sqrt(2.0) * float(np.median(noise))
     return band
 
 
+#: curve: the no-change band's noise term, in standard errors of a difference.
+CURVE_BAND_SES = 2.0
 #: Moves of one quantum tried by :func:`_refine` after rounding.
 REFINE_MOVES = 16
 
@@ -1013,9 +1024,16 @@ def _refine(model: CurveModel, sizes, inp: PolicyInput) -> tuple[tuple[int, ...]
 def curve(inp: PolicyInput) -> Decision:
     """Equal finish under monotone piecewise-linear curves, exploring flat tops (see above)."""
     opts = _options(inp.options)
-    fit = _fit_curves(inp.history, opts)
+    fit = _fit_curves(inp.history, opts, inp.current)
     if fit is None:
         return _keep(inp, None, "waiting for measurements from every rank")
+    pending = np.flatnonzero(~fit.measured_current)
+    if len(pending):
+        # Decisions see measurements a window or two late (planning runs ahead of training):
+        # a plan whose new sizes are not measured yet is kept until they are, or the policy
+        # would move again on the same data, and an exploration would be tried twice.
+        return _keep(inp, fit.model, f"waiting for rank(s) {pending[:8].tolist()} to be "
+                                     "measured at the plan in force")
     model = fit.model
     B = inp.global_batch_size
 
