@@ -922,7 +922,14 @@ def _fit_curves(inp_history: tuple[np.ndarray, ...], opts: Mapping[str, float],
     # Above: the last span's slope when clear (the affine fit's when the span is short), for
     # one bounded step, then the pessimistic proportional rate. A flat last span leaves the top
     # unidentified: pessimistic, and a candidate for exploration. One knot: the affine slope.
-    flat_top = several & ~last_clear
+    # Flat, not merely noisy: the largest knot also runs clearly faster than busy time
+    # proportional to batch size from the reference knot predicts. (Under heavy noise a
+    # sloped top is often not clearly sloped; exploring it measured worse, again and again.)
+    ref_size, ref_time = sizes[rows_, top_ref], times[rows_, top_ref]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        below_proportional = ref_time * s_hi / ref_size - t_hi > SLOPE_SIGNIFICANCE * \
+            (rel_se[rows_, top_ref] + rel_se[rows_, last]) * t_hi
+    flat_top = several & ~last_clear & below_proportional
     near = np.where(last_clear, np.where(has_top, last_slope, np.maximum(base.betas, 0.0)),
                     np.where(several, proportional_hi, np.maximum(base.betas, 0.0)))
     far = np.maximum(near, proportional_hi)
