@@ -243,6 +243,9 @@ class SimulationConfig:
                                   "integer >= 1")
         if self.lag is None:
             self.lag = self.window
+        if not isinstance(self.discard_after_change, bool):
+            raise ConfigError(f"Invalid discard_after_change {self.discard_after_change!r}, "
+                              "it should be True or False")
         self.early_windows = tuple(self.early_windows)
         for n in self.early_windows:
             if not _is_int(n) or n < 1:
