@@ -243,10 +243,11 @@ def test_a_policy_decides_from_the_first_few_trained_steps_of_epoch_0(policy):
 
 
 @pytest.mark.parametrize("lag", [1, 2])
-def test_under_a_lag_of_windows_a_plan_is_held_until_it_is_measured(lag):
+def test_under_a_lag_of_windows_a_try_is_held_until_it_is_measured(lag):
     # Decisions see measurements one or two windows late (the plan of the next window is
-    # agreed while the current one trains). A changed plan is kept until its sizes are
-    # measured: no second move on the same data, no exploration tried twice.
+    # agreed while the current one trains). A plan that tries a size above all a rank was
+    # measured at is kept until that is measured: on this cluster every move the policy makes
+    # after the first is such a try, so no two moves come closer than the lag allows.
     curves = [_curve(1.0), _curve(2.0), _curve(4.0, flat_below=96)]
     B, lo, hi = 192, [1] * 3, [192] * 3
     plans, steps, reasons = _loop(curves, B, 14, lo, hi, noise=0.02, lag=lag)
