@@ -48,7 +48,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--window", type=int, default=20)
     p.add_argument("--policy", default="affine")
+    p.add_argument("--curve", default="affine",
+                   help="the simulator's busy-time curve: affine, flat:F, step:Q (see simulate.py)")
+    p.add_argument("--new-shape-ms", type=float, default=0.0,
+                   help="one-off ms of each of the first 2 steps at a new batch size")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-decide", type=int, default=0, metavar="N",
+                   help="time N decide() calls of --policy and of affine, interleaved, on the "
+                        "last window's input at the largest k")
     p.add_argument("--profile", action="store_true",
                    help="profile one decide() at the largest k with a full history")
     return p.parse_args(argv)
@@ -77,15 +84,50 @@ def _profile(args, ranks: int) -> str:
     try:
         simulate(SimulationConfig(ranks=ranks, speeds=args.speeds, noise=args.noise,
                                   steps=args.steps, window=args.window, policy=args.policy,
-                                  seed=args.seed))
+                                  seed=args.seed, curve=args.curve,
+                                  new_shape_s=args.new_shape_ms / 1e3))
     finally:
         sim.decide = real_decide
     return calls[-1]
 
 
+def _time_decide(args, ranks: int) -> str:
+    """Median and min of ``args.time_decide`` decide() calls per policy, interleaved, on the
+    input of the last window of a run at ``ranks`` (the longest history)."""
+    import statistics
+
+    from shardbalance import simulate as sim
+
+    real_decide = sim.decide
+    inputs = []
+
+    def decide(policy, inp):
+        inputs.append(inp)
+        return real_decide(policy, inp)
+
+    sim.decide = decide
+    try:
+        simulate(SimulationConfig(ranks=ranks, speeds=args.speeds, noise=args.noise,
+                                  steps=args.steps, window=args.window, policy=args.policy,
+                                  seed=args.seed, curve=args.curve,
+                                  new_shape_s=args.new_shape_ms / 1e3))
+    finally:
+        sim.decide = real_decide
+    policies = list(dict.fromkeys([args.policy, "affine"]))
+    times = {p: [] for p in policies}
+    for _ in range(args.time_decide):
+        for p in policies:
+            t0 = time.perf_counter()
+            real_decide(p, inputs[-1])
+            times[p].append(time.perf_counter() - t0)
+    return "\n".join(f"  {p}: median {statistics.median(t) * 1e3:.0f} ms, min "
+                     f"{min(t) * 1e3:.0f} ms" for p, t in times.items())
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
-    print(f"{args.policy}, speeds {args.speeds}, noise {args.noise:g}, {args.steps} steps, "
+    print(f"{args.policy}, curve {args.curve}, speeds {args.speeds}, noise {args.noise:g}, "
+          f"{args.steps} steps, "
           f"window {args.window}, B = 64/rank, seed {args.seed}")
     print(f"{'ranks':>6} {'decide ms med':>13} {'max':>8} {'step ms':>8} {'oracle':>8} "
           f"{'T*':>8} {'efficiency':>10} {'T* eff':>7} {'speedup':>8} {'ideal':>6} {'wall s':>7}")
@@ -93,7 +135,8 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         result = simulate(SimulationConfig(ranks=k, speeds=args.speeds, noise=args.noise,
                                            steps=args.steps, window=args.window,
-                                           policy=args.policy, seed=args.seed))
+                                           policy=args.policy, seed=args.seed, curve=args.curve,
+                                           new_shape_s=args.new_shape_ms / 1e3))
         wall = time.perf_counter() - t0
         s = result.summary
         print(f"{k:>6} {s.decision_ms_median:>13.1f} {s.decision_ms_max:>8.1f} "
@@ -101,6 +144,10 @@ def main(argv=None) -> None:
               f"{s.steady_optimum_s * 1e3:>8.2f} {s.efficiency:>10.1%} "
               f"{s.steady_optimum_s / s.steady_step_s:>7.1%} {s.speedup:>8.2f} "
               f"{s.steady_equal_s / s.steady_oracle_s:>6.2f} {wall:>7.1f}", flush=True)
+    if args.time_decide:
+        print(f"\ndecide() at {max(args.ranks)} ranks, last window's input, "
+              f"{args.time_decide} calls each, interleaved:")
+        print(_time_decide(args, max(args.ranks)))
     if args.profile:
         print(f"\nprofile of the last decide() at {max(args.ranks)} ranks:")
         print(_profile(args, max(args.ranks)))
