@@ -619,12 +619,14 @@ def affine(inp: PolicyInput) -> Decision:
 #   unknown, at the pessimistic rate of busy time proportional to batch size (for a curve
 #   ``max(c, α + β·b)`` with α >= 0 that is an upper bound).
 #
-# Exploration: where a rank's top is flat (the largest sizes measured at about one time), the
-# model cannot tell whether more samples are free. If assuming them free for one bounded step
+# Exploration: where a rank's top is flat (the largest sizes measured at about one time, and
+# clearly below busy time proportional to batch size: flat, not merely noisy), the model
+# cannot tell whether more samples are free. If assuming them free for one bounded step
 # predicts a plan faster than the believed optimum by more than the no-change band, that plan
 # is tried. Its measurement then decides: a cheap step makes the next plan keep it (and explore
 # further), a costly one gives the top a slope, so that region is never explored again and the
-# fitted points steer away from it. A rank's points are forgotten only when its speed changes
+# fitted points steer away from it. Decisions see measurements a window or two late, so a plan
+# that puts a rank above every size it was measured at is held until that size is measured. A rank's points are forgotten only when its speed changes
 # (a segment that disagrees with the previous segment of the same batch size by more than
 # ``drift_tolerance``, or a larger batch measured clearly faster than the batch before it).
 
