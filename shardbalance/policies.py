@@ -626,9 +626,10 @@ def affine(inp: PolicyInput) -> Decision:
 # is tried. Its measurement then decides: a cheap step makes the next plan keep it (and explore
 # further), a costly one gives the top a slope, so that region is never explored again and the
 # fitted points steer away from it. Decisions see measurements a window or two late, so a plan
-# that puts a rank above every size it was measured at is held until that size is measured. A rank's points are forgotten only when its speed changes
-# (a segment that disagrees with the previous segment of the same batch size by more than
-# ``drift_tolerance``, or a larger batch measured clearly faster than the batch before it).
+# that puts a rank above every size it was measured at is held until that size is measured.
+# A rank's points are forgotten only when its speed changes (a segment that disagrees with the
+# previous segment of the same batch size by more than ``drift_tolerance``, or a larger batch
+# measured clearly faster than the batch before it).
 
 
 @dataclass(frozen=True)
