@@ -19,6 +19,24 @@ for the fits), so a decision costs tens of milliseconds at 4096 ranks; before th
 of the oracle; the oracle itself is 26 % above the noiseless optimum T* because every step
 waits for the slowest of 4096 noisy ranks.
 
+The ``curve`` policy at 4096 ranks with flat-then-linear curves (load average 14-17: every
+figure here is 2-4x its idle value, the ratios are what to read):
+
+    python benchmarks/simulate_scale.py --ranks 4096 --policy curve --curve flat:48 \
+        --new-shape-ms 20 --time-decide 5
+     ranks decide ms med      max  step ms   oracle       T* efficiency ...
+      4096         386.9    779.5   172.43   166.30   136.13      96.4% ...
+    decide() at 4096 ranks, last window's input, 5 calls each, interleaved:
+      curve: median 855 ms, min 644 ms
+      affine: median 523 ms, min 506 ms
+
+A curve decision cost 0.25-0.6 s at 4096 ranks on an idle machine, 5-8x an affine one. Now it
+stacks the history once, drops a new shape's first steps per run instead of per row, searches
+the equal finish by safeguarded false position instead of ~50 bisection steps and refines by
+re-evaluating only the two ranks a move changes: 1.6-1.7x an affine decision. The same input
+decided by the previous version (commit 4dbfc7f, imported beside this one, calls interleaved,
+5 each, load 7-17): median 1832-3294 ms before, 526-1311 ms after (2.4-3.5x less).
+
 Each row is one :func:`shardbalance.simulate.simulate` run (lognormal:0.5 speeds, noise 0.1,
 400 steps in windows of 20, lag one window, B = 64 per rank, seed 0): the real ``decide()`` on
 the history the coordinator would hold. ``decide ms`` is wall time of each window's decide()
