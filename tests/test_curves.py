@@ -322,3 +322,31 @@ def test_curve_equal_finish_matches_a_fine_bisection(ranks, seed):
     assert targets.sum() == pytest.approx(total)
     above_min = targets > lo + 1e-9  # a rank held at its minimum may take longer than T
     assert np.all(model.busy_seconds(targets)[above_min] <= T * (1 + 1e-6) + 1e-12)
+
+
+def _drop_reference(rows, steps):
+    """Plain per-rank rule: drop the first ``steps`` rows of the first run at each size."""
+    keep, seen, run_start = [], set(), 0
+    for j, (b, _) in enumerate(rows):
+        if j == 0 or b != rows[j - 1][0]:
+            run_start, first_run = j, b not in seen
+            seen.add(b)
+        keep.append(not (first_run and j - run_start < steps))
+    kept = [r for r, k in zip(rows, keep) if k]
+    return kept if kept else list(rows)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.lists(st.sampled_from([8.0, 16.0, 24.0]), max_size=30), min_size=1,
+                max_size=5), st.integers(0, 3))
+def test_new_shape_drop_matches_a_per_rank_reference(sizes_per_rank, steps):
+    from shardbalance.policies import _drop_new_shape_steps, _Rows
+
+    history = tuple(np.array([(b, float(j)) for j, b in enumerate(sizes)]).reshape(-1, 2)
+                    for sizes in sizes_per_rank)
+    rows = _drop_new_shape_steps(_Rows.stack(history), steps)
+    for i, h in enumerate(history):
+        got = np.column_stack([rows.size[rows.first[i]:rows.first[i + 1]],
+                               rows.busy[rows.first[i]:rows.first[i + 1]]])
+        want = np.array(_drop_reference([tuple(r) for r in h], steps)).reshape(-1, 2)
+        assert np.array_equal(got, want), (h, got, want)
