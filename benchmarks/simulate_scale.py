@@ -19,6 +19,24 @@ for the fits), so a decision costs tens of milliseconds at 4096 ranks; before th
 of the oracle; the oracle itself is 26 % above the noiseless optimum T* because every step
 waits for the slowest of 4096 noisy ranks.
 
+The ``curve`` policy at 4096 ranks with flat-then-linear curves (load average 14-17: every
+figure here is 2-4x its idle value, the ratios are what to read):
+
+    python benchmarks/simulate_scale.py --ranks 4096 --policy curve --curve flat:48 \
+        --new-shape-ms 20 --time-decide 5
+     ranks decide ms med      max  step ms   oracle       T* efficiency ...
+      4096         386.9    779.5   172.43   166.30   136.13      96.4% ...
+    decide() at 4096 ranks, last window's input, 5 calls each, interleaved:
+      curve: median 855 ms, min 644 ms
+      affine: median 523 ms, min 506 ms
+
+A curve decision cost 0.25-0.6 s at 4096 ranks on an idle machine, 5-8x an affine one. Now it
+stacks the history once, drops a new shape's first steps per run instead of per row, searches
+the equal finish by safeguarded false position instead of ~50 bisection steps and refines by
+re-evaluating only the two ranks a move changes: 1.6-1.7x an affine decision. The same input
+decided by the previous version (commit 4dbfc7f, imported beside this one, calls interleaved,
+5 each, load 7-17): median 1832-3294 ms before, 526-1311 ms after (2.4-3.5x less).
+
 Each row is one :func:`shardbalance.simulate.simulate` run (lognormal:0.5 speeds, noise 0.1,
 400 steps in windows of 20, lag one window, B = 64 per rank, seed 0): the real ``decide()`` on
 the history the coordinator would hold. ``decide ms`` is wall time of each window's decide()
@@ -48,7 +66,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--window", type=int, default=20)
     p.add_argument("--policy", default="affine")
+    p.add_argument("--curve", default="affine",
+                   help="the simulator's busy-time curve: affine, flat:F, step:Q (see simulate.py)")
+    p.add_argument("--new-shape-ms", type=float, default=0.0,
+                   help="one-off ms of each of the first 2 steps at a new batch size")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-decide", type=int, default=0, metavar="N",
+                   help="time N decide() calls of --policy and of affine, interleaved, on the "
+                        "last window's input at the largest k")
     p.add_argument("--profile", action="store_true",
                    help="profile one decide() at the largest k with a full history")
     return p.parse_args(argv)
@@ -77,15 +102,50 @@ def _profile(args, ranks: int) -> str:
     try:
         simulate(SimulationConfig(ranks=ranks, speeds=args.speeds, noise=args.noise,
                                   steps=args.steps, window=args.window, policy=args.policy,
-                                  seed=args.seed))
+                                  seed=args.seed, curve=args.curve,
+                                  new_shape_s=args.new_shape_ms / 1e3))
     finally:
         sim.decide = real_decide
     return calls[-1]
 
 
+def _time_decide(args, ranks: int) -> str:
+    """Median and min of ``args.time_decide`` decide() calls per policy, interleaved, on the
+    input of the last window of a run at ``ranks`` (the longest history)."""
+    import statistics
+
+    from shardbalance import simulate as sim
+
+    real_decide = sim.decide
+    inputs = []
+
+    def decide(policy, inp):
+        inputs.append(inp)
+        return real_decide(policy, inp)
+
+    sim.decide = decide
+    try:
+        simulate(SimulationConfig(ranks=ranks, speeds=args.speeds, noise=args.noise,
+                                  steps=args.steps, window=args.window, policy=args.policy,
+                                  seed=args.seed, curve=args.curve,
+                                  new_shape_s=args.new_shape_ms / 1e3))
+    finally:
+        sim.decide = real_decide
+    policies = list(dict.fromkeys([args.policy, "affine"]))
+    times = {p: [] for p in policies}
+    for _ in range(args.time_decide):
+        for p in policies:
+            t0 = time.perf_counter()
+            real_decide(p, inputs[-1])
+            times[p].append(time.perf_counter() - t0)
+    return "\n".join(f"  {p}: median {statistics.median(t) * 1e3:.0f} ms, min "
+                     f"{min(t) * 1e3:.0f} ms" for p, t in times.items())
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
-    print(f"{args.policy}, speeds {args.speeds}, noise {args.noise:g}, {args.steps} steps, "
+    print(f"{args.policy}, curve {args.curve}, speeds {args.speeds}, noise {args.noise:g}, "
+          f"{args.steps} steps, "
           f"window {args.window}, B = 64/rank, seed {args.seed}")
     print(f"{'ranks':>6} {'decide ms med':>13} {'max':>8} {'step ms':>8} {'oracle':>8} "
           f"{'T*':>8} {'efficiency':>10} {'T* eff':>7} {'speedup':>8} {'ideal':>6} {'wall s':>7}")
@@ -93,7 +153,8 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         result = simulate(SimulationConfig(ranks=k, speeds=args.speeds, noise=args.noise,
                                            steps=args.steps, window=args.window,
-                                           policy=args.policy, seed=args.seed))
+                                           policy=args.policy, seed=args.seed, curve=args.curve,
+                                           new_shape_s=args.new_shape_ms / 1e3))
         wall = time.perf_counter() - t0
         s = result.summary
         print(f"{k:>6} {s.decision_ms_median:>13.1f} {s.decision_ms_max:>8.1f} "
@@ -101,6 +162,10 @@ def main(argv=None) -> None:
               f"{s.steady_optimum_s * 1e3:>8.2f} {s.efficiency:>10.1%} "
               f"{s.steady_optimum_s / s.steady_step_s:>7.1%} {s.speedup:>8.2f} "
               f"{s.steady_equal_s / s.steady_oracle_s:>6.2f} {wall:>7.1f}", flush=True)
+    if args.time_decide:
+        print(f"\ndecide() at {max(args.ranks)} ranks, last window's input, "
+              f"{args.time_decide} calls each, interleaved:")
+        print(_time_decide(args, max(args.ranks)))
     if args.profile:
         print(f"\nprofile of the last decide() at {max(args.ranks)} ranks:")
         print(_profile(args, max(args.ranks)))

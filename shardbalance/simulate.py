@@ -221,6 +221,13 @@ class SimulationConfig:
     new_shape_steps: int = 2
     #: Every batch size is a multiple of this (the sampler's ``batch_size_multiple``).
     batch_size_multiple: int = 1
+    #: Steps of the first windows, before windows of ``window`` steps: per-epoch plans
+    #: (``window`` = steps per epoch) with the sampler's early re-plans of epoch 0 are
+    #: ``early_windows=(7, 7)``, ``lag`` the loader's prefetch (a few steps).
+    early_windows: Sequence[int] = ()
+    #: The rank's own discards, as the sampler does: the first step of the run and the first
+    #: step after a change of a rank's batch size are not measured (a new shape's one-off cost).
+    discard_after_change: bool = True
 
     def __post_init__(self) -> None:
         if not _is_int(self.ranks) or self.ranks < 1:
@@ -236,6 +243,14 @@ class SimulationConfig:
                                   "integer >= 1")
         if self.lag is None:
             self.lag = self.window
+        if not isinstance(self.discard_after_change, bool):
+            raise ConfigError(f"Invalid discard_after_change {self.discard_after_change!r}, "
+                              "it should be True or False")
+        self.early_windows = tuple(self.early_windows)
+        for n in self.early_windows:
+            if not _is_int(n) or n < 1:
+                raise ConfigError(f"Invalid early_windows {self.early_windows!r}: every window "
+                                  "should be an integer >= 1 steps")
         if not _is_int(self.lag) or self.lag < 0:
             raise ConfigError(f"Invalid lag {self.lag!r}, it should be an integer >= 0")
         parse_curve(self.curve)
@@ -427,8 +442,7 @@ def simulate(config: SimulationConfig) -> SimulationResult:
     rows: list[WindowRow] = []
     # Steps each rank has run at each batch size (for the one-off cost of a new shape).
     runs_at: list[dict[int, int]] = [dict() for _ in range(k)]
-    for w, S in enumerate(range(0, config.steps, K)):
-        n = min(K, config.steps - S)
+    for w, (S, n) in enumerate(_windows(config)):
         visible_end = max(0, S - config.lag)
         visible_start = max(0, visible_end - HISTORY_PER_RANK)
         # Drop windows nothing will look at again.
@@ -441,7 +455,8 @@ def simulate(config: SimulationConfig) -> SimulationResult:
             busy_hist = np.concatenate(done_busy)[visible_start - done_first:
                                                   visible_end - done_first]
             stacked = np.stack([sizes_hist.T, busy_hist.T], axis=2)  # (ranks, n, 2)
-            history = tuple(stacked[i] for i in range(k))
+            measured = ~np.isnan(busy_hist.T)  # the ranks' own discards (see below)
+            history = tuple(stacked[i][measured[i]] for i in range(k))
         else:
             history = tuple(np.empty((0, 2)) for _ in range(k))
         inp = PolicyInput(global_batch_size=B, current=tuple(current), min_sizes=lo,
@@ -484,6 +499,10 @@ def simulate(config: SimulationConfig) -> SimulationResult:
             equal_s.append(_step_seconds(alphas, betas, equal_sizes, f, cluster).max())
             optimum_s.append(optimum)
             factors[j] = busy  # reuse the row as this step's busy record
+        if config.discard_after_change:
+            # A rank measures no step after a change of its batch size, nor the run's first.
+            changed = np.asarray(sizes) != np.asarray(current) if S else np.ones(k, dtype=bool)
+            factors[0, changed] = np.nan
         done_sizes.append(np.tile(np.asarray(sizes, dtype=np.float64), (n, 1)))
         done_busy.append(factors)
         a = config.allreduce_s
@@ -500,12 +519,26 @@ def simulate(config: SimulationConfig) -> SimulationResult:
                             summary=_summarize(config, rows))
 
 
+def _windows(config: SimulationConfig) -> list[tuple[int, int]]:
+    """(first step, steps) of every window: ``early_windows`` first, then ``window`` each."""
+    out, S = [], 0
+    for n in config.early_windows:
+        if S >= config.steps:
+            break
+        out.append((S, min(n, config.steps - S)))
+        S += n
+    while S < config.steps:
+        out.append((S, min(config.window, config.steps - S)))
+        S += config.window
+    return out
+
+
 def _summarize(config: SimulationConfig, rows: list[WindowRow]) -> Summary:
-    K, n = config.window, len(rows)
+    n = len(rows)
     slow = []
     for s in config.slowdowns:
-        window = -(-s.step // K)
-        visible = (s.step + config.lag) // K + 1
+        window = next((r.window for r in rows if r.first_step >= s.step), n)
+        visible = next((r.window for r in rows if r.first_step > s.step + config.lag), n)
         converged = next((r.window for r in rows[window:]
                           if r.step_s <= (1 + CONVERGED_WITHIN) * r.oracle_s), None)
         slow.append(SlowdownSummary(s.step, s.rank, s.factor, window, visible, converged))
@@ -669,6 +702,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-shape-steps", type=int, default=2)
     parser.add_argument("--batch-size-multiple", type=int, default=1,
                         help="every batch size a multiple of this (default %(default)s)")
+    parser.add_argument("--early-windows", default="",
+                        help="steps of the first windows before --window ones, e.g. 7,7 (the "
+                             "sampler's early re-plans in epoch 0 with per-epoch plans)")
     parser.add_argument("--paper-example", action="store_true",
                         help="the seed paper's 5-node example: seed rule vs affine")
     parser.add_argument("--json-out", default=None, help="write every window and the summary here")
@@ -696,7 +732,15 @@ def _config_from_args(args: argparse.Namespace) -> SimulationConfig:
         lag=args.lag, seed=args.seed, min_batch_size=args.min_batch_size,
         max_batch_size=args.max_batch_size, options=options, curve=args.curve,
         new_shape_s=args.new_shape_ms / 1e3, new_shape_steps=args.new_shape_steps,
-        batch_size_multiple=args.batch_size_multiple)
+        batch_size_multiple=args.batch_size_multiple,
+        early_windows=_early_windows(args.early_windows))
+
+
+def _early_windows(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"Invalid --early-windows {text!r}: expected steps like 7,7") from None
 
 
 def run(args: argparse.Namespace) -> int:

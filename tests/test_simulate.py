@@ -131,6 +131,8 @@ def test_paper_example_seed_moves_node5_toward_a_third_and_affine_gets_there_fas
     (dict(noise=-0.1), "noise -0.1"),
     (dict(policy="fastest"), "fastest"),
     (dict(options={"band": -1}), "band"),
+    (dict(early_windows=(7, 0)), "early_windows"),
+    (dict(discard_after_change="yes"), "discard_after_change"),
 ])
 def test_bad_config_raises_config_error_naming_the_value(kwargs, match):
     with pytest.raises(ConfigError, match=match):
@@ -203,13 +205,17 @@ def test_the_curve_oracle_is_the_best_integer_plan(curve, quantum):
     assert step == pytest.approx(best)
 
 
-def test_curve_policy_balances_a_fast_rank_flat_below_what_the_optimum_needs():
-    common = dict(ranks=3, speeds="1,2,4", curve="flat:30", global_batch_size=192, steps=240,
-                  window=8, noise=0.05, new_shape_s=0.02)
+@pytest.mark.parametrize("lag", [8, 16])
+def test_curve_policy_balances_a_fast_rank_flat_below_what_the_optimum_needs(lag):
+    # The flat-deep cluster of benchmarks/curves.py: the fastest rank is flat below all the
+    # sizes the optimum gives it; decisions see measurements one or two windows late.
+    common = dict(ranks=3, speeds="1,2,4", curve="flat:16", global_batch_size=96,
+                  per_sample_s=0.006, overhead_s=0.002, overhead="fixed", allreduce_s=0.0,
+                  steps=240, window=8, lag=lag, noise=0.05, new_shape_s=0.03)
     curve = simulate(SimulationConfig(policy="curve", **common))
     affine = simulate(SimulationConfig(policy="affine", **common))
     assert curve.summary.efficiency >= 0.97
-    assert curve.summary.efficiency > affine.summary.efficiency
+    assert curve.summary.efficiency > affine.summary.efficiency + 0.05
 
 
 def test_new_shape_cost_is_charged_at_each_new_batch_size_only():
@@ -233,3 +239,48 @@ def test_cli_accepts_curve_flags(capsys):
     assert run(args) == 0
     out = capsys.readouterr().out
     assert "curve: 3 ranks" in out and "efficiency" in out
+
+
+def test_early_windows_come_first_then_windows_of_the_window_size():
+    result = simulate(SimulationConfig(ranks=3, speeds="1,2,4", steps=72, window=24, lag=3,
+                                       early_windows=(7, 7, 10), policy="curve"))
+    assert [(r.first_step, r.steps) for r in result.rows] == \
+        [(0, 7), (7, 7), (14, 10), (24, 24), (48, 24)]
+
+
+def test_the_policy_sees_no_step_a_rank_discards(monkeypatch):
+    # As the sampler: the run's first step and the first step after a change of a rank's batch
+    # size are not measured.
+    from shardbalance import simulate as sim
+
+    seen = []
+    real_decide = sim.decide
+
+    def decide(policy, inp):
+        seen.append(inp)
+        return real_decide(policy, inp)
+
+    monkeypatch.setattr(sim, "decide", decide)
+    result = simulate(SimulationConfig(ranks=3, speeds="1,2,4", steps=64, window=8, lag=0,
+                                       policy="affine"))
+    last = seen[-1]
+    for i, rows in enumerate(last.history):
+        sizes = [r.batch_sizes[i] for r in result.rows[:-1]]
+        changes = 1 + sum(a != b for a, b in zip(sizes, sizes[1:]))
+        assert len(rows) == 8 * len(sizes) - changes
+
+
+def test_per_epoch_affine_on_capped_curves_is_not_misled_by_new_shape_costs():
+    # The capped cluster of benchmarks/curves.py with per-epoch plans and early re-plans: the
+    # one-off cost of each new size once made affine give the slowest rank 1-2 samples
+    # ([2, 38, 44, 44] where the optimum is [8, 32, 44, 44]: 0.8 of the oracle in epoch 1).
+    for seed in range(3):
+        result = simulate(SimulationConfig(
+            ranks=4, speeds="1,2,4,4", curve="flat:12,step:8", global_batch_size=128,
+            max_batch_size=[128, 128, 44, 44], per_sample_s=0.006, overhead_s=0.002,
+            overhead="fixed", allreduce_s=0.0, noise=0.05, new_shape_s=0.04, new_shape_steps=3,
+            steps=72, window=24, lag=3, early_windows=(7, 7, 10), policy="affine", seed=seed))
+        epoch1 = [r for r in result.rows if 24 <= r.first_step < 48]
+        assert all(r.batch_sizes[0] >= 8 for r in epoch1), [r.batch_sizes for r in epoch1]
+        oracle = sum(r.oracle_s * r.steps for r in epoch1)
+        assert oracle / sum(r.step_s * r.steps for r in epoch1) >= 0.95
