@@ -31,6 +31,8 @@ _CHECKS = {
     "epoch": "the ranks iterate different epochs: call set_epoch(epoch) on every rank",
     "position": "the ranks resume at different positions: call load_state_dict() with the same "
                 "state on every rank before iterating",
+    "background": "some ranks have a training signal (attach() or report_busy()) and others "
+                  "not: attach the model (or report busy time) on every rank alike",
 }
 
 
