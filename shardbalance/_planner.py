@@ -52,6 +52,7 @@ __all__ = ["BackgroundPlanner", "EARLY_MAX_STEPS"]
 EARLY_MAX_STEPS = 64
 #: Round results broadcast by the leader.
 _PLAN, _FAILED, _SKIPPED, _NOT_READY = 1.0, 2.0, 3.0, 4.0
+_STATUS = {_PLAN: "plan", _FAILED: "failed", _SKIPPED: "skipped", _NOT_READY: "not ready"}
 #: The most rounds a leader skips the coordinator after failures (doubling from one).
 _BACKOFF_MAX = 8
 #: Steps (accumulation groups) measured on the current plan before an early re-plan.
@@ -120,6 +121,7 @@ class BackgroundPlanner:
         self._last_switch = 0
         self._plan_start = 0  # the step the current plan took over (early re-plans)
         self._ending: int | None = None  # last trained step of an iterator being replaced
+        self._next_done = False  # the round for the next iterator ran
         # -- agreed across rounds ------------------------------------------------------
         self.lead = _INITIAL_LEAD
         self._phase_steps = 0.0
@@ -133,6 +135,8 @@ class BackgroundPlanner:
         #: Counters for tests and benchmarks: rounds run, plans installed, rounds without a
         #: plan, coordinator requests made, and generator waits at a switch point.
         self.stats = collections.Counter()
+        #: The newest rounds: ``(epoch, kind, trigger, target, status, switch, lead)``.
+        self.history: collections.deque[tuple] = collections.deque(maxlen=256)
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="shardbalance-planner",
                                          daemon=True)
@@ -145,6 +149,8 @@ class BackgroundPlanner:
         """A new iterator: finish the old one's rounds (every rank runs the same ones), then
         return the plan of its first step (the newest agreed one, the same on every rank);
         steps up to ``through`` take it."""
+        if self.serial is None and self.leader:
+            self._register(epoch)
         with self._cv:
             self._drain(self.peer_timeout_s)
             self._ending = None
@@ -155,6 +161,7 @@ class BackgroundPlanner:
             self._installs = []
             self._last_trigger, self._last_target = -1, 0
             self._last_switch = self._plan_start = 0
+            self._next_done = False
             self._step_marks.clear()
             self._round = self._next_round()
             self._cv.notify_all()
@@ -170,6 +177,19 @@ class BackgroundPlanner:
             raise PlannerError(f"the planner's round did not finish within "
                                f"{timeout_s:g} s (a peer is stuck)")
         self._raise()
+
+    def _register(self, epoch: int) -> None:
+        """The leader's one request before the first round, so that the coordinator knows the
+        run before any rank's measurements arrive (the plan itself is not used: only what
+        every rank holds is)."""
+        try:
+            self.source.fetch(epoch, 0)
+        except (CoordinatorError, PlanError) as exc:
+            self._streak, self._skip = 1, 1
+            warnings.warn(f"shardbalance: no plan for epoch {epoch} step 0 ({exc}); keeping "
+                          "the plan all ranks agreed on last, retrying with backoff",
+                          RuntimeWarning)
+            self._warned_streak = True
 
     def _drained(self) -> bool:
         """No round in flight, and the next one will never fire in the ending iterator."""
@@ -290,7 +310,10 @@ class BackgroundPlanner:
                 lead: int) -> None:
         """Install the round's result and compute the next round (from agreed figures only)."""
         self.lead = lead
+        self.history.append((self.epoch, rnd.kind, rnd.trigger, rnd.target,
+                             _STATUS[status], switch, lead))
         self._last_trigger, self._last_target = rnd.trigger, rnd.target
+        self._next_done = self._next_done or rnd.kind == "next"
         if status == _PLAN:
             self.stats["plans"] += 1
             if switch is None:  # the next iterator's
@@ -339,6 +362,8 @@ class BackgroundPlanner:
             if target is not None and trigger < steps:
                 return _Round("early", trigger, target)
             self.early = 0
+        if self._next_done:
+            return None
         trigger = min(steps - 1, max(steps - self.lead, last + 1))
         return _Round("next", trigger, steps)
 
