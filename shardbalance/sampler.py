@@ -218,6 +218,11 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         #: Plans agreed in the background, off the training path (created at the first
         #: iterator with a training signal; see ``_planner.py``).
         self.planner: BackgroundPlanner | None = None
+        #: Agree plans in the background when there is a training signal (the default). Set
+        #: False (on every rank, before iterating) for the synchronous agreement at each window
+        #: at prefetch time, which needs the same ``num_workers`` / ``prefetch_factor`` on
+        #: every rank: for tests that script one plan per window and check each step's.
+        self.plan_in_background = True
         self.peers = PeerGroup(num_replicas, self.peer_timeout_s)
         self.session: CoordinatorSession | None = None
         if self.settings.adaptive:
@@ -341,7 +346,7 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         # iterator's first check. Without one, synchronously at each window (equal prefetch
         # settings on every rank needed then).
         background = self.settings.adaptive and self.settings.pad and \
-            (self._weighting is not None or self._reported)
+            self.plan_in_background and (self._weighting is not None or self._reported)
         early = self._early_replans > 0 and serial == self._early_serial and \
             self.settings.adaptive and self.rebalance_every is None and \
             self.settings.initial_weights is None and self.settings.pad
