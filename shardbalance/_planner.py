@@ -136,7 +136,7 @@ class BackgroundPlanner:
         #: plan, coordinator requests made, and generator waits at a switch point.
         self.stats = collections.Counter()
         #: The newest rounds: ``(epoch, kind, trigger, target, status, switch, lead)``.
-        self.history: collections.deque[tuple] = collections.deque(maxlen=256)
+        self.history: collections.deque[tuple] = collections.deque(maxlen=4096)
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="shardbalance-planner",
                                          daemon=True)

@@ -41,13 +41,14 @@ def _data():
                          torch.randint(0, CLASSES, (N,), generator=gen), torch.arange(N))
 
 
-def _scripted(sampler, fail=lambda epoch, window: None):
-    """Plans from a script through the fetch seam (the leader's request): sizes move with the
-    window, so every adopted plan is visible; ``fail(epoch, window)`` may raise or sleep."""
-    real, count = sampler.plan_source.fetch, {"n": 0}
+def _scripted(sampler, fail=lambda request: None):
+    """Plans from a script through the fetch seam (the leader's request): sizes move with each
+    request, so every adopted plan is visible; ``fail(request number)`` may raise or sleep."""
+    real, count = sampler.plan_source.fetch, {"n": 0, "asked": 0}
 
     def fetch(epoch, window):
-        fail(epoch, window)
+        count["asked"] += 1
+        fail(count["asked"])
         count["n"] += 1
         sizes = (4 + 2 * (count["n"] % 3), B - 4 - 2 * (count["n"] % 3))
         return dataclasses.replace(real(epoch, window), batch_sizes=sizes)
@@ -56,12 +57,13 @@ def _scripted(sampler, fail=lambda epoch, window: None):
 
 
 def _train(rank, world, weighting, epochs, fail_windows, log_path):
+    """``fail_windows``: the leader's request number (1: the run's registration) -> fault."""
     data = _data()
     sampler = WeightedDistributedSampler(data, B, rebalance_every=2, seed=2, timeout_s=10,
                                          coordinator_log=log_path)
 
-    def fail(epoch, window):
-        kind = fail_windows.get((epoch, window))
+    def fail(request):
+        kind = fail_windows.get(request)
         if kind == "timeout":
             time.sleep(0.3)  # a request that takes long, then gives up
         if kind:
@@ -127,8 +129,8 @@ def test_different_prefetch_depths_switch_to_the_same_plan_at_the_same_step(tmp_
 
 
 def test_a_failing_or_slow_leader_request_keeps_the_agreed_plan_on_every_rank(tmp_path):
-    # The leader's requests for these windows fail (one quickly, one after a long wait).
-    fails = {(0, 8): "unreachable", (0, 12): "timeout", (1, 6): "unreachable"}
+    # These requests of the leader fail: two streaks, one of them with a slow failure.
+    fails = {3: "unreachable", 4: "timeout", 7: "unreachable"}
     r0, r1 = run_ranks(_train, 2, "hook", 2, fails, str(tmp_path / "c.jsonl"), timeout_s=120)
     (steps0, seen0, history, stats, warned0, check), (steps1, seen1, _, _, warned1, _) = r0, r1
     _same_plans(steps0, steps1)
