@@ -227,14 +227,15 @@ class BackgroundPlanner:
                 if self._round is not None and entry.step >= self._round.trigger:
                     self._cv.notify_all()
 
-    def close(self, timeout_s: float) -> None:
-        """Run the rounds every rank triggered, then stop the thread (bounded)."""
+    def close(self, timeout_s: float, drain: bool = True) -> None:
+        """Run the rounds every rank triggered (``drain``), then stop the thread (bounded)."""
         with self._cv:
-            try:
-                self._drain(timeout_s)
-            except PlannerError as exc:
-                warnings.warn(f"shardbalance: {exc}; stopping the planner anyway",
-                              RuntimeWarning)
+            if drain and self.error is None:
+                try:
+                    self._drain(timeout_s)
+                except PlannerError as exc:
+                    warnings.warn(f"shardbalance: {exc}; stopping the planner anyway",
+                                  RuntimeWarning)
             self._stop = True
             self._cv.notify_all()
         self._thread.join(timeout_s)

@@ -793,7 +793,7 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         if self.session is None or self.session.closed:
             return
         if self.planner is not None:
-            self.planner.close(self.timeout_s if wait else 0.0)
+            self.planner.close(self.timeout_s, drain=wait)
         self.session.flush(min(2.0, self.timeout_s))
         if wait:
             # Bounded by the coordinator timeout: a rank that never comes to close() must not
