@@ -122,6 +122,8 @@ class BackgroundPlanner:
         self._plan_start = 0  # the step the current plan took over (early re-plans)
         self._ending: int | None = None  # last trained step of an iterator being replaced
         self._next_done = False  # the round for the next iterator ran
+        #: The epoch of the leader's first request, still to send (see _register).
+        self._registering: int | None = None
         # -- agreed across rounds ------------------------------------------------------
         self.lead = _INITIAL_LEAD
         self._phase_steps = 0.0
@@ -149,9 +151,9 @@ class BackgroundPlanner:
         """A new iterator: finish the old one's rounds (every rank runs the same ones), then
         return the plan of its first step (the newest agreed one, the same on every rank);
         steps up to ``through`` take it."""
-        if self.serial is None and self.leader:
-            self._register(epoch)
         with self._cv:
+            if self.serial is None and self.leader:
+                self._registering = epoch
             self._drain(self.peer_timeout_s)
             self._ending = None
             self.serial, self.epoch, self.steps = serial, epoch, steps
@@ -179,9 +181,9 @@ class BackgroundPlanner:
         self._raise()
 
     def _register(self, epoch: int) -> None:
-        """The leader's one request before the first round, so that the coordinator knows the
-        run before any rank's measurements arrive (the plan itself is not used: only what
-        every rank holds is)."""
+        """The leader's one request as the first iterator starts (in this thread: training does
+        not wait), so that the coordinator knows the run before any rank's measurements arrive
+        (the plan itself is not used: only what every rank holds is)."""
         try:
             self.source.fetch(epoch, 0)
         except (CoordinatorError, PlanError) as exc:
@@ -255,10 +257,15 @@ class BackgroundPlanner:
         try:
             while True:
                 with self._cv:
-                    self._cv.wait_for(lambda: self._stop or self._due())
+                    self._cv.wait_for(lambda: self._stop or self._due() or
+                                      self._registering is not None)
                     if self._stop:
                         return
-                    rnd, self._inflight = self._round, True
+                    register, self._registering = self._registering, None
+                    rnd, self._inflight = self._round, register is None
+                if register is not None:
+                    self._register(register)
+                    continue
                 try:
                     self._play(rnd)
                 finally:
