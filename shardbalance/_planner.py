@@ -9,10 +9,13 @@ notes its progress; every collective of a round runs in the planner thread, on t
 own gloo group (used by no other thread):
 
 a. one all-reduce (MAX) of small per-rank figures: the prefetch depth (steps yielded but not
-   yet trained), the last round's duration in steps, and (early re-plans) whether this rank
-   has measured enough steps on the current plan; every rank first flushes its measurements;
+   yet trained), the last round's duration in steps, whether this rank has measured enough
+   steps on the current plan (early re-plans) and how many new measurements it holds; then one
+   gather of those measurements (fixed-size rows) at the leader;
 b. the leader (planner-group rank 0) alone asks the coordinator (``CoordinatedPlans.fetch``,
-   the seam tests replace) and checks the plan;
+   the seam tests replace), its request carrying every rank's new measurements (per rank:
+   the coordinator counts them as it would stats messages; kept and resent with the next
+   request if this one fails), and checks the plan;
 c. the leader broadcasts the plan's batch sizes, or an explicit marker: no plan (the request
    failed: everyone keeps the agreed plan and the leader backs off), skipped (backing off) or
    not ready; a gloo timeout is never the way to say "no plan";
@@ -45,6 +48,7 @@ from ._exceptions import CoordinatorError, PlanError
 from ._ledger import LedgerEntry, StepLedger
 from ._peers import new_gloo_group
 from .plan import Plan
+from .protocol import MAX_RECORDS_PER_PLAN
 
 __all__ = ["BackgroundPlanner", "EARLY_MAX_STEPS"]
 
@@ -83,19 +87,16 @@ class BackgroundPlanner:
             here when a plan is installed).
         ledger: the sampler's step ledger (how far the generator yielded: the prefetch depth).
         size: the number of ranks; ``rank``: this rank.
-        flush: ``flush(timeout_s)`` of this rank's measurements to the coordinator.
         early_ready: whether this rank measured enough steps for an early re-plan.
         peer_timeout_s: bound on every collective and on each generator wait.
     """
 
     def __init__(self, source, ledger: StepLedger, size: int, rank: int,
-                 flush: Callable[[float], None], early_ready: Callable[[], bool],
-                 policy: str, peer_timeout_s: float) -> None:
+                 early_ready: Callable[[], bool], policy: str, peer_timeout_s: float) -> None:
         self.source = source
         self.ledger = ledger
         self.size = size
         self.rank = rank
-        self.flush = flush
         self.early_ready = early_ready
         self.policy = policy
         self.peer_timeout_s = peer_timeout_s
@@ -137,6 +138,11 @@ class BackgroundPlanner:
         #: Counters for tests and benchmarks: rounds run, plans installed, rounds without a
         #: plan, coordinator requests made, and generator waits at a switch point.
         self.stats = collections.Counter()
+        #: This rank's measurements not yet gathered (appended by the training side).
+        self._records: collections.deque[tuple[int, int, int, float]] = collections.deque()
+        #: The leader's gathered ``[rank, epoch, step, batch_size, busy_s]`` not yet delivered.
+        self.pending: list[list] = []
+        self._per_round = max(64, MAX_RECORDS_PER_PLAN // max(size, 1))
         #: The newest rounds: ``(epoch, kind, trigger, target, status, switch, lead)``.
         self.history: collections.deque[tuple] = collections.deque(maxlen=4096)
         self._stop = False
@@ -229,6 +235,17 @@ class BackgroundPlanner:
                 if self._round is not None and entry.step >= self._round.trigger:
                     self._cv.notify_all()
 
+    def record(self, record: tuple[int, int, int, float]) -> None:
+        """A measurement of this rank, for the next round's gather (any thread; cheap)."""
+        self._records.append(record)
+
+    def take_records(self) -> list[tuple[int, int, int, float]]:
+        """This rank's measurements no round gathered (at close: the stats sender's)."""
+        out = []
+        while self._records:
+            out.append(self._records.popleft())
+        return out
+
     def close(self, timeout_s: float, drain: bool = True) -> None:
         """Run the rounds every rank triggered (``drain``), then stop the thread (bounded)."""
         with self._cv:
@@ -281,15 +298,21 @@ class BackgroundPlanner:
     def _play(self, rnd: _Round) -> None:
         started = time.monotonic()
         self.stats["rounds"] += 1
-        self.flush(min(0.5, self.peer_timeout_s))  # this rank's measurements reach the coordinator
-        # (a) prefetch depth, phase steps, readiness: one all-reduce (MAX; readiness as -min).
+        # (a) prefetch depth, phase steps, readiness and how many new measurements: one
+        # all-reduce (MAX; readiness as -min), then the measurements gathered at the leader.
         last = self.ledger.last_yielded
         depth = max(0, last.step - self._trained) if last is not None and \
             last.serial == self.serial else 0
         ready = 1.0 if rnd.kind != "early" or self.early_ready() else 0.0
-        figures = self._all_reduce_max([float(depth), self._phase_steps, -ready])
+        mine = []
+        while self._records and len(mine) < self._per_round:
+            mine.append(self._records.popleft())
+        figures = self._all_reduce_max([float(depth), self._phase_steps, -ready,
+                                        float(len(mine))])
         lead = int(figures[0]) + int(math.ceil(figures[1])) + 1
         all_ready = -figures[2] >= 1.0
+        if figures[3] > 0:
+            self._gather(mine, int(figures[3]))
         # (b) the leader asks; (c) it broadcasts the plan or a marker.
         status, plan = _NOT_READY, None
         if self.leader and all_ready:
@@ -393,8 +416,11 @@ class BackgroundPlanner:
             return _SKIPPED, None
         epoch, window = (self.epoch + 1, 0) if rnd.kind == "next" else (self.epoch, rnd.target)
         self.stats["requests"] += 1
+        self.source.outgoing = self.pending
         try:
             plan = self.source.fetch(epoch, window)
+            self.stats["records_sent"] += len(self.pending)
+            self.pending = []  # delivered with the request (the coordinator counted them)
             self.source._check(plan)
         except (CoordinatorError, PlanError) as exc:
             self._streak += 1
@@ -402,6 +428,8 @@ class BackgroundPlanner:
             self.stats["failed"] += 1
             self.last_failure = str(exc)
             return _FAILED, None
+        finally:
+            self.source.outgoing = []
         self._streak = self._skip = 0
         return _PLAN, plan
 
@@ -423,6 +451,30 @@ class BackgroundPlanner:
         return _PLAN, Plan(self.source.run_id, self.source.generation, int(out[1]), int(out[2]),
                            tuple(int(b) for b in out[4:]), self.source.settings.global_batch_size,
                            self.policy, predicted)
+
+    def _gather(self, mine: list, rows: int) -> None:
+        """Every rank's new measurements (``rows`` each at most) into the leader's pending
+        records: one gather of fixed-size tensors (a zero busy time pads)."""
+        tensor = torch.zeros((rows, 4), dtype=torch.float64)
+        if mine:
+            tensor[:len(mine)] = torch.tensor(mine, dtype=torch.float64)
+        if self.group is None:
+            gathered = [tensor]
+        else:
+            gathered = [torch.zeros_like(tensor) for _ in range(self.size)] \
+                if self.leader else None
+            dist.gather(tensor, gather_list=gathered, dst=dist.get_global_rank(self.group, 0),
+                        group=self.group)
+        if not self.leader:
+            return
+        for rank, block in enumerate(gathered):
+            for epoch, step, batch, busy in block.tolist():
+                if busy > 0:
+                    self.pending.append([rank, int(epoch), int(step), int(batch), busy])
+        overflow = len(self.pending) - MAX_RECORDS_PER_PLAN
+        if overflow > 0:  # the coordinator has been unreachable for long: the oldest go
+            del self.pending[:overflow]
+            self.stats["records_dropped"] += overflow
 
     def _all_reduce_max(self, values: list[float]) -> list[float]:
         tensor = torch.tensor(values, dtype=torch.float64)

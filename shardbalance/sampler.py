@@ -581,11 +581,9 @@ class WeightedDistributedSampler(Sampler[list[int]]):
                           through: int) -> Plan:
         """The planner's start of an iterator (created at the first, on every rank alike)."""
         if self.planner is None:
-            session = self.session
             self.planner = BackgroundPlanner(
                 self.plan_source, self.ledger, self.num_replicas, self.rank,
-                lambda timeout_s: session.flush(timeout_s), self._early_ready, self.policy,
-                self.peer_timeout_s)
+                self._early_ready, self.policy, self.peer_timeout_s)
             self.ledger.on_trained = self.planner.trained
         return self.planner.begin(serial, epoch, steps, self.rebalance_every,
                                   self.accumulation_steps,
@@ -620,7 +618,9 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         self.recent_busy.append(record)
         if len(self.recent_busy) > _RECENT_BUSY_KEPT:
             del self.recent_busy[:_RECENT_BUSY_KEPT // 2]
-        if self.session is not None and self.session.sender is not None:
+        if self.planner is not None and self.plan_in_background:
+            self.planner.record(record)  # gathered by the next round, sent with its request
+        elif self.session is not None and self.session.sender is not None:
             self.session.sender.push(record)
 
     def report_busy(self, busy_s: float, entry: LedgerEntry | None = None) -> None:
@@ -794,6 +794,9 @@ class WeightedDistributedSampler(Sampler[list[int]]):
             return
         if self.planner is not None:
             self.planner.close(self.timeout_s, drain=wait)
+            if self.session.sender is not None:
+                for record in self.planner.take_records():  # after the last round
+                    self.session.sender.push(record)
         self.session.flush(min(2.0, self.timeout_s))
         if wait:
             # Bounded by the coordinator timeout: a rank that never comes to close() must not

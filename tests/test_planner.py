@@ -92,7 +92,7 @@ def _train(rank, world, weighting, epochs, fail_windows, log_path):
     if sampler.planner.group is not None:
         dist.all_reduce(check, group=sampler.planner.group)
     history = list(sampler.planner.history)
-    stats = dict(sampler.planner.stats)
+    stats = dict(sampler.planner.stats, sender=sampler.session.sender.sent)
     del model
     dist.barrier()
     sampler.close()
@@ -126,6 +126,8 @@ def test_different_prefetch_depths_switch_to_the_same_plan_at_the_same_step(tmp_
     # Rank 1 runs 12 batches ahead: the agreed lead covers its prefetch depth.
     assert max(h[6] for h in history) >= 10, history
     assert stats["plans"] >= 2 and stats.get("failed", 0) == 0
+    # Measurements reached the coordinator with the leader's requests, none by stats messages.
+    assert stats["records_sent"] >= 2 * 24 and stats["sender"] == 0, stats
 
 
 def test_a_failing_or_slow_leader_request_keeps_the_agreed_plan_on_every_rank(tmp_path):
