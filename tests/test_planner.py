@@ -228,3 +228,31 @@ def test_a_coordinator_killed_mid_run_costs_no_window_a_wait_and_is_used_again(t
     assert stats.get("waits", 0) <= stats["plans"], stats
     assert stats["requests"] < stats["rounds"], stats
     assert "skipped" in statuses[first_fail:last_fail + 1] or first_fail == last_fail
+
+
+def test_a_plan_request_carries_every_rank_measurements_and_bad_ones_change_nothing(tmp_path):
+    from shardbalance._exceptions import CoordinatorError
+    from shardbalance.client import CoordinatorClient
+    from test_coordinator import SECRET as KEY, Running, plan_fields
+
+    running = Running(str(tmp_path / "journal.jsonl"), KEY)
+    client = CoordinatorClient(running.endpoint, KEY, timeout_s=2)
+    try:
+        assert client.plan(**plan_fields()).batch_sizes == (32, 32, 32)
+        # One request of the leader with all three ranks' records: rank 2 is 4x as fast.
+        records = [[rank, 0, s, 32, 0.001 + 32 * per_sample]
+                   for rank, per_sample in enumerate([0.004, 0.002, 0.001])
+                   for s in range(1, 8)]
+        # A bad record (batch above B) refuses the whole request and counts none of them.
+        with pytest.raises(CoordinatorError, match="exceeds the global batch"):
+            client.plan(**plan_fields(epoch=1, records=records + [[1, 0, 9, 500, 0.1]]))
+        with pytest.raises(CoordinatorError, match="bad plan record"):
+            client.plan(**plan_fields(epoch=1, records=[[3, 0, 1, 32, 0.1]]))
+        plan = client.plan(**plan_fields(epoch=1, records=records))
+        assert plan.batch_sizes[2] > plan.batch_sizes[1] > plan.batch_sizes[0], plan
+        # The coordinator still sees per-rank figures.
+        busy = client.reported[plan.digest].busy_ms
+        assert busy is not None and busy[0] > busy[1] > busy[2]
+    finally:
+        client.close()
+        running.stop()
