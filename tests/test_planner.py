@@ -160,6 +160,7 @@ def _train_through_outage(rank, world, address, flag_path):
                                     torch.nn.Linear(DIM, CLASSES)))
     sampler.attach(model)
     steps, seen, epoch, after = [], [], 0, 0
+    marks, t0 = [], time.monotonic()  # when each epoch ended (for a failure's message)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         while epoch < 60:
@@ -171,6 +172,7 @@ def _train_through_outage(rank, world, address, flag_path):
                 steps.append((epoch, entry.step, entry.digest, len(y)))
                 seen.append((epoch, idx))
             epoch += 1
+            marks.append(round(time.monotonic() - t0, 2))
             # Train until every rank saw the coordinator restarted, then three epochs more.
             restarted = torch.tensor([float(os.path.exists(flag_path))])
             dist.all_reduce(restarted, op=dist.ReduceOp.MIN)
@@ -181,7 +183,7 @@ def _train_through_outage(rank, world, address, flag_path):
     del model
     dist.barrier()
     sampler.close()
-    return steps, seen, history, stats, epoch
+    return steps, seen, history, stats, epoch, marks
 
 
 def test_a_coordinator_killed_mid_run_costs_no_window_a_wait_and_is_used_again(tmp_path):
@@ -214,10 +216,11 @@ def test_a_coordinator_killed_mid_run_costs_no_window_a_wait_and_is_used_again(t
         for proc in procs:
             stop_process(proc)
     assert not killer.is_alive()
-    (steps0, seen0, history, stats, epochs), (steps1, seen1, *_) = r0, r1
+    (steps0, seen0, history, stats, epochs, marks), (steps1, seen1, *_) = r0, r1
     _same_plans(steps0, steps1)
     _coverage(seen0, seen1, epochs)
     statuses = [h[4] for h in history]
+    assert "failed" in statuses, (stats, marks, [(h[0], h[2], h[4]) for h in history])
     first_fail = statuses.index("failed")
     last_fail = len(statuses) - 1 - statuses[::-1].index("failed")
     assert "plan" in statuses[:first_fail]
