@@ -142,7 +142,9 @@ class BackgroundPlanner:
         self._records: collections.deque[tuple[int, int, int, float]] = collections.deque()
         #: The leader's gathered ``[rank, epoch, step, batch_size, busy_s]`` not yet delivered.
         self.pending: list[list] = []
-        self._per_round = max(64, MAX_RECORDS_PER_PLAN // max(size, 1))
+        #: Records one rank contributes per round (the rest wait for the next): one request
+        #: stays within the protocol's cap whatever the world size.
+        self._per_round = max(1, MAX_RECORDS_PER_PLAN // max(size, 1))
         #: The newest rounds: ``(epoch, kind, trigger, target, status, switch, lead)``.
         self.history: collections.deque[tuple] = collections.deque(maxlen=4096)
         self._stop = False
