@@ -50,7 +50,7 @@ from ._peers import new_gloo_group
 from .plan import Plan
 from .protocol import MAX_RECORDS_PER_PLAN
 
-__all__ = ["BackgroundPlanner", "EARLY_MAX_STEPS"]
+__all__ = ["BackgroundPlanner", "EARLY_MAX_STEPS", "EARLY_WARMUP"]
 
 #: Early re-plans (per-epoch plans, first iterator) only while the switch falls before this.
 EARLY_MAX_STEPS = 64
@@ -60,7 +60,7 @@ _STATUS = {_PLAN: "plan", _FAILED: "failed", _SKIPPED: "skipped", _NOT_READY: "n
 #: The most rounds a leader skips the coordinator after failures (doubling from one).
 _BACKOFF_MAX = 8
 #: Steps (accumulation groups) measured on the current plan before an early re-plan.
-_EARLY_WARMUP = 3
+EARLY_WARMUP = 3
 #: ``L`` before any round measured it.
 _INITIAL_LEAD = 3
 
@@ -388,7 +388,7 @@ class BackgroundPlanner:
         group = self.accumulation
         if self.early > 0:
             # Three groups measured on the current plan (an iterator's first step is not).
-            trigger = max(self._plan_start + (_EARLY_WARMUP + 1) * group, last + 1)
+            trigger = max(self._plan_start + (EARLY_WARMUP + 1) * group, last + 1)
             if not_ready:
                 trigger = max(trigger, last + group)
             target = self._next_switch(trigger + self.lead - 1, "early")

@@ -26,7 +26,7 @@ from ._env import read_environment
 from ._exceptions import ConfigError
 from ._ledger import LedgerEntry, StepLedger
 from ._peers import PeerGroup
-from ._planner import BackgroundPlanner, EARLY_MAX_STEPS
+from ._planner import EARLY_MAX_STEPS, EARLY_WARMUP, BackgroundPlanner
 from ._plans import CoordinatedPlans, LocalPlans
 from ._probe import probe_settings
 from ._session import CoordinatorSession
@@ -45,7 +45,7 @@ _RECENT_BUSY_KEPT = 4096
 #: equal split's measurements, the second with two batch sizes measured per rank.
 _EARLY_REPLANS = 2
 #: Steps every rank must have measured on the current plan before an early re-plan.
-_EARLY_WARMUP = 3
+_EARLY_WARMUP = EARLY_WARMUP
 #: Early re-plans only in the first steps of that epoch (without a training signal each step
 #: until then costs one scalar all-reduce at prefetch time).
 _EARLY_MAX_STEPS = EARLY_MAX_STEPS
