@@ -173,6 +173,9 @@ def _train_through_outage(rank, world, address, flag_path):
                 seen.append((epoch, idx))
             epoch += 1
             marks.append(round(time.monotonic() - t0, 2))
+            if rank == 0:  # the outage lasts two epochs of rounds (see the test)
+                with open(flag_path + ".epoch", "w") as f:
+                    f.write(str(epoch))
             # Train until every rank saw the coordinator restarted, then three epochs more.
             restarted = torch.tensor([float(os.path.exists(flag_path))])
             dist.all_reduce(restarted, op=dist.ReduceOp.MIN)
@@ -200,8 +203,19 @@ def test_a_coordinator_killed_mid_run_costs_no_window_a_wait_and_is_used_again(t
             time.sleep(0.05)
         procs[0].send_signal(signal.SIGKILL)
         procs[0].wait(10)
-        if finished.wait(3.0):
-            return
+        # Down for two whole epochs of training (each has rounds: the failures to count).
+        progress = flag + ".epoch"
+
+        def trained_epochs():
+            try:
+                return int(open(progress).read() or 0)
+            except (OSError, ValueError):
+                return 0
+
+        killed_at = trained_epochs()
+        while time.monotonic() < deadline + 60 and trained_epochs() < killed_at + 2:
+            if finished.wait(0.05):
+                return
         procs.append(distributed.start_coordinator(port, journal, SECRET))
         open(flag, "w").close()
 
