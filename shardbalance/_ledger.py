@@ -10,7 +10,7 @@ trained, never from the sampler's newest plan.
 from __future__ import annotations
 
 import collections
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from ._exceptions import PlanError
 from .plan import Plan
@@ -51,6 +51,8 @@ class StepLedger:
         self.last_trained: LedgerEntry | None = None
         #: Whether a gradient weighting consumes entries (without one, old ones are dropped).
         self.consumed = False
+        #: Called with each entry as it is trained (the background planner's trigger).
+        self.on_trained: Callable[[LedgerEntry], None] | None = None
 
     def append(self, entry: LedgerEntry) -> None:
         self._entries.append(entry)
@@ -71,6 +73,8 @@ class StepLedger:
                 "yield. Every batch trained with an attached model must come from this "
                 "sampler's DataLoader") from None
         self.last_trained = entry
+        if self.on_trained is not None:
+            self.on_trained(entry)
         return entry
 
     def drop_untrained(self) -> None:

@@ -109,3 +109,18 @@ class PeerGroup:
         except RuntimeError as exc:
             warnings.warn(f"shardbalance: not every rank reached close() ({exc}); "
                           "stopping anyway", RuntimeWarning)
+
+
+def new_gloo_group(size: int, peer_timeout_s: float):
+    """A gloo group of every rank for one thread's own collectives (None without peers).
+
+    Every rank must call it at the same point (creating a group is itself a collective). Gloo
+    connects every pair of ranks when a group is created unless ``TORCH_GLOO_LAZY_INIT=1`` is
+    set in the launch environment (torch reads it): then a pair connects on its first
+    message, which is what a job of thousands of ranks wants (a ring all-reduce and a broadcast
+    touch a few peers each, not all of them).
+    """
+    if size <= 1 or not (dist.is_available() and dist.is_initialized()) or \
+            dist.get_world_size() <= 1:
+        return None
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=peer_timeout_s))

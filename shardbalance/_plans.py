@@ -31,6 +31,8 @@ _CHECKS = {
     "epoch": "the ranks iterate different epochs: call set_epoch(epoch) on every rank",
     "position": "the ranks resume at different positions: call load_state_dict() with the same "
                 "state on every rank before iterating",
+    "background": "some ranks have a training signal (attach() or report_busy()) and others "
+                  "not: attach the model (or report busy time) on every rank alike",
 }
 
 
@@ -77,15 +79,19 @@ class CoordinatedPlans(LocalPlans):
         self.timeout_s = timeout_s
         #: ``fetch(epoch, window) -> Plan``: one request to the coordinator (tests wrap it).
         self.fetch: Callable[[int, int], Plan] = self._request
+        #: ``[rank, epoch, step, batch_size, busy_s]`` records the next request carries (the
+        #: background planner's leader sets them: every rank's new measurements).
+        self.outgoing: list[list] = []
 
     def restart(self, settings: SamplerSettings) -> None:
         super().restart(settings)
         self.settings = settings
 
     def _request(self, epoch: int, window: int) -> Plan:
+        extra = {"records": self.outgoing} if self.outgoing else {}
         return self.session.client.plan(
             run=self.run_id, generation=self.generation, rank=self.rank, epoch=epoch,
-            window=window, **self.settings.run_config().to_dict())
+            window=window, **self.settings.run_config().to_dict(), **extra)
 
     def plan_for(self, epoch: int, window: int, checks: Mapping[str, int]) -> Plan:
         self.session.flush(min(1.0, self.timeout_s))

@@ -797,6 +797,17 @@ class Coordinator:
     def _plan(self, req: protocol.PlanRequest) -> tuple[RunState, Plan]:
         """The run and the plan of the request's window, decided now if it is new."""
         state = self._state(req.run, req.generation, req)
+        if req.records:
+            # Every rank's measurements, gathered by the job's leader: counted per rank,
+            # before the decision, as stats messages would be.
+            by_rank: dict[int, list] = {}
+            for rank, *rec in req.records:
+                if rec[2] > state.config.global_batch_size:
+                    raise ProtocolError(f"batch size {rec[2]} exceeds the global batch "
+                                        f"{state.config.global_batch_size}")
+                by_rank.setdefault(rank, []).append(tuple(rec))
+            for rank, recs in by_rank.items():
+                state.add(rank, recs)
         key = (req.epoch, req.window)
         if key in state.plans:
             return state, state.plans[key]

@@ -20,7 +20,10 @@ one with a creation time after ``horizon``).
 
 Requests (rank -> coordinator):
     plan   {run, generation, rank, world_size, epoch, window, global_batch_size, policy,
-            min_sizes, max_sizes, quantum, initial_weights, options}
+            min_sizes, max_sizes, quantum, initial_weights, options,
+            records (optional): [[rank, epoch, step, batch_size, busy_s], ...]: every rank's
+            new measurements, gathered by the leader's background planner (counted before the
+            plan is decided, exactly as the same records in a stats message would be)}
     stats  {run, generation, rank, world_size, records: [[epoch, step, batch_size, busy_s], ...],
             member (optional): "host/local_rank/device", what the rank runs on}
     pull   {run, generation, rank, world_size, client, epoch, op, want, done: [[start, stop], ...],
@@ -68,6 +71,8 @@ PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 1 << 20
 MAX_WORLD_SIZE = 65536
 MAX_RECORDS_PER_MESSAGE = 4096
+#: Records one plan request may carry (every rank's, about 40 bytes each in JSON).
+MAX_RECORDS_PER_PLAN = 16384
 MAX_BATCH_SIZE = 1 << 31
 #: Longest believable busy time of one step; anything longer is a broken clock.
 MAX_BUSY_SECONDS = 86400.0
@@ -444,6 +449,8 @@ class PlanRequest:
     epoch: int
     window: int
     config: RunConfig
+    #: ``(rank, epoch, step, batch_size, busy_seconds)``: measurements the request carries.
+    records: tuple[tuple[int, int, int, int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -531,6 +538,33 @@ def _parse_pull(msg: dict) -> PullRequest:
         ranges=_ranges(msg, "ranges", num_samples), config=tuple(config.items()))
 
 
+def _record(rec) -> tuple[int, int, int, float]:
+    if not (isinstance(rec, list) and len(rec) == 4
+            and _is_int(rec[0], 0, _MAX_COUNTER) and _is_int(rec[1], 0, _MAX_COUNTER)
+            and _is_int(rec[2], 1, MAX_BATCH_SIZE)
+            and _number(rec[3]) and 0 < rec[3] <= MAX_BUSY_SECONDS):
+        raise ProtocolError(f"bad stats record {rec!r}: expected [epoch, step, "
+                            f"batch_size >= 1, 0 < busy_s <= {MAX_BUSY_SECONDS:g}]")
+    return (rec[0], rec[1], rec[2], float(rec[3]))
+
+
+def _ranked_records(msg: dict, world: int) -> tuple[tuple[int, int, int, int, float], ...]:
+    """A plan request's optional ``records``: ``[rank, epoch, step, batch_size, busy_s]``."""
+    records = msg.get("records")
+    if records is None:
+        return ()
+    if not isinstance(records, list) or len(records) > MAX_RECORDS_PER_PLAN:
+        raise ProtocolError(f"field 'records' must be a list of at most "
+                            f"{MAX_RECORDS_PER_PLAN} records")
+    clean = []
+    for rec in records:
+        if not (isinstance(rec, list) and len(rec) == 5 and _is_int(rec[0], 0, world - 1)):
+            raise ProtocolError(f"bad plan record {rec!r}: expected [rank < {world}, epoch, "
+                                "step, batch_size, busy_s]")
+        clean.append((rec[0], *_record(rec[1:])))
+    return tuple(clean)
+
+
 def _common(msg: dict) -> tuple[str, int, int, int]:
     world = _int(msg, "world_size", 1, MAX_WORLD_SIZE)
     return (_str(msg, "run", _RUN_ID), _int(msg, "generation", 0, 1 << 31),
@@ -567,7 +601,7 @@ def parse_request(msg: dict[str, Any]) -> Ping | PlanRequest | StatsReport | Pul
         return PlanRequest(
             id=msg["id"], run=run, generation=generation, rank=rank,
             epoch=_int(msg, "epoch", 0, _MAX_COUNTER), window=_int(msg, "window", 0, _MAX_COUNTER),
-            config=config)
+            config=config, records=_ranked_records(msg, world))
     if kind == "stats":
         run, generation, rank, world = _common(msg)
         records = msg.get("records")

@@ -26,6 +26,7 @@ from ._env import read_environment
 from ._exceptions import ConfigError
 from ._ledger import LedgerEntry, StepLedger
 from ._peers import PeerGroup
+from ._planner import EARLY_MAX_STEPS, EARLY_WARMUP, BackgroundPlanner
 from ._plans import CoordinatedPlans, LocalPlans
 from ._probe import probe_settings
 from ._session import CoordinatorSession
@@ -44,10 +45,10 @@ _RECENT_BUSY_KEPT = 4096
 #: equal split's measurements, the second with two batch sizes measured per rank.
 _EARLY_REPLANS = 2
 #: Steps every rank must have measured on the current plan before an early re-plan.
-_EARLY_WARMUP = 3
-#: Early re-plans only in the first steps of that epoch (each step until then costs one
-#: scalar all-reduce at prefetch time).
-_EARLY_MAX_STEPS = 64
+_EARLY_WARMUP = EARLY_WARMUP
+#: Early re-plans only in the first steps of that epoch (without a training signal each step
+#: until then costs one scalar all-reduce at prefetch time).
+_EARLY_MAX_STEPS = EARLY_MAX_STEPS
 _KEYWORDS = ("num_replicas", "rank", "shuffle", "seed", "drop_last", "coordinator", "policy",
              "initial_weights", "min_batch_size", "max_batch_size", "rebalance_every",
              "batch_size_multiple", "micro_batch_size", "accumulation_steps", "pad",
@@ -212,6 +213,16 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         #: An iterator of the resumed epoch ran to its end: the next one starts the epoch over.
         self._resume_spent = False
         self._weighting: WeightedCommHook | OutputWeighting | None = None
+        #: ``report_busy`` was called: a training signal even without ``attach()``.
+        self._reported = False
+        #: Plans agreed in the background, off the training path (created at the first
+        #: iterator with a training signal; see ``_planner.py``).
+        self.planner: BackgroundPlanner | None = None
+        #: Agree plans in the background when there is a training signal (the default). Set
+        #: False (on every rank, before iterating) for the synchronous agreement at each window
+        #: at prefetch time, which needs the same ``num_workers`` / ``prefetch_factor`` on
+        #: every rank: for tests that script one plan per window and check each step's.
+        self.plan_in_background = True
         self.peers = PeerGroup(num_replicas, self.peer_timeout_s)
         self.session: CoordinatorSession | None = None
         if self.settings.adaptive:
@@ -332,35 +343,60 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         if self._early_serial is None:
             self._early_serial = serial  # the first iterator that yields
         append = self.ledger.append
+        # With a training signal (attach() or report_busy) plans are agreed by the background
+        # planner, triggered by trained steps: no collective at prefetch time after the
+        # iterator's first check. Without one, synchronously at each window (equal prefetch
+        # settings on every rank needed then).
+        background = self.settings.adaptive and self.settings.pad and \
+            self.plan_in_background and (self._weighting is not None or self._reported)
+        early = self._early_replans > 0 and serial == self._early_serial and \
+            self.settings.adaptive and self.rebalance_every is None and \
+            self.settings.initial_weights is None and self.settings.pad
+        plan = None
         first = 0
         while first < steps:
             # The iterator's first window also checks that every rank starts the same epoch
             # at the same position (one all-reduce with the plan's agreement).
             checks = {} if first else {"settings": self.settings.digest, "epoch": epoch,
                                        "position": start}
-            plan = self.plan_source.plan_for(epoch, first, checks)
+            last = min(first + window, steps)
+            if background and early:
+                # Switch points at accumulation-group boundaries while early re-plans may come.
+                last = min(first + self.accumulation_steps, steps) \
+                    if first < _EARLY_MAX_STEPS else steps
+            if background and first:
+                # A switch point: the plan the planner installed here, if any; the plan of
+                # every step of this window is then fixed.
+                plan = self.planner.claim(first, last - 1) or plan
+            elif background:
+                # The iterator's checks (and that every rank plans in the background) in one
+                # all-reduce on the peer group; from here on plans come from the planner.
+                self.plan_source.agree({**checks, "background": 1})
+                plan = self._background_begin(serial, epoch, steps, early, last - 1)
+            elif self.settings.adaptive and not first:
+                self.plan_source.agree({**checks, "background": 0})
+                plan = self.plan_source.plan_for(epoch, first, {})
+            else:
+                plan = self.plan_source.plan_for(epoch, first, checks)
             b = plan.batch_sizes[self.rank]
             offset = plan.offset(self.rank)
-            last = min(first + window, steps)
             # Steps per pass of the order (_CHUNK positions bound the sampler's memory); one
             # at a time while an early re-plan may cut the window.
-            early = self._early_replans > 0 and serial == self._early_serial and \
-                self.settings.adaptive and self.rebalance_every is None and \
-                self.settings.initial_weights is None and self.settings.pad
-            if early:
+            if early and plan is not self._early_plan:
                 self._early_plan, self._early_measured = plan, 0
             lane = np.arange(b, dtype=np.int64)
             c0 = first
             while c0 < last:
-                if early and c0 >= _EARLY_MAX_STEPS:
+                if early and c0 >= _EARLY_MAX_STEPS and not background:
                     early = False  # (the same step on every rank)
                 # Cut only between accumulation groups (as a window boundary is).
-                if early and c0 > first and c0 % self.accumulation_steps == 0 and \
-                        self._early_plan_due():
+                if early and not background and c0 > first and \
+                        c0 % self.accumulation_steps == 0 and self._early_plan_due():
                     self._early_replans -= 1
                     last = c0  # the next window starts here
                     break
-                c1 = min(c0 + (1 if early else max(1, _CHUNK // max(b, 1))), last)
+                c1 = min(c0 + (1 if early and not background
+                               else max(1, _CHUNK // max(b, 1))), last)
                 step_ids = np.arange(c0, c1, dtype=np.int64)
                 positions = (start + offset + step_ids * big_b)[:, None] + lane[None, :]
                 rows = order.indices(positions).tolist()
@@ -375,6 +411,8 @@ class WeightedDistributedSampler(Sampler[list[int]]):
                         yield row
                 c0 = c1
             first = last
+        if background and early:
+            self._early_replans = 0  # early re-plans belong to the first iterator only
         if self._resume is not None and self._resume[0] == epoch:
             # Every batch of the resumed epoch is yielded (maybe into a prefetching loader's
             # queue, not yet trained): len() and state_dict() keep the resume point; the next
@@ -541,6 +579,28 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         return None if self._weighting is None or not self._weighting.steps \
             else self._weighting.weight
 
+    def _background_begin(self, serial: int, epoch: int, steps: int, early: bool,
+                          through: int) -> Plan:
+        """The planner's start of an iterator (created at the first, on every rank alike)."""
+        if self.planner is None:
+            self.planner = BackgroundPlanner(
+                self.plan_source, self.ledger, self.num_replicas, self.rank,
+                self._early_ready, self.policy, self.peer_timeout_s)
+            self.ledger.on_trained = self.planner.trained
+        return self.planner.begin(serial, epoch, steps, self.rebalance_every,
+                                  self.accumulation_steps,
+                                  self._early_replans if early else 0, through)
+
+    def _early_ready(self) -> bool:
+        """Whether this rank measured enough steps trained on the current plan for an early
+        re-plan."""
+        ready = self._early_measured >= _EARLY_WARMUP * self.accumulation_steps
+        weighting = self._weighting
+        if isinstance(weighting, WeightedCommHook) and self.accumulation_steps == 1 and \
+                weighting.largest_group > 1:
+            ready = False  # see _early_plan_due
+        return ready
+
     def _early_plan_due(self) -> bool:
         """Whether every rank has measured enough steps trained on the current window's plan
         for an early re-plan (one scalar all-reduce, run at the same step on every rank)."""
@@ -560,7 +620,9 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         self.recent_busy.append(record)
         if len(self.recent_busy) > _RECENT_BUSY_KEPT:
             del self.recent_busy[:_RECENT_BUSY_KEPT // 2]
-        if self.session is not None and self.session.sender is not None:
+        if self.planner is not None and self.plan_in_background:
+            self.planner.record(record)  # gathered by the next round, sent with its request
+        elif self.session is not None and self.session.sender is not None:
             self.session.sender.push(record)
 
     def report_busy(self, busy_s: float, entry: LedgerEntry | None = None) -> None:
@@ -571,7 +633,10 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         if entry is None or not math.isfinite(value) or value <= 0:
             raise ConfigError(f"Invalid busy time {busy_s!r} for batch {entry!r}: expected a "
                               "finite number of seconds > 0 for a batch this sampler yielded")
+        self._reported = True
         self._on_busy(entry, value)
+        if self.planner is not None and self._weighting is None:
+            self.planner.trained(entry)
 
     def probe(self, step_fn: Callable[[int], Any], sizes: Sequence[int] | None = None,
               repeats: int = 3, model: torch.nn.Module | None = None,
@@ -729,6 +794,11 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         """
         if self.session is None or self.session.closed:
             return
+        if self.planner is not None:
+            self.planner.close(self.timeout_s, drain=wait)
+            if self.session.sender is not None:
+                for record in self.planner.take_records():  # after the last round
+                    self.session.sender.push(record)
         self.session.flush(min(2.0, self.timeout_s))
         if wait:
             # Bounded by the coordinator timeout: a rank that never comes to close() must not

@@ -302,7 +302,9 @@ def test_accumulation_in_micro_batches_is_exact_and_the_probe_balances_epoch_zer
 
 
 def _train_windows(rank, world, log_path, weighting):
-    data = _data()
+    # Epochs of 12 steps: plans are agreed in the background, a few steps (the prefetch depth)
+    # ahead of the boundary they switch at, so a mid-epoch switch needs a longer epoch.
+    data = TensorDataset(*(t.repeat(3, *[1] * (t.dim() - 1)) for t in _data().tensors))
     sampler = WeightedDistributedSampler(data, global_batch_size=16, seed=1, policy="affine",
                                          rebalance_every=2, coordinator_log=log_path,
                                          timeout_s=20)
@@ -312,7 +314,7 @@ def _train_windows(rank, world, log_path, weighting):
                                                   overhead_s=0.002), _model()))
     sampler.attach(model, weighting=weighting)
     steps = []
-    for epoch in range(4):  # 16 steps: enough measurements for the fit to beat the noise
+    for epoch in range(2):  # 24 steps: enough measurements for the fit to beat the noise
         sampler.set_epoch(epoch)
         for x, y in loader:
             F.cross_entropy(model(x), y).backward()
@@ -616,7 +618,9 @@ def test_the_first_epoch_is_rebalanced_early_without_a_probe(group):
     # Per-epoch plans, no probe: the epoch starts on the equal split and re-plans twice once
     # every rank has measured a few steps, however far its loader prefetched (here 4 batches).
     changes = [s for s in range(1, 24) if sizes0[s] != sizes0[s - 1]]
-    assert sizes0[0] == (8, 8) and 1 <= len(changes) <= 2 and changes[0] < 14, sizes0
+    # The re-plan is agreed in the background once every rank measured three groups on the
+    # plan, and lands at the first group boundary past every rank's prefetched steps.
+    assert sizes0[0] == (8, 8) and 1 <= len(changes) <= 2 and changes[0] <= 14, sizes0
     assert sizes0[-1][1] > sizes0[-1][0], sizes0  # toward the 3x faster rank
     assert all(s % group == 0 for s in changes)  # between accumulation groups
     assert sorted(torch.cat([seen0, seen1]).tolist()) == list(range(384))

@@ -22,7 +22,9 @@ def test_the_fast_rank_ends_with_the_larger_batch(tmp_path):
     # The coordinator logged each decision for a person (stderr) and as JSON (journal).
     assert "plan [" in out and "busy ms/step" in out
     decisions = [json.loads(line) for line in journal.read_text().splitlines()]
-    plans = [d for d in decisions if d["event"] == "plan"]
+    # (The plan of an epoch is decided in the background near the end of the one before, so
+    # one for the epoch after the last is decided too.)
+    plans = [d for d in decisions if d["event"] == "plan" and d["epoch"] <= 2]
     assert plans[0]["batch_sizes"] == [32, 32] and plans[0]["window"] == 0
     epoch0 = [p for p in plans if p["epoch"] == 0]
     assert 2 <= len(epoch0) <= 3 and [p["epoch"] for p in plans[len(epoch0):]] == [1, 2]
@@ -70,6 +72,6 @@ def test_elastic_restart_resumes_from_the_checkpoint_as_a_new_generation(tmp_pat
     generations = [r["generation"] for r in runs if r["event"] == "run"]
     assert generations == [0, 1]
     # Plans of the second life belong to generation 1: nothing of the first can change them.
-    late = [r for r in runs if r["event"] == "plan"][-1]
+    late = [r for r in runs if r["event"] == "plan" and r["epoch"] <= 2][-1]
     assert late["generation"] == 1 and late["epoch"] == 2
     assert all(e["plan"][1] > e["plan"][0] for e in epochs), epochs

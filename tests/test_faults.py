@@ -263,6 +263,8 @@ def _train_with_one_sided_faults(rank, world, log_path):
         return dataclasses.replace(real(epoch, window), batch_sizes=(0, B))  # below min 1
 
     sampler.plan_source.fetch = plan
+    # Every rank asks (the synchronous agreement): in the background only the leader does.
+    sampler.plan_in_background = False
     steps, indices = [], []
     with warnings_mod.catch_warnings(record=True) as caught:
         warnings_mod.simplefilter("always")

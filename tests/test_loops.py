@@ -72,6 +72,7 @@ def _sampler(**kwargs) -> WeightedDistributedSampler:
     args.update(kwargs)
     sampler = WeightedDistributedSampler(_data(), B, **args)
     if args["policy"] == "affine":
+        sampler.plan_in_background = False  # one scripted plan per window, at that window
         _inject_plans(sampler)
     return sampler
 

@@ -1,0 +1,485 @@
+"""Planning off the training path: a background thread per rank agrees each window's plan.
+
+A *round* is triggered by training progress, not by the sampler's generator: when this rank has
+*trained* (a ledger entry taken by the attached weighting, or ``report_busy``) the round's
+trigger step of the current iterator. Training is lockstep across ranks, so every rank reaches
+the same trigger whatever its DataLoader's prefetch depth, and the generator (which runs at
+prefetch time, inside ``next(loader)``) never joins a collective. The training thread only
+notes its progress; every collective of a round runs in the planner thread, on the planner's
+own gloo group (used by no other thread):
+
+a. one all-reduce (MAX) of small per-rank figures: the prefetch depth (steps yielded but not
+   yet trained), the last round's duration in steps, whether this rank has measured enough
+   steps on the current plan (early re-plans) and how many new measurements it holds; then one
+   gather of those measurements (fixed-size rows) at the leader;
+b. the leader (planner-group rank 0) alone asks the coordinator (``CoordinatedPlans.fetch``,
+   the seam tests replace), its request carrying every rank's new measurements (per rank:
+   the coordinator counts them as it would stats messages; kept and resent with the next
+   request if this one fails), and checks the plan;
+c. the leader broadcasts the plan's batch sizes, or an explicit marker: no plan (the request
+   failed: everyone keeps the agreed plan and the leader backs off), skipped (backing off) or
+   not ready; a gloo timeout is never the way to say "no plan";
+d. only then each rank snapshots how far its generator has decided (its *claim*: the last step
+   whose plan is fixed) and one all-reduce (MAX) gives the switch step ``s*``, the first switch
+   point after every rank's claim. From its snapshot until ``s*`` is installed a generator that
+   reaches a switch point waits (bounded); that wait is one tiny collective, never the
+   coordinator. Every rank installs the same plan at the same ``s*``.
+
+Triggers are chosen so the plan lands at its boundary: ``trigger = boundary - L`` with ``L``
+the largest prefetch depth plus the plan phase's duration in steps, plus one, both agreed in
+the previous round. Every round's descriptor (its trigger, target and kind) is computed on
+every rank from agreed figures only, so all ranks run the same rounds in the same order.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from ._exceptions import CoordinatorError, PlanError
+from ._ledger import LedgerEntry, StepLedger
+from ._peers import new_gloo_group
+from .plan import Plan
+from .protocol import MAX_RECORDS_PER_PLAN
+
+__all__ = ["BackgroundPlanner", "EARLY_MAX_STEPS", "EARLY_WARMUP"]
+
+#: Early re-plans (per-epoch plans, first iterator) only while the switch falls before this.
+EARLY_MAX_STEPS = 64
+#: Round results broadcast by the leader.
+_PLAN, _FAILED, _SKIPPED, _NOT_READY = 1.0, 2.0, 3.0, 4.0
+_STATUS = {_PLAN: "plan", _FAILED: "failed", _SKIPPED: "skipped", _NOT_READY: "not ready"}
+#: The most rounds a leader skips the coordinator after failures (doubling from one).
+_BACKOFF_MAX = 8
+#: Steps (accumulation groups) measured on the current plan before an early re-plan.
+EARLY_WARMUP = 3
+#: ``L`` before any round measured it.
+_INITIAL_LEAD = 3
+
+
+@dataclass(frozen=True)
+class _Round:
+    """One planning round of an iterator: fired once this rank trained ``trigger``."""
+
+    kind: str  # "window" (switch inside the iterator), "early" (ditto) or "next" (next iterator)
+    trigger: int
+    #: The window the plan is requested for (the intended switch step).
+    target: int
+
+
+class PlannerError(PlanError):
+    """The planner's peers failed (a collective timed out): its group is unusable."""
+
+
+class BackgroundPlanner:
+    """The planning rounds of one sampler on one rank.
+
+    Args:
+        source: the coordinated plan source (``fetch`` asks the coordinator, ``agreed`` is set
+            here when a plan is installed).
+        ledger: the sampler's step ledger (how far the generator yielded: the prefetch depth).
+        size: the number of ranks; ``rank``: this rank.
+        early_ready: whether this rank measured enough steps for an early re-plan.
+        peer_timeout_s: bound on every collective and on each generator wait.
+    """
+
+    def __init__(self, source, ledger: StepLedger, size: int, rank: int,
+                 early_ready: Callable[[], bool], policy: str, peer_timeout_s: float) -> None:
+        self.source = source
+        self.ledger = ledger
+        self.size = size
+        self.rank = rank
+        self.early_ready = early_ready
+        self.policy = policy
+        self.peer_timeout_s = peer_timeout_s
+        self.group = new_gloo_group(size, peer_timeout_s)
+        self.leader = True if self.group is None else dist.get_rank(self.group) == 0
+        self._cv = threading.Condition()
+        # -- the current iterator (set by begin) ----------------------------------------
+        self.serial: int | None = None
+        self.epoch = 0
+        self.steps = 0
+        self.window: int | None = None
+        self.accumulation = 1
+        self.early = 0  # early re-plans still allowed in this iterator
+        self._trained = -1
+        self._claimed = -1
+        self._frozen = False
+        #: ``(switch step, plan)`` installed for the current iterator, in order.
+        self._installs: list[tuple[int, Plan]] = []
+        self._round: _Round | None = None
+        self._inflight = False
+        self._last_trigger = -1
+        self._last_target = 0
+        self._last_switch = 0
+        self._plan_start = 0  # the step the current plan took over (early re-plans)
+        self._ending: int | None = None  # last trained step of an iterator being replaced
+        self._next_done = False  # the round for the next iterator ran
+        #: The epoch of the leader's first request, still to send (see _register).
+        self._registering: int | None = None
+        # -- agreed across rounds ------------------------------------------------------
+        self.lead = _INITIAL_LEAD
+        self._phase_steps = 0.0
+        self._step_marks: collections.deque[float] = collections.deque(maxlen=16)
+        # -- leader backoff ------------------------------------------------------------
+        self._streak = 0
+        self._skip = 0
+        self._warned_streak = False
+        # -- outcome -------------------------------------------------------------------
+        self.error: BaseException | None = None
+        #: Counters for tests and benchmarks: rounds run, plans installed, rounds without a
+        #: plan, coordinator requests made, and generator waits at a switch point.
+        self.stats = collections.Counter()
+        #: This rank's measurements not yet gathered (appended by the training side).
+        self._records: collections.deque[tuple[int, int, int, float]] = collections.deque()
+        #: The leader's gathered ``[rank, epoch, step, batch_size, busy_s]`` not yet delivered.
+        self.pending: list[list] = []
+        #: Records one rank contributes per round (the rest wait for the next): one request
+        #: stays within the protocol's cap whatever the world size.
+        self._per_round = max(1, MAX_RECORDS_PER_PLAN // max(size, 1))
+        #: The newest rounds: ``(epoch, kind, trigger, target, status, switch, lead)``.
+        self.history: collections.deque[tuple] = collections.deque(maxlen=4096)
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="shardbalance-planner",
+                                         daemon=True)
+        self._thread.start()
+
+    # -- the main thread: iterators and the generator --------------------------------------
+
+    def begin(self, serial: int, epoch: int, steps: int, window: int | None,
+              accumulation: int, early: int, through: int) -> Plan:
+        """A new iterator: finish the old one's rounds (every rank runs the same ones), then
+        return the plan of its first step (the newest agreed one, the same on every rank);
+        steps up to ``through`` take it."""
+        with self._cv:
+            if self.serial is None and self.leader:
+                self._registering = epoch
+            self._drain(self.peer_timeout_s)
+            self._ending = None
+            self.serial, self.epoch, self.steps = serial, epoch, steps
+            self.window, self.accumulation, self.early = window, accumulation, early
+            self._trained, self._claimed = -1, through
+            self._frozen = False
+            self._installs = []
+            self._last_trigger, self._last_target = -1, 0
+            self._last_switch = self._plan_start = 0
+            self._next_done = False
+            self._step_marks.clear()
+            self._round = self._next_round()
+            self._cv.notify_all()
+            return self.source.agreed.moved_to(epoch, 0)
+
+    def _drain(self, timeout_s: float) -> None:
+        """Run the rounds the ending iterator still owes (those every rank triggered)."""
+        if self.serial is None:
+            return
+        self._ending = self._trained
+        self._cv.notify_all()
+        if not self._cv.wait_for(self._drained, timeout_s):
+            raise PlannerError(f"the planner's round did not finish within "
+                               f"{timeout_s:g} s (a peer is stuck)")
+        self._raise()
+
+    def _register(self, epoch: int) -> None:
+        """The leader's one request as the first iterator starts (in this thread: training does
+        not wait), so that the coordinator knows the run before any rank's measurements arrive
+        (the plan itself is not used: only what every rank holds is)."""
+        try:
+            self.source.fetch(epoch, 0)
+        except (CoordinatorError, PlanError) as exc:
+            self._streak, self._skip = 1, 1
+            warnings.warn(f"shardbalance: no plan for epoch {epoch} step 0 ({exc}); keeping "
+                          "the plan all ranks agreed on last, retrying with backoff",
+                          RuntimeWarning)
+            self._warned_streak = True
+
+    def _drained(self) -> bool:
+        """No round in flight, and the next one will never fire in the ending iterator."""
+        if self.error is not None:
+            return True
+        if self._inflight:
+            return False
+        return self._round is None or self._round.trigger > self._ending
+
+    def claim(self, step: int, through: int) -> Plan | None:
+        """At switch point ``step``: the plan installed there (None: keep the current one);
+        the plan of every step up to ``through`` is then fixed."""
+        with self._cv:
+            if self._frozen:
+                self.stats["waits"] += 1
+                if not self._cv.wait_for(lambda: not self._frozen or self.error is not None,
+                                         self.peer_timeout_s):
+                    raise PlannerError(f"no switch step agreed within {self.peer_timeout_s:g} s")
+            self._raise()
+            self._claimed = through
+            found = None
+            for switch, plan in self._installs:
+                if switch == step:
+                    found = plan
+            return found
+
+    def trained(self, entry: LedgerEntry) -> None:
+        """This rank trained ``entry`` (the training thread; cheap)."""
+        if entry.serial != self.serial:
+            return
+        self._step_marks.append(time.monotonic())
+        if entry.step > self._trained:
+            with self._cv:
+                self._trained = entry.step
+                if self._round is not None and entry.step >= self._round.trigger:
+                    self._cv.notify_all()
+
+    def record(self, record: tuple[int, int, int, float]) -> None:
+        """A measurement of this rank, for the next round's gather (any thread; cheap)."""
+        self._records.append(record)
+
+    def take_records(self) -> list[tuple[int, int, int, float]]:
+        """This rank's measurements no round gathered (at close: the stats sender's)."""
+        out = []
+        while self._records:
+            out.append(self._records.popleft())
+        return out
+
+    def close(self, timeout_s: float, drain: bool = True) -> None:
+        """Run the rounds every rank triggered (``drain``), then stop the thread (bounded)."""
+        with self._cv:
+            if drain and self.error is None:
+                try:
+                    self._drain(timeout_s)
+                except PlannerError as exc:
+                    warnings.warn(f"shardbalance: {exc}; stopping the planner anyway",
+                                  RuntimeWarning)
+            self._stop = True
+            self._cv.notify_all()
+        self._thread.join(timeout_s)
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise PlannerError(f"the background planner failed: {self.error}") from self.error
+
+    # -- the planner thread ------------------------------------------------------------------
+
+    def _due(self) -> bool:
+        r = self._round
+        return r is not None and (r.trigger <= self._trained or
+                                  (self._ending is not None and r.trigger <= self._ending))
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    self._cv.wait_for(lambda: self._stop or self._due() or
+                                      self._registering is not None)
+                    if self._stop:
+                        return
+                    register, self._registering = self._registering, None
+                    rnd, self._inflight = self._round, register is None
+                if register is not None:
+                    self._register(register)
+                    continue
+                try:
+                    self._play(rnd)
+                finally:
+                    with self._cv:
+                        self._inflight = False
+                        self._cv.notify_all()
+        except BaseException as exc:  # a broken collective: every later wait raises it
+            with self._cv:
+                self.error = exc
+                self._frozen = False
+                self._cv.notify_all()
+
+    def _play(self, rnd: _Round) -> None:
+        started = time.monotonic()
+        self.stats["rounds"] += 1
+        # (a) prefetch depth, phase steps, readiness and how many new measurements: one
+        # all-reduce (MAX; readiness as -min), then the measurements gathered at the leader.
+        last = self.ledger.last_yielded
+        depth = max(0, last.step - self._trained) if last is not None and \
+            last.serial == self.serial else 0
+        ready = 1.0 if rnd.kind != "early" or self.early_ready() else 0.0
+        mine = []
+        while self._records and len(mine) < self._per_round:
+            mine.append(self._records.popleft())
+        figures = self._all_reduce_max([float(depth), self._phase_steps, -ready,
+                                        float(len(mine))])
+        lead = int(figures[0]) + int(math.ceil(figures[1])) + 1
+        all_ready = -figures[2] >= 1.0
+        if figures[3] > 0:
+            self._gather(mine, int(figures[3]))
+        # (b) the leader asks; (c) it broadcasts the plan or a marker.
+        status, plan = _NOT_READY, None
+        if self.leader and all_ready:
+            status, plan = self._ask(rnd)
+        status, plan = self._broadcast(status, plan, rnd)
+        # (d) the switch step, from every rank's claim taken now.
+        switch = None
+        if status == _PLAN and rnd.kind != "next":
+            with self._cv:
+                self._frozen = True
+                claimed = self._claimed
+            top = int(self._all_reduce_max([float(claimed)])[0])
+            switch = self._next_switch(top, rnd.kind)
+        with self._cv:
+            self._settle(rnd, status, plan, switch, lead)
+            self._frozen = False
+            self._cv.notify_all()
+        # The phase's duration in steps (for the next round's lead).
+        marks = list(self._step_marks)
+        if len(marks) >= 3:
+            step_s = (marks[-1] - marks[0]) / (len(marks) - 1)
+            if step_s > 0:
+                self._phase_steps = min((time.monotonic() - started) / step_s, 1e6)
+
+    def _settle(self, rnd: _Round, status: float, plan: Plan | None, switch: int | None,
+                lead: int) -> None:
+        """Install the round's result and compute the next round (from agreed figures only)."""
+        self.lead = lead
+        self.history.append((self.epoch, rnd.kind, rnd.trigger, rnd.target,
+                             _STATUS[status], switch, lead))
+        self._last_trigger, self._last_target = rnd.trigger, rnd.target
+        self._next_done = self._next_done or rnd.kind == "next"
+        if status == _PLAN:
+            self.stats["plans"] += 1
+            if switch is None:  # the next iterator's
+                self.source.agreed = plan
+            else:
+                plan = plan.moved_to(self.epoch, switch)
+                self.source.agreed = plan
+                self._last_switch = switch
+                if switch < self.steps:
+                    self._installs.append((switch, plan))
+                    self._plan_start = switch
+                if rnd.kind == "early":
+                    self.early -= 1
+        else:
+            self.stats["no_plan"] += 1
+            if status == _FAILED and not self._warned_streak:
+                self._warned_streak = True
+                warnings.warn(f"shardbalance: no plan for epoch {self.epoch} step {rnd.target} "
+                              "(the coordinator did not answer in time or refused); keeping "
+                              "the plan all ranks agreed on last, retrying with backoff",
+                              RuntimeWarning)
+        if status == _PLAN:
+            self._warned_streak = False
+        self._round = self._next_round(not_ready=status == _NOT_READY and rnd.kind == "early")
+
+    def _next_round(self, not_ready: bool = False) -> _Round | None:
+        """The next round of the current iterator (the same on every rank), or None."""
+        steps, last = self.steps, self._last_trigger
+        if steps <= 0 or last >= steps - 1:
+            return None
+        if self.window is not None:
+            k = self.window
+            after = max(self._last_target, self._last_switch)
+            target = (after // k + 1) * k
+            if target >= steps:
+                return None
+            trigger = max(target - self.lead, last + 1, 0)
+            return _Round("window", trigger, target) if trigger < steps else None
+        group = self.accumulation
+        if self.early > 0:
+            # Three groups measured on the current plan (an iterator's first step is not).
+            trigger = max(self._plan_start + (EARLY_WARMUP + 1) * group, last + 1)
+            if not_ready:
+                trigger = max(trigger, last + group)
+            target = self._next_switch(trigger + self.lead - 1, "early")
+            if target is not None and trigger < steps:
+                return _Round("early", trigger, target)
+            self.early = 0
+        if self._next_done:
+            return None
+        trigger = min(steps - 1, max(steps - self.lead, last + 1))
+        return _Round("next", trigger, steps)
+
+    def _next_switch(self, after: int, kind: str) -> int | None:
+        """The first switch point of the current iterator after step ``after`` (None: none; the
+        plan then starts the next iterator)."""
+        if kind == "window":
+            k = self.window
+            step = (max(after, 0) // k + 1) * k
+            return step if step < self.steps else None
+        g = self.accumulation
+        step = (max(after, 0) // g + 1) * g
+        return step if step < min(self.steps, EARLY_MAX_STEPS) else None
+
+    def _ask(self, rnd: _Round) -> tuple[float, Plan | None]:
+        """The leader's request, with backoff after failures."""
+        if self._skip > 0:
+            self._skip -= 1
+            return _SKIPPED, None
+        epoch, window = (self.epoch + 1, 0) if rnd.kind == "next" else (self.epoch, rnd.target)
+        self.stats["requests"] += 1
+        self.source.outgoing = self.pending
+        try:
+            plan = self.source.fetch(epoch, window)
+            self.stats["records_sent"] += len(self.pending)
+            self.pending = []  # delivered with the request (the coordinator counted them)
+            self.source._check(plan)
+        except (CoordinatorError, PlanError) as exc:
+            self._streak += 1
+            self._skip = min(2 ** (self._streak - 1), _BACKOFF_MAX)
+            self.stats["failed"] += 1
+            self.last_failure = str(exc)
+            return _FAILED, None
+        finally:
+            self.source.outgoing = []
+        self._streak = self._skip = 0
+        return _PLAN, plan
+
+    def _broadcast(self, status: float, plan: Plan | None, rnd: _Round
+                   ) -> tuple[float, Plan | None]:
+        """The leader's result on every rank: ``[status, epoch, window, predicted, sizes...]``."""
+        values = [status, 0.0, 0.0, math.nan] + [0.0] * self.size
+        if plan is not None:
+            values[1:4] = [plan.epoch, plan.window, math.nan if plan.predicted_step_s is None
+                           else plan.predicted_step_s]
+            values[4:] = [float(b) for b in plan.batch_sizes]
+        tensor = torch.tensor(values, dtype=torch.float64)
+        if self.group is not None:
+            dist.broadcast(tensor, src=dist.get_global_rank(self.group, 0), group=self.group)
+        out = tensor.tolist()
+        if out[0] != _PLAN:
+            return out[0], None
+        predicted = None if math.isnan(out[3]) else out[3]
+        return _PLAN, Plan(self.source.run_id, self.source.generation, int(out[1]), int(out[2]),
+                           tuple(int(b) for b in out[4:]), self.source.settings.global_batch_size,
+                           self.policy, predicted)
+
+    def _gather(self, mine: list, rows: int) -> None:
+        """Every rank's new measurements (``rows`` each at most) into the leader's pending
+        records: one gather of fixed-size tensors (a zero busy time pads)."""
+        tensor = torch.zeros((rows, 4), dtype=torch.float64)
+        if mine:
+            tensor[:len(mine)] = torch.tensor(mine, dtype=torch.float64)
+        if self.group is None:
+            gathered = [tensor]
+        else:
+            gathered = [torch.zeros_like(tensor) for _ in range(self.size)] \
+                if self.leader else None
+            dist.gather(tensor, gather_list=gathered, dst=dist.get_global_rank(self.group, 0),
+                        group=self.group)
+        if not self.leader:
+            return
+        for rank, block in enumerate(gathered):
+            for epoch, step, batch, busy in block.tolist():
+                if busy > 0:
+                    self.pending.append([rank, int(epoch), int(step), int(batch), busy])
+        overflow = len(self.pending) - MAX_RECORDS_PER_PLAN
+        if overflow > 0:  # the coordinator has been unreachable for long: the oldest go
+            del self.pending[:overflow]
+            self.stats["records_dropped"] += overflow
+
+    def _all_reduce_max(self, values: list[float]) -> list[float]:
+        tensor = torch.tensor(values, dtype=torch.float64)
+        if self.group is not None:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
+        return tensor.tolist()

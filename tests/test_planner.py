@@ -1,0 +1,275 @@
+"""The background planner on real gloo ranks with real DDP and DataLoaders with workers.
+
+- Different prefetch depths per rank (``num_workers`` 0 against 3 workers × 4): no hang, the
+  same plan at the same step on every rank, every epoch covered exactly once.
+- The leader's plan request failing or timing out: every rank keeps the agreed plan, nothing
+  hangs, the planner's group stays usable (later plans are adopted), one warning per streak.
+- A real coordinator killed mid-run and restarted on the same address: training goes on
+  without a per-window wait, and plans are used again within a few rounds of the restart.
+"""
+
+import dataclasses
+import os
+import signal
+import threading
+import time
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, TensorDataset
+
+import distributed
+from distributed import free_port, run_ranks, stop_process
+from shardbalance import WeightedDistributedSampler
+from shardbalance._exceptions import CoordinatorUnavailable
+from shardbalance._planner import _BACKOFF_MAX
+from shardbalance.emulate import EmulatedSpeed
+
+N, B, DIM, CLASSES = 384, 16, 6, 3  # 24 steps an epoch
+#: Rank 0 loads in the main process, rank 1 keeps 12 batches in flight.
+LOADERS = [dict(num_workers=0), dict(num_workers=3, prefetch_factor=4)]
+SECRET = "planner-test-secret-0123456789abcdef"
+
+
+def _data():
+    gen = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(N, DIM, generator=gen),
+                         torch.randint(0, CLASSES, (N,), generator=gen), torch.arange(N))
+
+
+def _scripted(sampler, fail=lambda request: None):
+    """Plans from a script through the fetch seam (the leader's request): sizes move with each
+    request, so every adopted plan is visible; ``fail(request number)`` may raise or sleep."""
+    real, count = sampler.plan_source.fetch, {"n": 0, "asked": 0}
+
+    def fetch(epoch, window):
+        count["asked"] += 1
+        fail(count["asked"])
+        count["n"] += 1
+        sizes = (4 + 2 * (count["n"] % 3), B - 4 - 2 * (count["n"] % 3))
+        return dataclasses.replace(real(epoch, window), batch_sizes=sizes)
+
+    sampler.plan_source.fetch = fetch
+
+
+def _train(rank, world, weighting, epochs, fail_windows, log_path):
+    """``fail_windows``: the leader's request number (1: the run's registration) -> fault."""
+    data = _data()
+    sampler = WeightedDistributedSampler(data, B, rebalance_every=2, seed=2, timeout_s=10,
+                                         coordinator_log=log_path)
+
+    def fail(request):
+        kind = fail_windows.get(request)
+        if kind == "timeout":
+            time.sleep(0.3)  # a request that takes long, then gives up
+        if kind:
+            raise CoordinatorUnavailable(f"injected: {kind}")
+
+    _scripted(sampler, fail)
+    loader = DataLoader(data, batch_sampler=sampler, **LOADERS[rank])
+    model = DDP(torch.nn.Sequential(EmulatedSpeed(1.0 + rank, per_sample_s=0.0002,
+                                                  overhead_s=0.002),
+                                    torch.nn.Linear(DIM, CLASSES)))
+    sampler.attach(model, weighting=weighting)
+    steps, seen = [], []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for epoch in range(epochs):
+            sampler.set_epoch(epoch)
+            for x, y, idx in loader:
+                F.cross_entropy(model(x), y).backward()
+                model.zero_grad()
+                entry = sampler.last_trained
+                assert entry.batch_size == len(y)
+                steps.append((epoch, entry.step, entry.digest, len(y)))
+                seen.append((epoch, idx))
+    # The planner's group is still usable: one more collective on it.
+    check = torch.ones(1)
+    if sampler.planner.group is not None:
+        dist.all_reduce(check, group=sampler.planner.group)
+    history = list(sampler.planner.history)
+    stats = dict(sampler.planner.stats, sender=sampler.session.sender.sent)
+    del model
+    dist.barrier()
+    sampler.close()
+    return (steps, seen, history, stats, [str(w.message) for w in caught
+                                          if "no plan" in str(w.message)], float(check))
+
+
+def _coverage(seen0, seen1, epochs):
+    for epoch in range(epochs):
+        got = torch.cat([i for e, i in seen0 + seen1 if e == epoch])
+        assert sorted(got.tolist()) == list(range(N)), epoch
+
+
+def _same_plans(steps0, steps1):
+    assert [s[:3] for s in steps0] == [s[:3] for s in steps1]
+    assert all(a[3] + b[3] == B for a, b in zip(steps0, steps1))
+
+
+@pytest.mark.parametrize("weighting", ["hook", "output"])
+def test_different_prefetch_depths_switch_to_the_same_plan_at_the_same_step(tmp_path,
+                                                                           weighting):
+    r0, r1 = run_ranks(_train, 2, weighting, 2, {}, str(tmp_path / "c.jsonl"), timeout_s=120)
+    (steps0, seen0, history, stats, _, check), (steps1, seen1, history1, *_) = r0, r1
+    _same_plans(steps0, steps1)
+    _coverage(seen0, seen1, 2)
+    assert history == history1 and check == 2.0
+    # Plans switch only at window boundaries, and did inside epochs, more than once.
+    changes = [cur[:2] for prev, cur in zip(steps0, steps0[1:]) if prev[2] != cur[2]]
+    assert all(step % 2 == 0 for _, step in changes), changes
+    assert sum(1 for _, step in changes if step > 0) >= 2, changes
+    # Rank 1 runs 12 batches ahead: the agreed lead covers its prefetch depth.
+    assert max(h[6] for h in history) >= 10, history
+    assert stats["plans"] >= 2 and stats.get("failed", 0) == 0
+    # Measurements reached the coordinator with the leader's requests, none by stats messages.
+    assert stats["records_sent"] >= 2 * 24 and stats["sender"] == 0, stats
+
+
+def test_a_failing_or_slow_leader_request_keeps_the_agreed_plan_on_every_rank(tmp_path):
+    # These requests of the leader fail: two streaks, one of them with a slow failure.
+    fails = {3: "unreachable", 4: "timeout", 7: "unreachable"}
+    r0, r1 = run_ranks(_train, 2, "hook", 4, fails, str(tmp_path / "c.jsonl"), timeout_s=150)
+    (steps0, seen0, history, stats, warned0, check), (steps1, seen1, _, _, warned1, _) = r0, r1
+    _same_plans(steps0, steps1)
+    _coverage(seen0, seen1, 4)
+    assert check == 2.0  # the group survived
+    failed = [i for i, h in enumerate(history) if h[4] == "failed"]
+    assert len(failed) == stats["failed"] == 3, history
+    for i in failed:
+        # Nothing installed by a failed round; the leader skips the next round(s) (backoff),
+        # then a plan is adopted again.
+        assert history[i][5] is None
+        later = [h[4] for h in history[i + 1:]]
+        assert "plan" in later[:_BACKOFF_MAX + 2], history
+    # Every rank warned, once per failure streak, not once per window.
+    assert warned0 and warned1 and len(warned0) == len(warned1) <= len(failed)
+
+
+def _train_through_outage(rank, world, address, flag_path):
+    data = _data()
+    sampler = WeightedDistributedSampler(data, B, coordinator=address, rebalance_every=2,
+                                         timeout_s=1, seed=4)
+    loader = DataLoader(data, batch_sampler=sampler, **LOADERS[rank])
+    model = DDP(torch.nn.Sequential(EmulatedSpeed(1.0 + rank, per_sample_s=0.0002,
+                                                  overhead_s=0.004),
+                                    torch.nn.Linear(DIM, CLASSES)))
+    sampler.attach(model)
+    steps, seen, epoch, after = [], [], 0, 0
+    marks, t0 = [], time.monotonic()  # when each epoch ended (for a failure's message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        while epoch < 60:
+            sampler.set_epoch(epoch)
+            for x, y, idx in loader:
+                F.cross_entropy(model(x), y).backward()
+                model.zero_grad()
+                entry = sampler.last_trained
+                steps.append((epoch, entry.step, entry.digest, len(y)))
+                seen.append((epoch, idx))
+            epoch += 1
+            marks.append(round(time.monotonic() - t0, 2))
+            if rank == 0:  # the outage lasts two epochs of rounds (see the test)
+                with open(flag_path + ".epoch", "w") as f:
+                    f.write(str(epoch))
+            # Train until every rank saw the coordinator restarted, then three epochs more.
+            restarted = torch.tensor([float(os.path.exists(flag_path))])
+            dist.all_reduce(restarted, op=dist.ReduceOp.MIN)
+            after += int(restarted.item())
+            if after >= 3:
+                break
+    history, stats = list(sampler.planner.history), dict(sampler.planner.stats)
+    del model
+    dist.barrier()
+    sampler.close()
+    return steps, seen, history, stats, epoch, marks
+
+
+def test_a_coordinator_killed_mid_run_costs_no_window_a_wait_and_is_used_again(tmp_path):
+    port, journal = free_port(), str(tmp_path / "coordinator.jsonl")
+    flag = str(tmp_path / "restarted")
+    procs = [distributed.start_coordinator(port, journal, SECRET)]
+    finished = threading.Event()
+
+    def outage():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not finished.is_set():
+            if os.path.exists(journal) and open(journal).read().count('"event": "plan"') >= 4:
+                break
+            time.sleep(0.05)
+        procs[0].send_signal(signal.SIGKILL)
+        procs[0].wait(10)
+        # Down for two whole epochs of training (each has rounds: the failures to count).
+        progress = flag + ".epoch"
+
+        def trained_epochs():
+            try:
+                return int(open(progress).read() or 0)
+            except (OSError, ValueError):
+                return 0
+
+        killed_at = trained_epochs()
+        while time.monotonic() < deadline + 60 and trained_epochs() < killed_at + 2:
+            if finished.wait(0.05):
+                return
+        procs.append(distributed.start_coordinator(port, journal, SECRET))
+        open(flag, "w").close()
+
+    killer = threading.Thread(target=outage)
+    killer.start()
+    try:
+        r0, r1 = run_ranks(_train_through_outage, 2, f"tcp://127.0.0.1:{port}", flag,
+                           env={"SHARDBALANCE_TOKEN": SECRET}, timeout_s=180)
+    finally:
+        finished.set()
+        killer.join(70)
+        for proc in procs:
+            stop_process(proc)
+    assert not killer.is_alive()
+    (steps0, seen0, history, stats, epochs, marks), (steps1, seen1, *_) = r0, r1
+    _same_plans(steps0, steps1)
+    _coverage(seen0, seen1, epochs)
+    statuses = [h[4] for h in history]
+    assert "failed" in statuses, (stats, marks, [(h[0], h[2], h[4]) for h in history])
+    first_fail = statuses.index("failed")
+    last_fail = len(statuses) - 1 - statuses[::-1].index("failed")
+    assert "plan" in statuses[:first_fail]
+    # After the restart a plan came again, within the backoff's cap of rounds.
+    assert "plan" in statuses[last_fail + 1:last_fail + _BACKOFF_MAX + 2], statuses
+    # The outage cost no window a wait: a generator waits only while a switch step is agreed
+    # (after a plan arrived), never for the coordinator. Far fewer requests than rounds.
+    assert stats.get("waits", 0) <= stats["plans"], stats
+    assert stats["requests"] < stats["rounds"], stats
+    assert "skipped" in statuses[first_fail:last_fail + 1] or first_fail == last_fail
+
+
+def test_a_plan_request_carries_every_rank_measurements_and_bad_ones_change_nothing(tmp_path):
+    from shardbalance._exceptions import CoordinatorError
+    from shardbalance.client import CoordinatorClient
+    from test_coordinator import SECRET as KEY, Running, plan_fields
+
+    running = Running(str(tmp_path / "journal.jsonl"), KEY)
+    client = CoordinatorClient(running.endpoint, KEY, timeout_s=2)
+    try:
+        assert client.plan(**plan_fields()).batch_sizes == (32, 32, 32)
+        # One request of the leader with all three ranks' records: rank 2 is 4x as fast.
+        records = [[rank, 0, s, 32, 0.001 + 32 * per_sample]
+                   for rank, per_sample in enumerate([0.004, 0.002, 0.001])
+                   for s in range(1, 8)]
+        # A bad record (batch above B) refuses the whole request and counts none of them.
+        with pytest.raises(CoordinatorError, match="exceeds the global batch"):
+            client.plan(**plan_fields(epoch=1, records=records + [[1, 0, 9, 500, 0.1]]))
+        with pytest.raises(CoordinatorError, match="bad plan record"):
+            client.plan(**plan_fields(epoch=1, records=[[3, 0, 1, 32, 0.1]]))
+        plan = client.plan(**plan_fields(epoch=1, records=records))
+        assert plan.batch_sizes[2] > plan.batch_sizes[1] > plan.batch_sizes[0], plan
+        # The coordinator still sees per-rank figures.
+        busy = client.reported[plan.digest].busy_ms
+        assert busy is not None and busy[0] > busy[1] > busy[2]
+    finally:
+        client.close()
+        running.stop()
