@@ -64,7 +64,7 @@ class CoordinatorSession:
         instance = next(_instances)
         store = _store() if peers.distributed else None
         prefix = f"shardbalance/g{generation}/s{instance}/"
-        leader = (dist.get_rank() == 0) if peers.distributed else True
+        leader = peers.leader
         peers.group  # created here, at the same point on every rank
         if leader:
             run_id = uuid.uuid4().hex[:12]
