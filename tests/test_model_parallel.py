@@ -201,7 +201,8 @@ def test_model_parallel_peers_share_batches_and_replicas_split_the_global_batch(
             sorted(set(slow[0][0][step] + slow[2][0][step]))
     assert all(s[1] == slow[0][1] for s in slow)
     final = slow[0][1][-1]
-    assert sum(final) == B and final[1] < final[0], slow[0][1]
+    # (Timed by rank 2 alone, the replicas would be equally fast: about [8, 8].)
+    assert sum(final) == B and final[0] >= final[1] + 4, slow[0][1]
 
     # process_group + replica_group: the same contract without a mesh.
     groups = [r["groups"] for r in results]
