@@ -9,7 +9,7 @@ busy times differ only by the emulated delays. One launch checks:
   process_group with replica_group), and the replicas split each global batch;
 - the data-parallel gradient (DDP over the data-parallel group) equals a one-process reference
   over the global batch, also with ``set_step_weight`` (a sum over replicas, not over ranks);
-- the adaptive plan follows the slower member of each replica;
+- the adaptive plan and the probe's first plan follow the slower member of each replica;
 - a sampler held by some ranks only (one "pipeline stage") neither hangs nor needs the others,
   and starts its coordinator on its own lowest rank;
 - a process_group whose size disagrees with num_replicas, or an unknown mesh dimension, is
@@ -91,7 +91,7 @@ def _slow_member_epochs(rank, mesh, journal):
                                          policy="affine", rebalance_every=2, seed=1,
                                          coordinator_log=journal, timeout_s=30)
     speed = SLOW_SPEED if rank == SLOW_RANK else 1.0
-    model = DDP(torch.nn.Sequential(EmulatedSpeed(speed, per_sample_s=0.004, overhead_s=0.002),
+    model = DDP(torch.nn.Sequential(EmulatedSpeed(speed, per_sample_s=0.01, overhead_s=0.005),
                                     _model()), process_group=mesh.get_group("dp"))
     sampler.attach(model)
     loader = DataLoader(data, batch_sampler=sampler)
@@ -106,6 +106,17 @@ def _slow_member_epochs(rank, mesh, journal):
     sampler.close()
     del model
     return batches, plans
+
+
+def _probe_weights(rank, mesh):
+    """The probe's first-plan weights: replica 1 timed by its slow member."""
+    import time
+
+    sampler = WeightedDistributedSampler(_data(), B, device_mesh=mesh, mesh_dim="dp",
+                                         policy="static", initial_weights="probe")
+    speed = SLOW_SPEED if rank == SLOW_RANK else 1.0
+    return sampler.probe(lambda b: time.sleep((0.002 + 0.002 * b) / speed), sizes=(4, 8),
+                         repeats=1)
 
 
 def _groups_epoch(mesh):
@@ -160,6 +171,7 @@ def _replicas(rank, world, tmp):
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     return {"exact": _exact_epoch(mesh, f"{tmp}/exact.jsonl"),
             "slow": _slow_member_epochs(rank, mesh, f"{tmp}/slow.jsonl"),
+            "probe": _probe_weights(rank, mesh),
             "groups": _groups_epoch(mesh),
             "stage": _stage_zero_only(rank, mesh, f"{tmp}/stage.jsonl"),
             "refused": _refusals(mesh)}
@@ -203,6 +215,11 @@ def test_model_parallel_peers_share_batches_and_replicas_split_the_global_batch(
     final = slow[0][1][-1]
     # (Timed by rank 2 alone, the replicas would be equally fast: about [8, 8].)
     assert sum(final) == B and final[0] >= final[1] + 4, slow[0][1]
+
+    # The probe's weights: the same on every rank, replica 1 at its slow member's speed.
+    weights = [r["probe"] for r in results]
+    assert all(w == weights[0] for w in weights)
+    assert weights[0][1] < 0.6 * weights[0][0], weights[0]
 
     # process_group + replica_group: the same contract without a mesh.
     groups = [r["groups"] for r in results]
