@@ -7,7 +7,7 @@ checkpoint, an evaluation on one rank), so waits get the peer timeout, not the c
 
 With model parallelism (a :class:`Layout`: ``process_group=`` or ``device_mesh=`` on the
 sampler) the group spans every rank that holds the sampler, the members of each model replica
-included, and only them (``use_local_synchronization``: ranks outside never take part). Plan
+included, and only them (created by them alone: ranks outside never take part). Plan
 agreement over all of them keeps a replica's members on one plan; sums count each replica once
 (divided by its member count) and the probe's figures are gathered per replica.
 """
@@ -15,8 +15,8 @@ agreement over all of them keeps a replica's members on one plan; sums count eac
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
+from collections import Counter
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
@@ -58,7 +58,9 @@ class PeerGroup:
         touch it at the same point the first time: creating it is itself a collective."""
         if self.layout is not None:
             if self._group is None and len(self.layout.ranks) > 1:
-                self._group = self.layout.new_group(self.peer_timeout_s)
+                key = ("group", self.layout.ranks)
+                self._group = self.layout.new_group(self.peer_timeout_s, _built[key])
+                _built[key] += 1
             return self._group
         if self._group is None and self.size > 1 and self.distributed \
                 and dist.get_world_size() > 1:
@@ -86,10 +88,19 @@ class PeerGroup:
             return {name: True for name in names}
         mine = [int(values[n]) for n in names]
         both = torch.tensor(mine + [-v for v in mine], dtype=torch.int64)
-        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self._group)
+        _all_reduce(both, self._group, dist.ReduceOp.MAX)
         n = len(names)
         return {name: int(both[i]) == v and -int(both[n + i]) == v
                 for i, (name, v) in enumerate(zip(names, mine))}
+
+    def next_instance(self) -> str:
+        """A name for a new session's store keys, the same on every rank holding the sampler:
+        how many were built before it over the same ranks (those build theirs in one order;
+        ranks outside, which build fewer, do not shift it)."""
+        key = None if self.layout is None else self.layout.ranks
+        count = _built[key]
+        _built[key] += 1
+        return str(count) if key is None else f"{count}r{self.layout.digest:x}"
 
     @property
     def leader(self) -> bool:
@@ -104,7 +115,7 @@ class PeerGroup:
         every member of a replica passing the same values (the same on every rank)."""
         tensor = torch.tensor(values, dtype=torch.float64)
         if self.group is not None:
-            dist.all_reduce(tensor, group=self._group)
+            _all_reduce(tensor, self._group)
             if self.layout is not None and self.layout.members > 1:
                 tensor /= self.layout.members
         return tensor.tolist()
@@ -115,8 +126,8 @@ class PeerGroup:
         tensor = torch.tensor(values, dtype=torch.float64)
         if self.group is None:
             return [tensor.tolist()]
-        rows = [torch.zeros_like(tensor) for _ in range(dist.get_world_size(self._group))]
-        dist.all_gather(rows, tensor, group=self._group)
+        rows = [torch.zeros_like(tensor) for _ in range(self._group.size())]
+        self._group.allgather([rows], [tensor]).wait()
         return [r.tolist() for r in rows]
 
     def gather_replicas(self, values: list[float]) -> list[list[list[float]]]:
@@ -134,27 +145,37 @@ class PeerGroup:
         bit are computed once (floating-point libraries differ between CPUs)."""
         tensor = torch.tensor(values, dtype=torch.float64)
         if self.group is not None:
-            dist.broadcast(tensor, src=dist.get_global_rank(self._group, 0), group=self._group)
+            options = dist.BroadcastOptions()
+            options.rootRank, options.rootTensor = 0, 0
+            self._group.broadcast([tensor], options).wait()
         return tensor.tolist()
 
     def barrier(self) -> None:
         if self.group is not None:
-            dist.barrier(group=self._group)
+            self._group.barrier().wait()
 
     def wait_all(self, timeout_s: float) -> None:
         """A barrier bounded by ``timeout_s`` (warns instead of raising when a rank is late)."""
         if self._group is None or not self.distributed:
             return
         try:
-            dist.monitored_barrier(group=self._group, timeout=timedelta(seconds=timeout_s))
+            self._group.monitored_barrier(timedelta(seconds=timeout_s))
         except RuntimeError as exc:
             warnings.warn(f"shardbalance: not every rank reached close() ({exc}); "
                           "stopping anyway", RuntimeWarning)
 
 
-#: Store keys of the replica-group exchange, one set per sampler built (in the same order on
-#: every rank, as the samplers are).
-_exchanges = itertools.count()
+#: Samplers (sessions, groups, replica-group exchanges) built so far, per set of ranks that
+#: build them.
+_built: Counter = Counter()
+
+
+def _all_reduce(tensor: torch.Tensor, group, op=dist.ReduceOp.SUM) -> None:
+    # The group's own methods: a group of some ranks only is not registered with
+    # torch.distributed (see Layout.new_group), so its module-level collectives do not know it.
+    options = dist.AllreduceOptions()
+    options.reduceOp = op
+    group.allreduce([tensor], options).wait()
 
 
 @dataclass(frozen=True)
@@ -168,6 +189,8 @@ class Layout:
 
     ranks: tuple[int, ...]
     replica: tuple[int, ...]
+    #: The restart round (store keys of earlier rounds may still be there).
+    generation: int = 0
 
     @property
     def members(self) -> int:
@@ -179,15 +202,30 @@ class Layout:
         text = json.dumps([self.ranks, self.replica]).encode()
         return int.from_bytes(hashlib.sha256(text).digest()[:8], "big") >> 1
 
-    def new_group(self, timeout_s: float):
-        """The gloo group of :attr:`ranks`, created by them alone; refuses, on every rank, a
-        layout that its ranks see differently (their process groups do not fit together)."""
-        group = dist.new_group(ranks=list(self.ranks), backend="gloo",
-                               timeout=timedelta(seconds=timeout_s),
-                               use_local_synchronization=True)
+    def new_group(self, timeout_s: float, instance: int):
+        """The gloo group of :attr:`ranks`, created by them alone (the ``instance``-th over
+        these ranks); refuses, on every rank, a layout that its ranks see differently (their
+        process groups do not fit together).
+
+        Not ``dist.new_group(ranks, use_local_synchronization=True)``: torch names such a group
+        after the number of groups each rank holds, which differs once some ranks built a
+        sampler that others did not, and the creation then waits out the timeout. A gloo group
+        of its own, rendezvousing under a store prefix of this sampler's, needs only its ranks
+        and leaves torch's group registry (and the user's later groups) as it was.
+        """
+        from . import _torch_compat as compat
+
+        try:
+            base = compat.default_store()
+        except RuntimeError as exc:
+            raise ConfigError(str(exc)) from None
+        store = dist.PrefixStore(f"shardbalance/g{self.generation}/group{instance}r"
+                                 f"{self.digest:x}/", base)
+        group = dist.ProcessGroupGloo(store, self.ranks.index(dist.get_rank()),
+                                      len(self.ranks), timedelta(seconds=timeout_s))
         mine = self.digest
         both = torch.tensor([mine, -mine], dtype=torch.int64)
-        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+        _all_reduce(both, group, dist.ReduceOp.MAX)
         if int(both[0]) != mine or -int(both[1]) != mine:
             raise ConfigError(
                 f"the ranks holding this sampler see different data-parallel layouts (this "
@@ -196,9 +234,10 @@ class Layout:
         return group
 
 
-def _check_layout(ranks: list[int], replica: list[int], size: int) -> Layout:
+def _check_layout(ranks: list[int], replica: list[int], size: int, generation: int) -> Layout:
     order = sorted(range(len(ranks)), key=ranks.__getitem__)
-    layout = Layout(tuple(ranks[i] for i in order), tuple(replica[i] for i in order))
+    layout = Layout(tuple(ranks[i] for i in order), tuple(replica[i] for i in order),
+                    generation)
     counts = np.bincount(np.asarray(layout.replica), minlength=size)
     if len(set(layout.ranks)) != len(ranks) or len(counts) != size or \
             len(set(counts.tolist())) != 1:
@@ -245,7 +284,7 @@ def data_parallel_layout(process_group: Any = None, device_mesh: Any = None,
             raise ConfigError(f"rank {me} is not in the device mesh {grid.tolist()}")
         coords = np.indices(grid.shape)[axis]
         layout = _check_layout(grid.ravel().tolist(), coords.ravel().tolist(),
-                               grid.shape[axis])
+                               grid.shape[axis], generation)
         return grid.shape[axis], int(coords[grid == me][0]), layout
     if mesh_dim is not None:
         raise ConfigError(f"mesh_dim={mesh_dim!r} needs device_mesh=")
@@ -258,7 +297,7 @@ def data_parallel_layout(process_group: Any = None, device_mesh: Any = None,
     data_ranks = sorted(data_ranks, key=lambda r: dist.get_group_rank(process_group, r))
     size = len(data_ranks)
     if replica_group is None:
-        layout = _check_layout(list(data_ranks), list(range(size)), size)
+        layout = _check_layout(list(data_ranks), list(range(size)), size, generation)
         return size, data_ranks.index(me), layout
     peers = sorted(dist.get_process_group_ranks(replica_group))
     if me not in peers:
@@ -268,7 +307,11 @@ def data_parallel_layout(process_group: Any = None, device_mesh: Any = None,
     from . import _torch_compat as compat
 
     store = compat.default_store()
-    prefix = f"shardbalance/g{generation}/layout{next(_exchanges)}/"
+    # Counted per data-parallel group: its ranks are the ones that read each other's keys.
+    exchange = ("exchange", tuple(data_ranks))
+    group = "_".join(map(str, data_ranks))
+    prefix = f"shardbalance/g{generation}/layout{_built[exchange]}r{group}/"
+    _built[exchange] += 1
     store.set(prefix + str(me), json.dumps(peers))
     keys = [prefix + str(r) for r in data_ranks]
     try:
@@ -284,5 +327,5 @@ def data_parallel_layout(process_group: Any = None, device_mesh: Any = None,
                               "contain it")
         ranks += members
         replica += [index] * len(members)
-    layout = _check_layout(ranks, replica, size)
+    layout = _check_layout(ranks, replica, size, generation)
     return size, layout.replica[layout.ranks.index(me)], layout

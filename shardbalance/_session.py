@@ -8,7 +8,6 @@ the request client and the background stats sender, and stops all of it at close
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import secrets
@@ -28,8 +27,6 @@ from .client import (CoordinatorClient, EmbeddedCoordinator, StatsSender, extern
 __all__ = ["CoordinatorSession"]
 
 log = logging.getLogger("shardbalance")
-
-_instances = itertools.count()
 
 
 class CoordinatorSession:
@@ -61,7 +58,7 @@ class CoordinatorSession:
 
     def _connect(self, address, env, peers, rank, world_size, generation, journal,
                  timeout_s) -> None:
-        instance = next(_instances)
+        instance = peers.next_instance()
         store = _store() if peers.distributed else None
         prefix = f"shardbalance/g{generation}/s{instance}/"
         leader = peers.leader

@@ -11,7 +11,8 @@ busy times differ only by the emulated delays. One launch checks:
   over the global batch, also with ``set_step_weight`` (a sum over replicas, not over ranks);
 - the adaptive plan and the probe's first plan follow the slower member of each replica;
 - a sampler held by some ranks only (one "pipeline stage") neither hangs nor needs the others,
-  and starts its coordinator on its own lowest rank;
+  starts its coordinator on its own lowest rank, and does not throw later samplers of the
+  whole job out of step;
 - a process_group whose size disagrees with num_replicas, or an unknown mesh dimension, is
   refused with an error naming the values.
 """
@@ -169,11 +170,13 @@ def _replicas(rank, world, tmp):
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    # In this order: samplers over all four ranks still find each other's coordinator after
+    # one that only ranks 1 and 3 built.
     return {"exact": _exact_epoch(mesh, f"{tmp}/exact.jsonl"),
+            "stage": _stage_zero_only(rank, mesh, f"{tmp}/stage.jsonl"),
             "slow": _slow_member_epochs(rank, mesh, f"{tmp}/slow.jsonl"),
             "probe": _probe_weights(rank, mesh),
             "groups": _groups_epoch(mesh),
-            "stage": _stage_zero_only(rank, mesh, f"{tmp}/stage.jsonl"),
             "refused": _refusals(mesh)}
 
 
