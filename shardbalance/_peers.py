@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections import Counter
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Mapping
 
 import numpy as np
-
 import torch
 import torch.distributed as dist
 
@@ -199,8 +198,7 @@ class Layout:
 
     @property
     def digest(self) -> int:
-        text = json.dumps([self.ranks, self.replica]).encode()
-        return int.from_bytes(hashlib.sha256(text).digest()[:8], "big") >> 1
+        return _digest([self.ranks, self.replica])
 
     def new_group(self, timeout_s: float, instance: int):
         """The gloo group of :attr:`ranks`, created by them alone (the ``instance``-th over
@@ -219,8 +217,10 @@ class Layout:
             base = compat.default_store()
         except RuntimeError as exc:
             raise ConfigError(str(exc)) from None
+        # Named by the ranks alone, so that ranks that see the replicas differently still meet
+        # and are refused below, instead of each waiting for a group of its own.
         store = dist.PrefixStore(f"shardbalance/g{self.generation}/group{instance}r"
-                                 f"{self.digest:x}/", base)
+                                 f"{_digest(self.ranks):x}/", base)
         group = dist.ProcessGroupGloo(store, self.ranks.index(dist.get_rank()),
                                       len(self.ranks), timedelta(seconds=timeout_s))
         mine = self.digest
@@ -232,6 +232,10 @@ class Layout:
                 f"rank: ranks {list(self.ranks)} in replicas {list(self.replica)}): every "
                 "rank must pass matching process_group/replica_group (or the same device_mesh)")
         return group
+
+
+def _digest(value) -> int:
+    return int.from_bytes(hashlib.sha256(json.dumps(value).encode()).digest()[:8], "big") >> 1
 
 
 def _check_layout(ranks: list[int], replica: list[int], size: int, generation: int) -> Layout:
@@ -306,7 +310,10 @@ def data_parallel_layout(process_group: Any = None, device_mesh: Any = None,
     # data-parallel group would need a group the caller may not have on a CPU backend).
     from . import _torch_compat as compat
 
-    store = compat.default_store()
+    try:
+        store = compat.default_store()
+    except RuntimeError as exc:
+        raise ConfigError(str(exc)) from None
     # Counted per data-parallel group: its ranks are the ones that read each other's keys.
     exchange = ("exchange", tuple(data_ranks))
     group = "_".join(map(str, data_ranks))
