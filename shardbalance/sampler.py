@@ -71,8 +71,10 @@ class WeightedDistributedSampler(Sampler[list[int]]):
     Args:
         dataset: any Sized; N = ``len(dataset)``.
         global_batch_size (int): B, samples per optimizer step summed over all ranks.
-        num_replicas (int, optional): number of ranks. Default: the torch.distributed world size.
-        rank (int, optional): this rank. Default: the torch.distributed rank.
+        num_replicas (int, optional): number of data-parallel ranks. Default: the
+            torch.distributed world size (the size of ``process_group`` when given).
+        rank (int, optional): this rank's data-parallel index. Default: the torch.distributed
+            rank (the index in ``process_group`` when given).
         shuffle (bool, optional): shuffle the order each epoch. Default: ``True``.
         seed (int, optional): seed of the order; must be the same on every rank. Default: ``0``.
         drop_last (bool, optional): drop the last incomplete global batch. If ``False`` it is
