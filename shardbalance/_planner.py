@@ -46,7 +46,7 @@ import torch.distributed as dist
 
 from ._exceptions import CoordinatorError, PlanError
 from ._ledger import LedgerEntry, StepLedger
-from ._peers import new_gloo_group
+from ._peers import PeerGroup
 from .plan import Plan
 from .protocol import MAX_RECORDS_PER_PLAN
 
@@ -91,17 +91,18 @@ class BackgroundPlanner:
         peer_timeout_s: bound on every collective and on each generator wait.
     """
 
-    def __init__(self, source, ledger: StepLedger, size: int, rank: int,
+    def __init__(self, source, ledger: StepLedger, peers: PeerGroup, rank: int,
                  early_ready: Callable[[], bool], policy: str, peer_timeout_s: float) -> None:
         self.source = source
         self.ledger = ledger
-        self.size = size
+        self.size = size = peers.size
+        self.peers = peers
         self.rank = rank
         self.early_ready = early_ready
         self.policy = policy
         self.peer_timeout_s = peer_timeout_s
-        self.group = new_gloo_group(size, peer_timeout_s)
-        self.leader = True if self.group is None else dist.get_rank(self.group) == 0
+        self.group = peers.new_thread_group()
+        self.leader = True if self.group is None else self.group.rank() == 0
         self._cv = threading.Condition()
         # -- the current iterator (set by begin) ----------------------------------------
         self.serial: int | None = None
@@ -144,7 +145,8 @@ class BackgroundPlanner:
         self.pending: list[list] = []
         #: Records one rank contributes per round (the rest wait for the next): one request
         #: stays within the protocol's cap whatever the world size.
-        self._per_round = max(1, MAX_RECORDS_PER_PLAN // max(size, 1))
+        self._per_round = max(1, MAX_RECORDS_PER_PLAN // (
+            1 if self.group is None else self.group.size()))
         #: The newest rounds: ``(epoch, kind, trigger, target, status, switch, lead)``.
         self.history: collections.deque[tuple] = collections.deque(maxlen=4096)
         self._stop = False
@@ -445,7 +447,9 @@ class BackgroundPlanner:
             values[4:] = [float(b) for b in plan.batch_sizes]
         tensor = torch.tensor(values, dtype=torch.float64)
         if self.group is not None:
-            dist.broadcast(tensor, src=dist.get_global_rank(self.group, 0), group=self.group)
+            options = dist.BroadcastOptions()
+            options.rootRank, options.rootTensor = 0, 0
+            self.group.broadcast([tensor], options).wait()
         out = tensor.tolist()
         if out[0] != _PLAN:
             return out[0], None
@@ -463,13 +467,17 @@ class BackgroundPlanner:
         if self.group is None:
             gathered = [tensor]
         else:
-            gathered = [torch.zeros_like(tensor) for _ in range(self.size)] \
-                if self.leader else None
-            dist.gather(tensor, gather_list=gathered, dst=dist.get_global_rank(self.group, 0),
-                        group=self.group)
+            # Every rank holding the sampler: with model-parallel peers several per replica
+            # (the coordinator keeps a replica's slowest member per step).
+            gathered = [torch.zeros_like(tensor) for _ in range(self.group.size())] \
+                if self.leader else []
+            options = dist.GatherOptions()
+            options.rootRank = 0
+            self.group.gather([gathered] if self.leader else [], [tensor], options).wait()
         if not self.leader:
             return
-        for rank, block in enumerate(gathered):
+        for index, block in enumerate(gathered):
+            rank = self.peers.replica_of(index)
             for epoch, step, batch, busy in block.tolist():
                 if busy > 0:
                     self.pending.append([rank, int(epoch), int(step), int(batch), busy])
@@ -481,5 +489,7 @@ class BackgroundPlanner:
     def _all_reduce_max(self, values: list[float]) -> list[float]:
         tensor = torch.tensor(values, dtype=torch.float64)
         if self.group is not None:
-            dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
+            options = dist.AllreduceOptions()
+            options.reduceOp = dist.ReduceOp.MAX
+            self.group.allreduce([tensor], options).wait()
         return tensor.tolist()

@@ -2,8 +2,9 @@
 
 It gives the first plan's weights (epoch 0 balanced from its first step) and, with
 ``max_batch_size="auto"``, each rank's memory cap from the peak CUDA memory at the two sizes.
-The figures are gathered over the sampler's peers; the weights are computed on the first rank
-and broadcast, so every rank holds the same numbers bit for bit.
+The figures are gathered over the sampler's peers (a model replica's: its slowest member's
+times, its tightest member's cap); the weights are computed on the first rank and broadcast, so
+every rank holds the same numbers bit for bit.
 """
 
 from __future__ import annotations
@@ -57,7 +58,10 @@ def probe_settings(settings: SamplerSettings, peers: PeerGroup, step_fn: Callabl
         free, _ = torch.cuda.mem_get_info(device)
         budget = fraction * (free + torch.cuda.memory_reserved(device))
         cap = float(memory_cap((small, large), peaks, budget, settings.global_batch_size))
-    rows = peers.gather([*seconds, cap])
+    # A model replica (tensor or pipeline parallel peers) is as slow as its slowest member and
+    # holds what its tightest member's memory allows.
+    rows = [[max(m[0] for m in members), max(m[1] for m in members),
+             min(m[2] for m in members)] for members in peers.gather_replicas([*seconds, cap])]
     caps = [int(r[2]) for r in rows] if settings.memory_caps_pending else None
     measured = settings.with_probe(caps, None)
     weights = None

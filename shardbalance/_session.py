@@ -22,7 +22,6 @@ of the ranks whose hardware did not change.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import secrets
@@ -43,8 +42,6 @@ from .client import (CoordinatorClient, EmbeddedCoordinator, StatsSender, extern
 __all__ = ["CoordinatorSession", "member_identity"]
 
 log = logging.getLogger("shardbalance")
-
-_instances = itertools.count()
 
 
 class CoordinatorSession:
@@ -82,10 +79,10 @@ class CoordinatorSession:
 
     def _connect(self, address, env, peers, rank, world_size, generation, journal,
                  timeout_s) -> None:
-        instance = next(_instances)
+        instance = peers.next_instance()
         store = _store() if peers.distributed else None
         prefix = f"shardbalance/g{generation}/s{instance}/"
-        leader = (dist.get_rank() == 0) if peers.distributed else True
+        leader = peers.leader
         peers.group  # created here, at the same point on every rank
         if leader:
             run_id = uuid.uuid4().hex[:12]

@@ -288,7 +288,11 @@ class RunState:
         for epoch, step, batch, busy in records:
             # Keyed by step, so a resent report overwrites in place instead of counting twice;
             # one sender thread reports in step order, so insertion order is step order.
-            hist[(epoch, step)] = (batch, busy)
+            # The members of one model replica (tensor or pipeline parallel peers) all report
+            # its data-parallel rank: the replica is as busy as its slowest member.
+            seen = hist.get((epoch, step))
+            if seen is None or seen[0] != batch or seen[1] < busy:
+                hist[(epoch, step)] = (batch, busy)
         while len(hist) > HISTORY_PER_RANK:
             hist.popitem(last=False)
 

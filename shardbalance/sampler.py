@@ -25,7 +25,7 @@ from ._compute import ComputeClock, lockstep_cause
 from ._env import read_environment
 from ._exceptions import ConfigError
 from ._ledger import LedgerEntry, StepLedger
-from ._peers import PeerGroup
+from ._peers import PeerGroup, data_parallel_layout
 from ._planner import EARLY_MAX_STEPS, EARLY_WARMUP, BackgroundPlanner
 from ._plans import CoordinatedPlans, LocalPlans
 from ._probe import probe_settings
@@ -52,7 +52,8 @@ _EARLY_MAX_STEPS = EARLY_MAX_STEPS
 _KEYWORDS = ("num_replicas", "rank", "shuffle", "seed", "drop_last", "coordinator", "policy",
              "initial_weights", "min_batch_size", "max_batch_size", "rebalance_every",
              "batch_size_multiple", "micro_batch_size", "accumulation_steps", "pad",
-             "coordinator_log", "options", "timeout_s")
+             "coordinator_log", "options", "timeout_s", "process_group", "device_mesh",
+             "mesh_dim", "replica_group")
 
 
 class WeightedDistributedSampler(Sampler[list[int]]):
@@ -71,8 +72,10 @@ class WeightedDistributedSampler(Sampler[list[int]]):
     Args:
         dataset: any Sized; N = ``len(dataset)``.
         global_batch_size (int): B, samples per optimizer step summed over all ranks.
-        num_replicas (int, optional): number of ranks. Default: the torch.distributed world size.
-        rank (int, optional): this rank. Default: the torch.distributed rank.
+        num_replicas (int, optional): number of data-parallel ranks. Default: the
+            torch.distributed world size (the size of ``process_group`` when given).
+        rank (int, optional): this rank's data-parallel index. Default: the torch.distributed
+            rank (the index in ``process_group`` when given).
         shuffle (bool, optional): shuffle the order each epoch. Default: ``True``.
         seed (int, optional): seed of the order; must be the same on every rank. Default: ``0``.
         drop_last (bool, optional): drop the last incomplete global batch. If ``False`` it is
@@ -112,6 +115,20 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         options (dict, optional): policy tunables, see ``policies.DEFAULT_OPTIONS``.
         timeout_s (float, optional): bound on every wait for the coordinator or the peers.
             Default: ``$SHARDBALANCE_TIMEOUT`` or 30.
+        process_group (ProcessGroup, optional): the data-parallel group, with tensor or
+            pipeline parallelism: ``num_replicas`` and ``rank`` are its size and this rank's
+            index in it (given, they must match). Its ranks are the ones holding this sampler,
+            plus ``replica_group``'s. Default: every rank is one data-parallel replica.
+        replica_group (ProcessGroup, optional): with ``process_group``, this rank's
+            model-parallel peers that hold the sampler too (e.g. its tensor-parallel group):
+            they get the same batches, and the replica's busy time is its slowest member's.
+            Default: none (only the data-parallel group holds the sampler).
+        device_mesh (DeviceMesh, optional): instead of the two groups: every rank of the mesh
+            holds the sampler, ``mesh_dim`` is the data-parallel dimension and the ranks that
+            share a coordinate on it form one replica. Pass a sub-mesh (``mesh["dp", "tp"]``)
+            when the other ranks (later pipeline stages) hold no sampler.
+        mesh_dim (str or int, optional): the data-parallel dimension of ``device_mesh``.
+            Default: its only dimension.
 
     .. warning::
         Call :meth:`set_epoch` at the start of each epoch, before creating the DataLoader
@@ -154,6 +171,10 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         coordinator_log: str | None = None,
         options: dict[str, float] | None = None,
         timeout_s: float | None = None,
+        process_group: Any = None,
+        device_mesh: Any = None,
+        mesh_dim: str | int | None = None,
+        replica_group: Any = None,
     ) -> None:
         if args:
             # DistributedSampler(ds, world, rank) ported by renaming the class would otherwise
@@ -167,6 +188,19 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         except TypeError:
             raise ConfigError(f"dataset must have a length, got {type(dataset).__name__}") from None
         distributed = dist.is_available() and dist.is_initialized()
+        env = read_environment()
+        layout = None
+        if any(a is not None for a in (process_group, device_mesh, mesh_dim, replica_group)):
+            size, index, layout = data_parallel_layout(
+                process_group, device_mesh, mesh_dim, replica_group, env.restart_count,
+                env.peer_timeout_s)
+            for name, given, value in (("num_replicas", num_replicas, size),
+                                       ("rank", rank, index)):
+                if given is not None and given != value:
+                    raise ConfigError(f"{name}={given!r} but the data-parallel group gives "
+                                      f"{value} (its size is {size}, this rank's index "
+                                      f"{index}); omit {name} or pass the group's")
+            num_replicas, rank = size, index
         for name, value in (("num_replicas", num_replicas), ("rank", rank)):
             if value is None and not distributed:
                 raise ConfigError(f"{name} is None and torch.distributed is not initialized; "
@@ -186,7 +220,6 @@ class WeightedDistributedSampler(Sampler[list[int]]):
             max_batch_size=max_batch_size, rebalance_every=rebalance_every,
             batch_size_multiple=batch_size_multiple, micro_batch_size=micro_batch_size,
             accumulation_steps=accumulation_steps, options=options)
-        env = read_environment()
         self.timeout_s = float(env.timeout_s if timeout_s is None else timeout_s)
         if not self.timeout_s > 0:
             raise ConfigError(f"Invalid timeout_s {timeout_s!r}, it should be > 0")
@@ -223,7 +256,7 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         #: at prefetch time, which needs the same ``num_workers`` / ``prefetch_factor`` on
         #: every rank: for tests that script one plan per window and check each step's.
         self.plan_in_background = True
-        self.peers = PeerGroup(num_replicas, self.peer_timeout_s)
+        self.peers = PeerGroup(num_replicas, self.peer_timeout_s, layout)
         self.session: CoordinatorSession | None = None
         if self.settings.adaptive:
             if num_replicas > 1 and not distributed:
@@ -584,7 +617,7 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         """The planner's start of an iterator (created at the first, on every rank alike)."""
         if self.planner is None:
             self.planner = BackgroundPlanner(
-                self.plan_source, self.ledger, self.num_replicas, self.rank,
+                self.plan_source, self.ledger, self.peers, self.rank,
                 self._early_ready, self.policy, self.peer_timeout_s)
             self.ledger.on_trained = self.planner.trained
         return self.planner.begin(serial, epoch, steps, self.rebalance_every,
