@@ -351,6 +351,11 @@ class BackgroundPlanner:
         self._next_done = self._next_done or rnd.kind == "next"
         if status == _PLAN:
             self.stats["plans"] += 1
+            if self.stats["plans"] == 1:
+                # The run exists now: each rank names its hardware to the coordinator once.
+                sender = getattr(getattr(self.source, "session", None), "sender", None)
+                if sender is not None:
+                    sender.announce()
             if switch is None:  # the next iterator's
                 self.source.agreed = plan
             else:

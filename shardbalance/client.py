@@ -34,6 +34,8 @@ log = logging.getLogger("shardbalance")
 
 #: Plans whose coordinator stats a client keeps (metrics() reads the one in force).
 _REPORTED_KEPT = 8
+#: Intervals a stats sender tries to name its rank's hardware (the coordinator unreachable).
+_ANNOUNCE_TRIES = 10
 
 
 class CoordinatorClient:
@@ -216,8 +218,18 @@ class StatsSender:
         self._idle = threading.Event()
         self._idle.set()
         self._warned = False
+        self._announce = 0
         self._thread = threading.Thread(target=self._run, name="shardbalance-stats", daemon=True)
         self._thread.start()
+
+    def announce(self) -> None:
+        """Send this rank's identity (its ``member``: the hardware it runs on) once, records or
+        not. With the background planner a rank's measurements travel with the leader's plan
+        requests, not from here; the coordinator keeps a new round's history by member. Call it
+        once the run exists (a plan was agreed), so the coordinator does not refuse it."""
+        if "member" in self.identity:
+            self._announce = _ANNOUNCE_TRIES
+            self._wake.set()
 
     def push(self, record: tuple[int, int, int, float]) -> None:
         # Queued before idle is cleared: the sender can never mark idle with a record waiting.
@@ -233,12 +245,20 @@ class StatsSender:
                 self._wake.clear()
                 while self._queue and len(pending) < protocol.MAX_RECORDS_PER_MESSAGE:
                     pending.append(self._queue.popleft())
+                if self._announce and not pending and not self._stop.is_set():
+                    self._announce -= 1
+                    try:
+                        client.request({"type": "stats", **self.identity, "records": []})
+                        self._announce = 0
+                    except CoordinatorError:
+                        pass  # unreachable: the next interval tries again
                 if pending:
                     try:
                         client.request({"type": "stats", **self.identity,
                                         "records": pending})
                         self.sent += len(pending)
                         pending = []
+                        self._announce = 0
                         self._warned = False
                     except CoordinatorUnavailable as exc:
                         if not self._warned and not self._stop.is_set():
