@@ -256,7 +256,9 @@ def _assert_balanced_with_exact_coverage(metrics: Path, journal: list[dict]) -> 
         assert e["coverage"] == {"distinct": 768, "min": 1, "max": 1}, e
     final = epochs[-1]["plan"]
     assert final[1] > final[0], epochs  # node1's rank is 3x faster
-    plans = [r for r in journal if r["event"] == "plan"]
+    # The background planner also decides the plan of the epoch after the last (3) while
+    # epoch 2 trains; the plans trained are those of epochs 0-2.
+    plans = [r for r in journal if r["event"] == "plan" and r["epoch"] <= 2]
     assert {p["epoch"] for p in plans} == {0, 1, 2} and plans[-1]["epoch"] == 2, plans
     assert plans[-1]["batch_sizes"] == final
     assert plans[-1]["speedup_vs_equal"] > 1.2, plans[-1]
