@@ -123,3 +123,27 @@ def torchrun(nproc, *args, timeout_s=150, launcher_args=None, env=None, script="
     except _launch.LaunchError as exc:
         raise AssertionError(str(exc)) from None
     return out
+
+
+class ThreadedCoordinator:
+    """A real coordinator on a free loopback port, served from a thread of this process (its
+    socket is real; only the process is shared): ``endpoint``, ``coordinator``, ``stop()``."""
+
+    def __init__(self, journal: str | None = None, secret: bytes | None = None,
+                 limits=None) -> None:
+        import threading
+
+        from shardbalance.coordinator import Coordinator
+
+        kwargs = {} if limits is None else {"limits": limits}
+        self.coordinator = Coordinator("tcp://127.0.0.1:0", journal, secret, **kwargs)
+        self.endpoint = self.coordinator.endpoint
+        self.thread = threading.Thread(target=self.coordinator.serve_forever,
+                                       kwargs={"poll_ms": 20, "max_seconds": 120}, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.coordinator.stop()
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+        self.coordinator.close()

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -15,26 +14,14 @@ from distributed import read_line, stop_process
 from shardbalance import protocol
 from shardbalance._exceptions import CoordinatorError, CoordinatorUnavailable
 from shardbalance.client import CoordinatorClient, EmbeddedCoordinator
-from shardbalance.coordinator import Coordinator
+from distributed import ThreadedCoordinator
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 
 
-class Running:
-    """A coordinator serving on a free loopback port in a background thread."""
-
+class Running(ThreadedCoordinator):
     def __init__(self, journal=None, secret=SECRET):
-        self.coordinator = Coordinator("tcp://127.0.0.1:0", journal, secret)
-        self.endpoint = self.coordinator.endpoint
-        self.thread = threading.Thread(target=self.coordinator.serve_forever,
-                                       kwargs={"poll_ms": 20, "max_seconds": 120}, daemon=True)
-        self.thread.start()
-
-    def stop(self):
-        self.coordinator.stop()
-        self.thread.join(5)
-        assert not self.thread.is_alive()
-        self.coordinator.close()
+        super().__init__(journal, secret)
 
 
 @pytest.fixture

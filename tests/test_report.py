@@ -7,7 +7,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -16,7 +15,7 @@ from distributed import ROOT, read_line, run_ranks, stop_process
 from shardbalance import protocol
 from shardbalance._exceptions import ProtocolError
 from shardbalance.client import CoordinatorClient
-from shardbalance.coordinator import Coordinator
+from distributed import ThreadedCoordinator
 from shardbalance.report import figure, read_journal, summarize
 
 SECRET = b"report-test-secret-0123456789abcdef"
@@ -41,20 +40,9 @@ def plan_fields(rank, epoch, window, world=WORLD, run="run-report"):
                 initial_weights=None, options={})
 
 
-class Served:
-    """A coordinator on a free loopback port, served from a thread of this process."""
-
+class Served(ThreadedCoordinator):
     def __init__(self, journal):
-        self.coordinator = Coordinator("tcp://127.0.0.1:0", journal, SECRET)
-        self.thread = threading.Thread(target=self.coordinator.serve_forever,
-                                       kwargs={"poll_ms": 20, "max_seconds": 120}, daemon=True)
-        self.thread.start()
-
-    def stop(self):
-        self.coordinator.stop()
-        self.thread.join(10)
-        assert not self.thread.is_alive()
-        self.coordinator.close()
+        super().__init__(journal, SECRET)
 
 
 def send_stats(client, rank, records, world=WORLD, run="run-report"):

@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 import zmq
@@ -22,6 +21,8 @@ from shardbalance._exceptions import ConfigError, CoordinatorError, CoordinatorU
 from shardbalance.client import CoordinatorClient
 from shardbalance.coordinator import Coordinator, Limits
 from shardbalance.report import JournalReader, summarize
+from distributed import ThreadedCoordinator
+from test_coordinator import plan_fields
 
 TOKEN = b"trust-test-token-0123456789abcdef"
 KEY = b"job-a-run-key-0123456789abcdef0123456789"
@@ -29,21 +30,9 @@ OTHER = b"job-b-run-key-0123456789abcdef0123456789"
 TIMEOUT_MS = 3000
 
 
-class Running:
-    """A coordinator serving on a free loopback port in a background thread."""
-
+class Running(ThreadedCoordinator):
     def __init__(self, journal=None, token=TOKEN, limits=None):
-        self.coordinator = Coordinator("tcp://127.0.0.1:0", journal, token, limits=limits)
-        self.endpoint = self.coordinator.endpoint
-        self.thread = threading.Thread(target=self.coordinator.serve_forever,
-                                       kwargs={"poll_ms": 20, "max_seconds": 120}, daemon=True)
-        self.thread.start()
-
-    def stop(self):
-        self.coordinator.stop()
-        self.thread.join(10)
-        assert not self.thread.is_alive()
-        self.coordinator.close()
+        super().__init__(journal, token, limits)
 
 
 @pytest.fixture
@@ -52,14 +41,6 @@ def running(tmp_path):
     yield r
     r.stop()
 
-
-def plan_fields(rank=0, world=3, epoch=0, window=0, run="run-a", generation=0, **extra):
-    fields = dict(run=run, generation=generation, rank=rank, world_size=world, epoch=epoch,
-                  window=window, global_batch_size=96, policy="affine",
-                  min_sizes=[1] * world, max_sizes=[96] * world, quantum=1,
-                  initial_weights=None, options={})
-    fields.update(extra)
-    return fields
 
 
 def sized(run, world):
