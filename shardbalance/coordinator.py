@@ -457,7 +457,7 @@ class Coordinator:
                 for tally in state.windows:
                     put(tally.record(state.run_id, state.generation))
             for pull in self.pull_runs.values():
-                put(self._pull_run_record(pull))
+                put(self._run_record(pull, "pull_run"))
                 for record in pull.table.snapshot():
                     put({**record, "run": pull.run_id})
                 for epoch in sorted(pull.completed):
@@ -736,9 +736,10 @@ class Coordinator:
             raise ConfigError(f"run {run!r} refused: this coordinator serves at most "
                               f"{self.limits.max_runs} live runs (coordinator --max-runs)")
 
-    def _run_record(self, state: RunState) -> dict[str, Any]:
+    def _run_record(self, state: RunState | PullRun, event: str = "run") -> dict[str, Any]:
+        """A run's journal record (``run`` or ``pull_run``): its config and key digest."""
         binding = self.bindings.get(state.run_id)
-        record = {"event": "run", "run": state.run_id, "generation": state.generation,
+        record = {"event": event, "run": state.run_id, "generation": state.generation,
                   "config": state.config.to_dict()}
         if binding is not None and binding.digest is not None:
             record["key_digest"] = binding.digest
@@ -955,7 +956,7 @@ class Coordinator:
             self._admit(req.run, config.world_size)
             state = PullRun(req.run, req.generation, config)
             self.pull_runs[req.run] = state
-            self._write(self._pull_run_record(state))
+            self._write(self._run_record(state, "pull_run"))
             log.info("pull run %s: %d ranks, %d samples, chunks of %d", req.run,
                      config.world_size, config.num_samples, config.chunk_size)
         elif config != state.config:
@@ -967,14 +968,6 @@ class Coordinator:
         state.last_seen = time.monotonic()
         self.pull_runs.move_to_end(req.run)
         return state
-
-    def _pull_run_record(self, state: PullRun) -> dict[str, Any]:
-        binding = self.bindings.get(state.run_id)
-        record = {"event": "pull_run", "run": state.run_id, "generation": state.generation,
-                  "config": state.config.to_dict()}
-        if binding is not None and binding.digest is not None:
-            record["key_digest"] = binding.digest
-        return record
 
     def _pull_dropped(self, state: PullRun, dropped, why: str) -> None:
         for epoch, rank, client, start, stop in dropped:

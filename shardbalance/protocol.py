@@ -608,15 +608,7 @@ def parse_request(msg: dict[str, Any]) -> Ping | PlanRequest | StatsReport | Pul
         if not isinstance(records, list) or len(records) > MAX_RECORDS_PER_MESSAGE:
             raise ProtocolError(f"field 'records' must be a list of at most "
                                 f"{MAX_RECORDS_PER_MESSAGE} records")
-        clean = []
-        for rec in records:
-            if not (isinstance(rec, list) and len(rec) == 4
-                    and _is_int(rec[0], 0, _MAX_COUNTER) and _is_int(rec[1], 0, _MAX_COUNTER)
-                    and _is_int(rec[2], 1, MAX_BATCH_SIZE)
-                    and _number(rec[3]) and 0 < rec[3] <= MAX_BUSY_SECONDS):
-                raise ProtocolError(f"bad stats record {rec!r}: expected [epoch, step, "
-                                    f"batch_size >= 1, 0 < busy_s <= {MAX_BUSY_SECONDS:g}]")
-            clean.append((rec[0], rec[1], rec[2], float(rec[3])))
+        clean = [_record(rec) for rec in records]
         member = msg.get("member")
         if member is not None:
             member = _str(msg, "member", _MEMBER)
