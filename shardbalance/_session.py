@@ -97,7 +97,10 @@ class CoordinatorSession:
             run_key = run_key.encode()
             secret = env.token
             if address is None:
-                secret = run_key
+                # The embedded coordinator's token (what `shardbalance status` is given through
+                # the key file below) is not the run key: its holder can watch the job and
+                # create runs of its own, never steer this job's run.
+                secret = secrets.token_hex(32).encode()
                 bind = env.bind or f"tcp://{coordinator_host(env)}:0"
                 journal = journal or env.log_path or f"shardbalance_logs/{run_id}.jsonl"
                 parent = os.path.dirname(journal)

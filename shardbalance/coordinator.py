@@ -512,6 +512,10 @@ class Coordinator:
         if isinstance(digest, str):
             self.bindings[rec["run"]] = Binding(rec["run"], None, digest,
                                                 horizon=int(time.time() * 1000))
+        elif not self.secret:
+            # Created unsigned (unsigned mode, loopback only): it stays unsigned.
+            self.bindings[rec["run"]] = Binding(rec["run"], None, None,
+                                                horizon=int(time.time() * 1000))
 
     # -- requests ------------------------------------------------------------------------
 

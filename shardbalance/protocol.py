@@ -188,13 +188,16 @@ class Sender:
         self.nonce = new_nonce(after_ms)
 
     def key_for(self, message: dict[str, Any]) -> bytes | None:
-        return self.run_key if "run" in message else self.token
+        # A status request (read-only, every run or one) is the token's, with or without
+        # a run named; every other request naming a run is the run key's.
+        return self.run_key if "run" in message and message.get("type") != "status" \
+            else self.token
 
     def encode(self, message: dict[str, Any]) -> list[bytes]:
         """Frames of ``message`` (which has its ``id``) with this sender's envelope."""
         envelope: dict[str, Any] = {"nonce": self.nonce}
         run = message.get("run")
-        if run is not None and self.run_key:
+        if run is not None and self.run_key and message.get("type") != "status":
             envelope["key"] = self.run_key.hex()
             if self.token:
                 if run not in self._grants:

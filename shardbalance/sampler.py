@@ -385,6 +385,12 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         early = self._early_replans > 0 and serial == self._early_serial and \
             self.settings.adaptive and self.rebalance_every is None and \
             self.settings.initial_weights is None and self.settings.pad
+        if early and not background and self.plan_in_background:
+            # No training signal yet (report_busy() comes after the first batch): the
+            # synchronous early re-plans would run a collective at every step at prefetch
+            # time, which hangs ranks whose loaders run ahead by different depths. This
+            # iterator keeps its plan; the next one plans in the background.
+            early = False
         plan = None
         first = 0
         while first < steps:

@@ -170,6 +170,21 @@ def _embedded_rank(rank, world, journal):
         key = sampler.session.key_file
         assert key == journal + ".token" and os.stat(key).st_mode & 0o777 == 0o600
         done = cli("--coordinator", sampler.session.address, "--token-file", key)
+        # The key file lets its reader watch, never steer: it is not the run's key.
+        from shardbalance._exceptions import CoordinatorError
+        from shardbalance.client import CoordinatorClient
+
+        token = open(key, "rb").read().strip()
+        watcher = CoordinatorClient(sampler.session.address, token, timeout_s=2)
+        try:
+            watcher.plan(run=sampler.session.run_id, generation=5, rank=0, epoch=0, window=0,
+                         **sampler.settings.run_config().to_dict())
+            steered = True
+        except CoordinatorError as exc:
+            steered = "run's key" not in str(exc)
+        finally:
+            watcher.close()
+        assert not steered
         result = (done.returncode, done.stdout, done.stderr, sampler.session.run_id)
     dist.barrier()
     del model

@@ -465,3 +465,33 @@ def test_cli_bounds_flags_and_ipv6_bind(tmp_path):
             client.close()
     finally:
         stop_process(proc)
+
+
+def test_a_run_created_unsigned_is_served_again_after_a_restart(tmp_path):
+    journal = str(tmp_path / "journal.jsonl")
+    first = Running(journal, token=None)
+    client = CoordinatorClient(first.endpoint, None, timeout_s=2)
+    try:
+        plan = client.plan(**plan_fields())
+    finally:
+        client.close()
+        first.stop()
+    second = Running(journal, token=None)
+    client = CoordinatorClient(second.endpoint, None, timeout_s=2)
+    try:
+        assert "run-a" in second.coordinator.runs
+        assert client.plan(**plan_fields(rank=1)) == plan
+    finally:
+        client.close()
+        second.stop()
+
+
+def test_a_job_client_reads_status_with_the_token_not_its_run_key(running):
+    job = CoordinatorClient(running.endpoint, TOKEN, timeout_s=2, run_key=KEY)
+    try:
+        plan = job.plan(**plan_fields())
+        status = job.status(run="run-a")
+        assert [r["run"] for r in status["runs"]] == ["run-a"], status
+        assert list(status["runs"][0]["plan"]["batch_sizes"]) == list(plan.batch_sizes)
+    finally:
+        job.close()
