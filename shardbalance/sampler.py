@@ -385,12 +385,13 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         early = self._early_replans > 0 and serial == self._early_serial and \
             self.settings.adaptive and self.rebalance_every is None and \
             self.settings.initial_weights is None and self.settings.pad
-        if early and not background and self.plan_in_background:
-            # No training signal yet (report_busy() comes after the first batch): the
-            # synchronous early re-plans would run a collective at every step at prefetch
-            # time, which hangs ranks whose loaders run ahead by different depths. This
-            # iterator keeps its plan; the next one plans in the background.
-            early = False
+        # No training signal yet (report_busy() comes after the first batch): synchronous
+        # early re-plans or windows would run collectives at prefetch time, which hangs ranks
+        # whose loaders run ahead by different depths. This iterator keeps its first plan;
+        # the next one plans in the background.
+        waiting = self.settings.adaptive and self.settings.pad and not background and \
+            self.plan_in_background
+        early = early and not waiting
         plan = None
         first = 0
         while first < steps:
@@ -415,6 +416,9 @@ class WeightedDistributedSampler(Sampler[list[int]]):
             elif self.settings.adaptive and not first:
                 self.plan_source.agree({**checks, "background": 0})
                 plan = self.plan_source.plan_for(epoch, first, {})
+            elif waiting:
+                # No training signal yet: no collective at prefetch time (see `early`).
+                plan = self.plan_source.agreed.moved_to(epoch, first)
             else:
                 plan = self.plan_source.plan_for(epoch, first, checks)
             b = plan.batch_sizes[self.rank]

@@ -273,3 +273,41 @@ def test_a_plan_request_carries_every_rank_measurements_and_bad_ones_change_noth
     finally:
         client.close()
         running.stop()
+
+
+def _report_busy_loop(rank, world, journal):
+    """No attach(): the loop reports busy time itself; rank 1 draws 3 batches ahead (as a
+    loader with workers does), rank 0 none; one collective of the loop's own per step."""
+    from collections import deque
+
+    sampler = WeightedDistributedSampler(list(range(384)), 16, policy="affine",
+                                         coordinator_log=journal, timeout_s=20)
+    ahead = 3 if rank == 1 else 0
+    plans = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        batches, queue = iter(sampler), deque()
+        for _ in range(len(sampler)):
+            while len(queue) <= ahead:
+                nxt = next(batches, None)
+                if nxt is None:
+                    break
+                queue.append(nxt)
+            batch = queue.popleft()
+            dist.all_reduce(torch.ones(1))
+            sampler.report_busy(0.001 * len(batch) * (4 if rank == 0 else 1))
+            plans.append(len(batch))
+    in_background = sampler.planner is not None and sampler.planner.stats["rounds"] > 0
+    sampler.close()
+    return plans, in_background
+
+
+def test_a_report_busy_loop_with_different_prefetch_depths_does_not_hang(tmp_path):
+    # The first iterator has no training signal yet: it must not run a collective per step
+    # at prefetch time (it keeps its plan); the next one plans in the background.
+    results = run_ranks(_report_busy_loop, 2, str(tmp_path / "c.jsonl"), timeout_s=120,
+                        env={"SHARDBALANCE_PEER_TIMEOUT": "30"})
+    (plans0, bg0), (plans1, bg1) = results
+    assert len(plans0) == len(plans1) == 2 * (384 // 16)
+    assert [a + b for a, b in zip(plans0, plans1)] == [16] * len(plans0)
+    assert bg0 and bg1

@@ -342,6 +342,9 @@ def _metrics_on_ranks(rank, world, journal):
     sampler = WeightedDistributedSampler(TensorDataset(torch.zeros(192)), 16, policy="affine",
                                          rebalance_every=4, coordinator_log=journal,
                                          timeout_s=20)
+    # Iterated directly (no prefetch) with report_busy() from the first step: each window's
+    # plan agreed at its boundary, decided from every step before it.
+    sampler.plan_in_background = False
     sent = []
     sampler.set_epoch(0)
     for step, _batch in enumerate(sampler):
