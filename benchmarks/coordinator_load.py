@@ -96,6 +96,7 @@ with the live per-window wall time.
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import json
 import logging
@@ -499,13 +500,272 @@ def replay(args, secret: bytes, run_key: bytes, tmp: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# The leader shape (issue 10): one plan request per window, carrying every rank's records
+
+def _bcast_fn(rank: int, world: int, lengths: list[int], repeats: int) -> dict:
+    """On a forked gloo rank: per tensor length, ``repeats`` broadcasts from rank 0 of a
+    float64 tensor of that length (the planner's ``[status, epoch, window, predicted,
+    sizes...]``); each time, max over ranks of (received) - (leader's start), in ms."""
+    import torch
+    import torch.distributed as dist
+
+    out = {}
+    for n in lengths:
+        times = []
+        for i in range(repeats + 3):
+            tensor = torch.full((n,), float(rank == 0), dtype=torch.float64)
+            dist.barrier()
+            t0 = time.perf_counter()  # CLOCK_MONOTONIC: one clock for every process here
+            dist.broadcast(tensor, 0)
+            t1 = time.perf_counter()
+            if tensor[0].item() != 1.0:
+                raise RuntimeError("broadcast delivered the wrong values")
+            both = torch.tensor([t0, t1], dtype=torch.float64)
+            gathered = [torch.zeros(2, dtype=torch.float64) for _ in range(world)]
+            dist.all_gather(gathered, both)
+            if i >= 3:  # warm-up: the first connections
+                times.append((max(g[1].item() for g in gathered) - gathered[0][0].item()) * 1e3)
+        out[n] = float(np.median(times))
+    return out
+
+
+def measure_broadcast(worlds: list[int], ks: list[int], repeats: int) -> dict:
+    """The plan broadcast's cost: measured on ``worlds`` forked gloo ranks with the tensor of
+    each k (k + 4 float64), then extrapolated to k ranks by a least-squares fit of the median
+    in log2(world) (a tree: log2(k) hops) and, as an upper bound, linearly in world (the
+    root sending to each rank in turn)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from distributed import run_ranks
+
+    lengths = [k + 4 for k in ks]
+    measured = {w: run_ranks(_bcast_fn, w, lengths, repeats, timeout_s=120.0)[0]
+                for w in worlds}
+    out = {}
+    for k, n in zip(ks, lengths):
+        ys = np.array([measured[w][n] for w in worlds])
+        xs = np.array(worlds, dtype=float)
+        if len(worlds) >= 2:
+            b_log, a_log = np.polyfit(np.log2(xs), ys, 1)
+            b_lin, a_lin = np.polyfit(xs, ys, 1)
+        else:
+            a_log, b_log = 0.0, ys[0] / np.log2(xs[0])
+            a_lin, b_lin = 0.0, ys[0] / xs[0]
+        out[k] = {"measured_ms": {w: measured[w][n] for w in worlds},
+                  "log2_ms": float(a_log + b_log * np.log2(k)),
+                  "linear_ms": float(a_lin + b_lin * k)}
+    return out
+
+
+def window_counts(journal: list[dict]) -> dict[tuple[int, int], int]:
+    """Records the coordinator counted per window: the newest ``window`` record of each."""
+    last: dict[tuple[int, int], dict] = {}
+    for rec in journal:
+        if rec.get("event") == "window" and rec.get("run") == RUN_ID:
+            last[(rec["epoch"], rec["window"])] = rec
+    return {key: sum(rec["steps"]) for key, rec in last.items()}
+
+
+def run_leader(args, attack: bool, bcast: dict | None) -> tuple[dict, list, bool]:
+    """One run of the leader shape at ``args.ranks`` ranks; its figures, rows and verdict.
+
+    Per window w the leader (one CURVE DEALER socket, one ``protocol.Sender``) holds every
+    rank's new records (what the planner's gather gave it: at most MAX_RECORDS_PER_PLAN // k
+    per rank and round, the rest kept for the next round, as ``_planner`` does), sends the
+    plan request of window w+1 with them and waits for the plan. Timed per window: boundary
+    (records in hand) -> request encoded, sent, answered, decoded and its digest verified."""
+    import zmq
+
+    k, steps = args.ranks, args.steps_per_window
+    sim = Sim(k, steps)
+    cap = max(1, protocol.MAX_RECORDS_PER_PLAN // k)
+    secret = secrets.token_hex(32).encode()
+    run_key = secrets.token_hex(32).encode()
+    mpc = mp.get_context("fork")
+    res: dict = {"config": {**vars(args)}, "attack": attack, "shape": "leader"}
+    stop_attack = mpc.Event()
+    attack_results = mpc.Queue()
+    attack_proc = None
+    coord = None
+    with tempfile.TemporaryDirectory(prefix="coordinator-load-") as tmp:
+        try:
+            coord, endpoint = start_coordinator(
+                tmp, secret, 30.0,
+                ["--max-ranks", str(k + (args.attack_ranks if attack else 0))])
+            pid = coord.pid
+            rss_ready = proc_rss_kib(pid)["VmRSS"]
+            if attack:
+                captured = capture(endpoint, secret, run_key, sim)
+                attack_proc = mpc.Process(target=attacker, args=(
+                    args, endpoint, secret, captured, stop_attack, attack_results), daemon=True)
+                attack_proc.start()
+                time.sleep(1.0)
+            ctx = zmq.Context()
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES + 4096)
+            protocol.curve_client(sock, secret)
+            sock.connect(endpoint)
+            sender = protocol.Sender(secret, run_key)
+            ids = itertools.count(1)
+            traffic = Counter()  # this run's messages and bytes at the coordinator
+
+            def ask(msg: dict, window_w: int | None = None) -> dict:
+                frames = sender.encode({**msg, "id": next(ids)})
+                traffic["in_msgs"] += 1
+                traffic["in_bytes"] += sum(map(len, frames))
+                sock.send_multipart(frames)
+                if not sock.poll(int(args.reply_timeout * 1000)):
+                    raise RuntimeError(f"no reply to {msg['type']} within "
+                                       f"{args.reply_timeout:g} s")
+                rframes = sock.recv_multipart()
+                traffic["out_msgs"] += 1
+                traffic["out_bytes"] += sum(map(len, rframes))
+                reply = sender.decode(rframes, msg)
+                if reply["type"] == "error":
+                    raise RuntimeError(f"{msg['type']}: {reply.get('error')}")
+                return reply
+
+            first = ask(sim.plan_msg(0, 0))
+            sizes = list(check_plan(first, sim, 0).batch_sizes)
+            once = dict(traffic)
+            # Once per run, after the first plan: each rank's empty "member" stats message.
+            t_member = time.perf_counter()
+            for r in range(k):
+                ask({"type": "stats", "run": RUN_ID, "generation": 0, "rank": r,
+                     "world_size": k, "records": [], "member": f"node{r // 8}/{r % 8}/cpu"})
+            member_ms = (time.perf_counter() - t_member) * 1e3
+            once = {key: traffic[key] - once.get(key, 0) for key in traffic}
+            traffic.clear()
+            rss_connected = proc_rss_kib(pid)["VmRSS"]
+            backlog = [collections.deque() for _ in range(k)]
+            sent = 0
+            carried = []
+            phase_ms, bytes_in, bytes_out, heard = [], [], [], []
+            cpu0, t0 = proc_cpu_s(pid), time.perf_counter()
+            rss_trace = []
+            for w in range(args.windows):
+                for r in range(k):  # window w trained: each rank's new records
+                    backlog[r].extend(sim.records(r, w, sizes[r]))
+                records = []
+                for r in range(k):
+                    q = backlog[r]
+                    for _ in range(min(cap, len(q))):
+                        records.append([r, *q.popleft()])
+                carried.append(sum(map(len, backlog)))
+                before = dict(traffic)
+                tb = time.perf_counter()
+                reply = ask({**sim.plan_msg(0, w + 1), "records": records})
+                plan = check_plan(reply, sim, w + 1)
+                phase_ms.append((time.perf_counter() - tb) * 1e3)
+                sent += len(records)
+                sizes = list(plan.batch_sizes)
+                bytes_in.append(traffic["in_bytes"] - before.get("in_bytes", 0))
+                bytes_out.append(traffic["out_bytes"] - before.get("out_bytes", 0))
+                stats = reply.get("stats") or {}
+                heard.append(sum(b is not None for b in (stats.get("busy_ms") or [])))
+                rss_trace.append(proc_rss_kib(pid)["VmRSS"])
+            wall = time.perf_counter() - t0
+            cpu = proc_cpu_s(pid) - cpu0
+            per_window = dict(traffic)
+            # At close: each rank's leftovers as stats messages, then one plan request that
+            # journals the windows (the coordinator writes them before each decision).
+            leftover_msgs = 0
+            for r in range(k):
+                q = list(backlog[r])
+                for i in range(0, len(q), protocol.MAX_RECORDS_PER_MESSAGE):
+                    chunk = q[i:i + protocol.MAX_RECORDS_PER_MESSAGE]
+                    reply = ask({**sim.stats_msg(r, 0, 1), "records": [list(c) for c in chunk]})
+                    sent += len(chunk)
+                    leftover_msgs += 1
+            ask(sim.plan_msg(0, args.windows + 1))
+            mem_end = proc_rss_kib(pid)
+            sock.close(linger=0)
+            ctx.term()
+            if attack_proc is not None:
+                stop_attack.set()
+                res["attacker"] = attack_results.get(timeout=args.reply_timeout)
+        finally:
+            stop_attack.set()
+            if attack_proc is not None:
+                attack_proc.join(10)
+                if attack_proc.is_alive():
+                    attack_proc.terminate()
+                    attack_proc.join(5)
+            if coord is not None:
+                stop_process(coord)
+        journal = [json.loads(line) for line in open(os.path.join(tmp, "coord.jsonl"))]
+    plans = [rec for rec in journal if rec.get("event") == "plan" and rec.get("run") == RUN_ID]
+    counted = sum(window_counts(journal).values())
+    w_n = args.windows
+    phase = np.array(phase_ms)
+    b_ms = bcast[k]["log2_ms"] if bcast else float("nan")
+    b_lin = bcast[k]["linear_ms"] if bcast else float("nan")
+    res.update({
+        "ranks": k, "windows": w_n, "steps_per_window": steps, "records_cap_per_rank": cap,
+        "leader_plan_p50_ms": pct(phase, 50), "leader_plan_p99_ms": pct(phase, 99),
+        "leader_plan_max_ms": float(phase.max()),
+        "broadcast_log2_ms": b_ms, "broadcast_linear_ms": b_lin,
+        "plan_phase_p50_ms": pct(phase, 50) + b_ms, "plan_phase_p99_ms": pct(phase, 99) + b_ms,
+        "msgs_in_per_window": per_window.get("in_msgs", 0) / w_n,
+        "msgs_out_per_window": per_window.get("out_msgs", 0) / w_n,
+        "bytes_in_per_window": float(np.median(bytes_in)),
+        "bytes_out_per_window": float(np.median(bytes_out)),
+        "once_msgs": once.get("in_msgs", 0), "once_ms": member_ms,
+        "coordinator_cpu_s": cpu, "coordinator_cpu_ms_per_window": cpu / w_n * 1e3,
+        "coordinator_cpu_share": cpu / wall, "wall_s": wall,
+        "rss_ready_mib": rss_ready / 1024, "rss_connected_mib": rss_connected / 1024,
+        "rss_end_mib": mem_end["VmRSS"] / 1024, "hwm_mib": mem_end["VmHWM"] / 1024,
+        "rss_trace_mib": [round(x / 1024, 1) for x in rss_trace],
+        "records_sent": sent, "records_counted": counted, "lost": sent - counted,
+        "carried_max": max(carried), "leftover_msgs": leftover_msgs,
+        "ranks_heard_min": min(heard[1:] or heard), "plans_decided": len(plans),
+        "plans_expected": w_n + 2, "table_errors": [], "table_warnings": [],
+    })
+    rows = [
+        ("shape; ranks x windows x K steps", f"leader; {k} x {w_n} x {steps}"),
+        ("records per rank per request (cap); carried max",
+         f"{cap}; {max(carried)}"),
+        ("leader: boundary -> plan held p50 / p99 / max ms",
+         f"{res['leader_plan_p50_ms']:.1f} / {res['leader_plan_p99_ms']:.1f} / "
+         f"{res['leader_plan_max_ms']:.1f}"),
+        ("gloo broadcast of k sizes ms: log2 fit (linear bound)", f"{b_ms:.2f} ({b_lin:.1f})"),
+        ("PLAN PHASE p50 / p99 ms (boundary -> every rank)",
+         f"{res['plan_phase_p50_ms']:.1f} / {res['plan_phase_p99_ms']:.1f}"),
+        ("coordinator msgs per window in / out",
+         f"{res['msgs_in_per_window']:.0f} / {res['msgs_out_per_window']:.0f}"),
+        ("coordinator bytes per window in / out",
+         f"{res['bytes_in_per_window']:,.0f} / {res['bytes_out_per_window']:,.0f}"),
+        ("once per run: member msgs (ms)", f"{once.get('in_msgs', 0)} ({member_ms:.0f})"),
+        ("coordinator CPU ms per window (share of wall)",
+         f"{res['coordinator_cpu_ms_per_window']:.1f} ({cpu / wall:.0%})"),
+        ("coordinator RSS MiB: ready / end / HWM",
+         f"{res['rss_ready_mib']:.1f} / {res['rss_end_mib']:.1f} / {res['hwm_mib']:.1f}"),
+        ("records sent / counted (journal); lost",
+         f"{sent} / {counted}; {sent - counted}"),
+        ("leftover stats msgs at close", f"{leftover_msgs}"),
+        ("ranks with figures in the plan stats (min)", f"{res['ranks_heard_min']} of {k}"),
+        ("plans decided (expected)", f"{len(plans)} ({w_n + 2})"),
+    ]
+    ok = sent == counted and len(plans) == w_n + 2
+    return res, rows, ok
+
+
+# ---------------------------------------------------------------------------------------------
 # Main
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--ranks", type=int, default=256)
+    p.add_argument("--shape", choices=("leader", "per-rank", "both"), default="leader",
+                   help="leader: one plan request per window from the job's leader carrying "
+                        "every rank's records (the background planner, default); per-rank: "
+                        "every rank sends stats and asks for the plan (before issue 10); both: "
+                        "each side by side")
+    p.add_argument("--ranks", type=_rank_list, default=None,
+                   help="simulated ranks, a comma-separated list, one column each (default "
+                        "256,1024,4096 for the leader shape, 256 for the per-rank shape)")
     p.add_argument("--windows", type=int, default=50)
-    p.add_argument("--steps-per-window", type=int, default=10)
+    p.add_argument("--steps-per-window", type=int, default=None,
+                   help="K steps per window (default 3 for the leader shape, 10 per-rank)")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--reply-timeout", type=float, default=60.0,
                    help="seconds to wait for the replies of one phase, and at each barrier")
@@ -518,12 +778,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--attack-rate", type=float, default=2000.0,
                    help="the attacker's messages per second (default 2000)")
     p.add_argument("--no-attack", action="store_true", help="only the quiet run")
+    p.add_argument("--attack", action="store_true",
+                   help="leader shape: also run each column under attack (per-rank: default)")
+    p.add_argument("--gloo-worlds", default="2,4,8",
+                   help="leader shape: forked gloo worlds on which the plan broadcast is "
+                        "measured (then extrapolated to k ranks); empty: skip")
+    p.add_argument("--gloo-repeats", type=int, default=40)
     args = p.parse_args(argv)
-    if args.ranks < 1 or args.windows < 1 or args.steps_per_window < 1:
+    if args.ranks is None:
+        args.ranks = [256] if args.shape == "per-rank" else [256, 1024, 4096]
+    if args.steps_per_window is None:
+        args.steps_per_window = 10 if args.shape == "per-rank" else 3
+    if min(args.ranks) < 1 or args.windows < 1 or args.steps_per_window < 1:
         p.error("--ranks, --windows and --steps-per-window must be >= 1")
-    if not 1 <= args.workers <= args.ranks:
-        p.error("--workers must be in [1, --ranks]")
+    if args.shape != "leader" and not 1 <= args.workers <= min(args.ranks):
+        p.error(f"--workers must be in [1, {min(args.ranks)}] (the smallest --ranks)")
+    try:
+        args.gloo_worlds = [int(w) for w in args.gloo_worlds.split(",") if w.strip()]
+    except ValueError:
+        p.error(f"--gloo-worlds must be comma-separated integers, got {args.gloo_worlds!r}")
+    if any(w < 2 for w in args.gloo_worlds):
+        p.error(f"--gloo-worlds must be >= 2 each, got {args.gloo_worlds}")
     return args
+
+
+def _rank_list(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"every rank count must be >= 1, got {text!r}")
+    return out
 
 
 def pct(xs, q) -> float:
@@ -563,7 +849,7 @@ def run_load(args, attack: bool) -> tuple[dict, list, bool]:
     mpc = mp.get_context("fork")  # before any zmq context exists in this process
     procs: list = []
     coord = None
-    res: dict = {"config": vars(args), "attack": attack}
+    res: dict = {"config": vars(args), "attack": attack, "shape": "per-rank"}
     stop_attack = mpc.Event()
     attack_results = mpc.Queue()
     attack_proc = None
@@ -710,31 +996,78 @@ def run_load(args, attack: bool) -> tuple[dict, list, bool]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    quiet, rows, ok = run_load(args, attack=False)
-    runs = [("quiet", quiet, rows)]
-    if args.attack_ranks > 0 and not args.no_attack:
-        attacked, rows_a, ok_a = run_load(args, attack=True)
-        runs.append(("under attack", attacked, rows_a))
-        ok = ok and ok_a
-    labels = [k for k, _ in runs[0][2]]
+    runs: list[tuple[str, dict, list]] = []
+    ok = True
+    bcast = None
+    if args.shape != "per-rank" and args.gloo_worlds:
+        bcast = measure_broadcast(args.gloo_worlds, args.ranks, args.gloo_repeats)
+    for k in args.ranks:
+        args_k = argparse.Namespace(**{**vars(args), "ranks": k})
+        if args.shape != "leader":
+            res, rows, ok_k = run_load(args_k, attack=False)
+            runs.append((f"{k} per-rank", res, rows))
+            ok = ok and ok_k
+            if args.attack_ranks > 0 and not args.no_attack:
+                res, rows, ok_k = run_load(args_k, attack=True)
+                runs.append((f"{k} per-rank attacked", res, rows))
+                ok = ok and ok_k
+        if args.shape != "per-rank":
+            res, rows, ok_k = run_leader(args_k, attack=False, bcast=bcast)
+            runs.append((f"{k} leader", res, rows))
+            ok = ok and ok_k
+            if args.attack and args.attack_ranks > 0:
+                res, rows, ok_k = run_leader(args_k, attack=True, bcast=bcast)
+                runs.append((f"{k} leader attacked", res, rows))
+                ok = ok and ok_k
+    labels: list[str] = []
+    for _, _, rows in runs:
+        labels += [key for key, _ in rows if key not in labels]
     values = [dict(r) for _, _, r in runs]
-    width = max(len(k) for k in labels)
-    cols = [max(30, *(len(v.get(k, "")) for k in labels)) for v in values]
+    width = max(len(key) for key in labels)
+    cols = [max(len(n), 24, *(len(v.get(key, "")) for key in labels))
+            for (n, _, _), v in zip(runs, values)]
     print(f"{'metric':<{width}} | " + " | ".join(f"{n:<{c}}" for (n, _, _), c in zip(runs, cols)))
     print(f"{'-' * width}-|-" + "-|-".join("-" * c for c in cols))
-    for k in labels:
-        print(f"{k:<{width}} | " + " | ".join(f"{v.get(k, '-'):<{c}}"
-                                             for v, c in zip(values, cols)))
+    for key in labels:
+        print(f"{key:<{width}} | " + " | ".join(f"{v.get(key, '-'):<{c}}"
+                                               for v, c in zip(values, cols)))
     for name, res, _ in runs:
         if res["table_errors"]:
             print(f"\n{name}: errors (first 5):", *res["table_errors"], sep="\n  ")
-        print(f"\n{name}: RSS after each plan phase (MiB): {res['rss_trace_mib']}")
-    if len(runs) > 1:
-        attack = runs[1][1]["attacker"]
-        print(f"\nattacker ({args.attack_ranks}-rank run, --max-ranks "
-              f"{args.ranks + args.attack_ranks}): replies by kind of request")
+        print(f"\n{name}: RSS after each plan (MiB): {res['rss_trace_mib'][:12]}"
+              f"{' ...' if len(res['rss_trace_mib']) > 12 else ''}")
+    leader = [(res["ranks"], res) for _, res, _ in runs
+              if res.get("shape") == "leader" and not res["attack"]]
+    if len(leader) >= 2:
+        ks = np.log([k for k, _ in leader])
+        total = np.log([r["bytes_in_per_window"] + r["bytes_out_per_window"] for _, r in leader])
+        slope = np.polyfit(ks, total, 1)[0]
+        print(f"\nexponent of coordinator bytes per window (in + out) in k over "
+              f"{[k for k, _ in leader]}: {slope:.2f} (1.00: O(k))")
+    if bcast:
+        print(f"\ngloo broadcast of the k+4 float64 plan tensor, median ms measured on "
+              f"{args.gloo_worlds} forked ranks (max over ranks of received - leader's start):")
+        for k, b in bcast.items():
+            got = ", ".join(f"{w} ranks {t:.3f}" for w, t in b["measured_ms"].items())
+            print(f"  k={k}: {got}; extrapolated to {k} ranks: {b['log2_ms']:.2f} "
+                  f"(fit in log2 ranks: a tree), {b['linear_ms']:.1f} (linear: root to each)")
+    if args.shape == "both":
+        print("\nbefore (per-rank shape: stats phase + plan phase, wall median) -> after "
+              "(leader shape: plan phase p50, broadcast included):")
+        for k in args.ranks:
+            before = next(r for n, r, _ in runs if n == f"{k} per-rank")
+            after = next(r for n, r, _ in runs if n == f"{k} leader")
+            b = before["stats_phase_ms_median"] + before["plan_phase_ms_median"]
+            print(f"  {k} ranks: {b:.0f} ms (stats {before['stats_phase_ms_median']:.0f} + plan "
+                  f"{before['plan_phase_ms_median']:.0f}; plan p50/p99 "
+                  f"{before['plan_p50_ms']:.0f}/{before['plan_p99_ms']:.0f}) -> "
+                  f"{after['plan_phase_p50_ms']:.0f} ms: {b / after['plan_phase_p50_ms']:.0f}x")
+    attacked = [(n, r) for n, r, _ in runs if "attacker" in r]
+    for name, res in attacked:
+        print(f"\nattacker of {name} ({args.attack_ranks}-rank run, --max-ranks "
+              f"{res['config']['ranks'] + args.attack_ranks}): replies by kind of request")
         for kind in ATTACK_KINDS:
-            got = attack.get(kind, {})
+            got = res["attacker"].get(kind, {})
             print(f"  {kind:<18} " + ", ".join(f"{k} {v}" for k, v in sorted(got.items())))
     if args.json_out:
         with open(args.json_out, "w") as fh:
