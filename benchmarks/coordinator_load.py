@@ -746,8 +746,105 @@ def run_leader(args, attack: bool, bcast: dict | None) -> tuple[dict, list, bool
         ("ranks with figures in the plan stats (min)", f"{res['ranks_heard_min']} of {k}"),
         ("plans decided (expected)", f"{len(plans)} ({w_n + 2})"),
     ]
+    if not args.no_breakdown and not attack:
+        rp = res["replay"] = replay_leader(args, k)
+        rows += [
+            ("replay ms/window: leader encode + decode",
+             f"{rp['leader encode']:.1f} + {rp['leader decode']:.1f}"),
+            ("replay ms/window: JSON+signature / validate / count",
+             f"{rp['envelope']:.1f} / {rp['parse']:.1f} / {rp['count records']:.1f}"),
+            ("replay ms/window: decision: observations/decide/announce",
+             f"{rp['decision']:.1f}: {rp['observations']:.1f} / {rp['decide']:.1f} / "
+             f"{rp['announce']:.1f}"),
+            ("replay ms/window: total (other in handle)",
+             f"{rp['total']:.1f} ({rp['other']:.1f})"),
+        ]
     ok = sent == counted and len(plans) == w_n + 2
     return res, rows, ok
+
+
+def replay_leader(args, k: int) -> dict:
+    """The leader shape's requests replayed in this process through ``Coordinator.handle`` (no
+    sockets, a journal and log file like the CLI's), its parts timed by wrapping them here:
+    the leader's encode, ``protocol.open_envelope`` (JSON and signature), ``parse_request``
+    (validating the records), ``RunState.add`` (counting them), the decision
+    (``RunState.observations``, ``policies.decide``, ``Coordinator._announce``, which journals
+    and logs it), and the leader's decode; medians per window, in ms."""
+    import shardbalance.coordinator as cm
+
+    timers: dict[str, float] = defaultdict(float)
+
+    def timed(name, fn):
+        def wrapper(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                timers[name] += time.perf_counter() - t0
+        return wrapper
+
+    secret = secrets.token_hex(32).encode()
+    run_key = secrets.token_hex(32).encode()
+    saved = (cm.RunState.observations, cm.RunState.add, cm.decide, cm.protocol.open_envelope,
+             cm.protocol.parse_request)
+    level, propagate = cm.log.level, cm.log.propagate
+    with tempfile.TemporaryDirectory(prefix="coordinator-load-") as tmp:
+        handler = logging.FileHandler(os.path.join(tmp, "replay.log"))
+        cm.log.addHandler(handler)
+        cm.log.setLevel(logging.INFO)
+        cm.log.propagate = False
+        cm.RunState.observations = timed("observations", saved[0])
+        cm.RunState.add = timed("count records", saved[1])
+        cm.decide = timed("decide", saved[2])
+        cm.protocol.open_envelope = timed("envelope", saved[3])
+        cm.protocol.parse_request = timed("parse", saved[4])
+        coord = cm.Coordinator(f"inproc://coordinator-load-{os.getpid()}",
+                               os.path.join(tmp, "replay.jsonl"), secret)
+        coord._announce = timed("announce", coord._announce)
+        sim = Sim(k, args.steps_per_window)
+        cap = max(1, protocol.MAX_RECORDS_PER_PLAN // k)
+        sender = protocol.Sender(secret, run_key)
+        ids = itertools.count(1)
+        rows = []
+        try:
+            msg = sim.plan_msg(0, 0)
+            sizes = check_plan(sender.decode(coord.handle(sender.encode({**msg, "id": 0})),
+                                             msg), sim, 0).batch_sizes
+            backlog = [collections.deque() for _ in range(k)]
+            for w in range(args.windows):
+                records = []
+                for r in range(k):
+                    backlog[r].extend(sim.records(r, w, sizes[r]))
+                    for _ in range(min(cap, len(backlog[r]))):
+                        records.append([r, *backlog[r].popleft()])
+                msg = {**sim.plan_msg(0, w + 1), "records": records}
+                timers.clear()
+                t0 = time.perf_counter()
+                frames = sender.encode({**msg, "id": next(ids)})
+                t1 = time.perf_counter()
+                reply_frames = coord.handle(frames)
+                t2 = time.perf_counter()
+                sizes = check_plan(sender.decode(reply_frames, msg), sim, w + 1).batch_sizes
+                t3 = time.perf_counter()
+                rows.append({**timers, "leader encode": t1 - t0, "handle": t2 - t1,
+                             "leader decode": t3 - t2})
+        finally:
+            coord.close()
+            (cm.RunState.observations, cm.RunState.add, cm.decide, cm.protocol.open_envelope,
+             cm.protocol.parse_request) = saved
+            cm.log.removeHandler(handler)
+            handler.close()
+            cm.log.setLevel(level)
+            cm.log.propagate = propagate
+    med = {key: float(np.median([r.get(key, 0.0) for r in rows]) * 1e3) for key in rows[0]}
+    decision = med["observations"] + med["decide"] + med["announce"]
+    med["decision"] = decision
+    med["transport"] = med["leader encode"] + med["envelope"] + med["parse"] + \
+        med["leader decode"]
+    med["other"] = med["handle"] - decision - med["envelope"] - med["parse"] - \
+        med["count records"]
+    med["total"] = med["leader encode"] + med["handle"] + med["leader decode"]
+    return med
 
 
 # ---------------------------------------------------------------------------------------------
