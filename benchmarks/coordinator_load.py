@@ -1,16 +1,66 @@
-"""Load on one standalone coordinator: many simulated ranks reporting stats and asking for plans.
+"""Load on one standalone coordinator: many simulated ranks of one run asking for plans.
 
-    python benchmarks/coordinator_load.py [--ranks 256 --windows 50 --steps-per-window 10
-                                          --workers 4 --attack-ranks 3840 --attack-rate 2000
-                                          --no-attack --json-out FILE]
+    python benchmarks/coordinator_load.py [--shape leader|per-rank|both] [--ranks 256,1024,4096]
+                                          [--windows 50 --steps-per-window K --workers 4
+                                          --attack --attack-ranks 3840 --attack-rate 2000
+                                          --no-attack --no-breakdown --gloo-worlds 2,4,8
+                                          --json-out FILE]
 
+``--ranks`` takes a list: one table column per rank count (per shape, and per attack setting).
+
+**Leader shape** (default; issue 10, the background planner of ``shardbalance/_planner.py``):
+per window ONE plan request from the job's leader, carrying every rank's new measurements as
+``records: [[rank, epoch, step, batch_size, busy_s], ...]`` (at most
+``protocol.MAX_RECORDS_PER_PLAN // k`` per rank and request, the rest kept for the next one, as
+the planner does; leftovers go at close as stats messages), and one reply with the k sizes and
+per-rank figures, which the leader then broadcasts over gloo. Once per run, after the first
+plan, each rank sends one empty ``member`` stats message (reported apart). K defaults to 3 here.
+
+What is MEASURED, per column (one real coordinator process over CURVE, one DEALER socket and
+one ``protocol.Sender`` for the leader, run key and sender sequence numbers as in a job):
+
+- leader ``boundary -> plan held``: from the moment the leader holds the gathered records to
+  the verified plan in hand (encode, send, the coordinator's parsing, counting and decision,
+  reply, decode, ``Plan.from_dict`` digest check); p50 / p99 / max over the windows;
+- messages and bytes per window at the coordinator, in and out (all ZeroMQ frames);
+- coordinator CPU (utime+stime from /proc/<pid>/stat) per window; its share is of the load's
+  wall time with windows back to back (no training between them), so an upper bound;
+- coordinator RSS: VmRSS / VmHWM from /proc/<pid>/status after READY, after each plan, at end;
+- lost records: records sent minus the records the coordinator counted, read from the newest
+  journal ``window`` record of each window (``steps`` summed); one last plan request journals
+  the last windows; plus how many ranks have figures in the plan reply's stats;
+- the gloo broadcast of the plan tensor (k + 4 float64, what ``_planner._broadcast`` sends),
+  on ``--gloo-worlds`` really forked gloo ranks (``tests/distributed.py: run_ranks``): median
+  over ``--gloo-repeats`` of (last rank to receive) - (leader's start).
+
+What is EXTRAPOLATED: the broadcast at k ranks, from the measured 2/4/8-rank medians by a
+least-squares fit in log2(world) (a tree of log2(k) hops); a fit linear in world (the root
+sending to each rank in turn) is printed next to it as an upper bound. On this 2-core VM the
+4- and 8-rank worlds oversubscribe the CPUs, so the per-hop figure (~1.5 ms) is scheduling,
+not network. ``PLAN PHASE`` (boundary -> every rank holds the plan) = leader's measured time +
+the log2 extrapolation. Not included: the planner's all-reduce and gather of the records
+before the boundary (they run in the background thread ahead of it) and the switch
+all-reduce after it. The exponent of bytes per window in k is a fit of log(bytes in + out)
+against log(k) over the columns (1.00: O(k)).
+
+Breakdown (``--no-breakdown`` skips it): the same requests replayed in this process through
+``Coordinator.handle`` (no sockets), the parts timed by wrapping them here: leader encode and
+decode, ``protocol.open_envelope`` (JSON + signature), ``parse_request`` (validating the
+records), ``RunState.add`` (counting them), and the decision: ``RunState.observations`` (the
+history arrays), ``policies.decide``, ``Coordinator._announce`` (journal + log + stats);
+"other" is the rest of ``handle`` (journaling the windows, the reply's JSON, bookkeeping).
+
+<LEADER FIGURES>
+
+**Per-rank shape** (``--shape per-rank``, before issue 10): every rank sends its stats and asks
+for the plan itself. ``--shape both`` runs both shapes per column and prints before -> after.
 The load runs twice, quiet and under attack, and the table shows both side by side. With the
 trust model of issue 12 (CURVE transport, run keys, sender sequence numbers, bounds), measured
 2026-12-02 on the same 2-core VM while other jobs kept its load average at 11-13 (so every
 figure is several times the quiet-machine ones below; compare the two columns, not the rows
 with the older figures):
 
-    metric (python benchmarks/coordinator_load.py)     | quiet                  | under attack
+    metric (... --shape per-rank)                       | quiet                  | under attack
     requests (stats + plan)                            | 12800 + 13056 in 110 s | ... in 240 s
     stats latency p50 / p99 ms                         | 164.5 / 592.6          | 144.4 / 1555.5
     plan latency p50 / p99 ms                          | 901.4 / 3235.4         | 3088.7 / 10382.3
@@ -30,7 +80,7 @@ made one per turn in arrival order, after every cheap request), which is the p50
 Before issue 12 (same machine, quiet):
 
 Measured on a 2-core x86 VM shared with other jobs, Python 3.11, pyzmq 27.3 / libzmq 4.3.5,
-numpy 2.4. Default run (``python benchmarks/coordinator_load.py``, ~60 s in all, of which
+numpy 2.4. Default run (``python benchmarks/coordinator_load.py --shape per-rank``, ~60 s in all, of which
 ~25 s load, the rest the in-process replay):
 
     ranks x windows x steps/window, workers            | 256 x 50 x 10, 4
