@@ -50,7 +50,38 @@ records), ``RunState.add`` (counting them), and the decision: ``RunState.observa
 history arrays), ``policies.decide``, ``Coordinator._announce`` (journal + log + stats);
 "other" is the rest of ``handle`` (journaling the windows, the reply's JSON, bookkeeping).
 
-<LEADER FIGURES>
+Measured 2026-12-02 on the 2-core VM shared with other jobs (load average 2.9-4.0 during the
+run), ``python benchmarks/coordinator_load.py`` (leader shape, K=3, 50 windows; 2.5 min):
+
+    metric                                          | 256          | 1024          | 4096
+    leader: boundary -> plan held p50 / p99 ms      | 48 / 84      | 186 / 331     | 623 / 1001
+    gloo broadcast, extrapolated (linear bound) ms  | 21 (203)     | 22 (505)      | 34 (4313)
+    PLAN PHASE p50 / p99 ms                         | 69 / 104     | 208 / 353     | 657 / 1035
+    coordinator msgs per window in / out            | 1 / 1        | 1 / 1         | 1 / 1
+    coordinator bytes per window in / out           | 28 k / 3.4 k | 113 k / 12.6 k| 459 k / 49 k
+    coordinator CPU ms per window                   | 41           | 156           | 593
+    coordinator RSS end / HWM MiB                   | 51 / 52      | 84 / 89       | 239 / 241
+    records sent / counted; lost                    | 38,400; 0    | 153,600; 0    | 614,400; 0
+    replay ms: transport+parse (enc/JSON/valid/dec) | 6.3          | 27.5          | 104.8
+    replay ms: counting the records                 | 2.5          | 10.7          | 39.7
+    replay ms: decision (observations/decide/annc.) | 26 (9/9/9)   | 99 (46/23/30) | 345 (163/74/109)
+    replay ms: other in handle (windows, reply)     | 4.8          | 18            | 143
+
+Exponent of bytes per window in k: 1.00 (O(k)). Targets at 4096: plan phase <= 250 ms NOT met
+(657 ms: the decision is 345 ms of it, transport and parsing 105, counting 40, journaling the
+windows and the reply 143); nothing lost: met. RSS <= 500 MiB: met at 50 windows (history of
+150 steps per rank), NOT met once the history reaches its cap of HISTORY_PER_RANK=512 steps:
+``--ranks 4096 --windows 130 --steps-per-window 4 --no-breakdown --gloo-worlds ""`` ends at
+623 MiB, HWM 718 MiB (~290 bytes per kept step: an OrderedDict entry of tuples), and the
+leader's p50 grows to 1.3 s (``observations`` rebuilds 4096 arrays from those dicts).
+
+Before/after at 2048 ranks, K=10, 10 windows, one invocation (``--shape both --ranks 2048
+--windows 10 --steps-per-window 10 --no-attack --no-breakdown --reply-timeout 120``, load 1.9-4.3):
+per-rank shape stats + plan phase 11.5 s (1.2 + 10.3; plan p50/p99 4.8/11.5 s; 43,008 messages,
+0 of 204,800 reports lost) -> leader shape plan phase 490 ms p50 (443 ms leader + 47 ms
+broadcast extrapolated), 23x; 1 message each way per window. At K=10 > 16384 // 2048 = 8 the
+planner's per-request cap makes each rank's measurements lag 2 more steps every window (40,960
+records carried at the end, sent at close as 2048 stats messages, all accepted).
 
 **Per-rank shape** (``--shape per-rank``, before issue 10): every rank sends its stats and asks
 for the plan itself. ``--shape both`` runs both shapes per column and prints before -> after.
