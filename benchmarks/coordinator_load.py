@@ -1,16 +1,97 @@
-"""Load on one standalone coordinator: many simulated ranks reporting stats and asking for plans.
+"""Load on one standalone coordinator: many simulated ranks of one run asking for plans.
 
-    python benchmarks/coordinator_load.py [--ranks 256 --windows 50 --steps-per-window 10
-                                          --workers 4 --attack-ranks 3840 --attack-rate 2000
-                                          --no-attack --json-out FILE]
+    python benchmarks/coordinator_load.py [--shape leader|per-rank|both] [--ranks 256,1024,4096]
+                                          [--windows 50 --steps-per-window K --workers 4
+                                          --attack --attack-ranks 3840 --attack-rate 2000
+                                          --no-attack --no-breakdown --gloo-worlds 2,4,8
+                                          --json-out FILE]
 
+``--ranks`` takes a list: one table column per rank count (per shape, and per attack setting).
+
+**Leader shape** (default; issue 10, the background planner of ``shardbalance/_planner.py``):
+per window ONE plan request from the job's leader, carrying every rank's new measurements as
+``records: [[rank, epoch, step, batch_size, busy_s], ...]`` (at most
+``protocol.MAX_RECORDS_PER_PLAN // k`` per rank and request, the rest kept for the next one, as
+the planner does; leftovers go at close as stats messages), and one reply with the k sizes and
+per-rank figures, which the leader then broadcasts over gloo. Once per run, after the first
+plan, each rank sends one empty ``member`` stats message (reported apart). K defaults to 3 here.
+
+What is MEASURED, per column (one real coordinator process over CURVE, one DEALER socket and
+one ``protocol.Sender`` for the leader, run key and sender sequence numbers as in a job):
+
+- leader ``boundary -> plan held``: from the moment the leader holds the gathered records to
+  the verified plan in hand (encode, send, the coordinator's parsing, counting and decision,
+  reply, decode, ``Plan.from_dict`` digest check); p50 / p99 / max over the windows;
+- messages and bytes per window at the coordinator, in and out (all ZeroMQ frames);
+- coordinator CPU (utime+stime from /proc/<pid>/stat) per window; its share is of the load's
+  wall time with windows back to back (no training between them), so an upper bound;
+- coordinator RSS: VmRSS / VmHWM from /proc/<pid>/status after READY, after each plan, at end;
+- lost records: records sent minus the records the coordinator counted, read from the newest
+  journal ``window`` record of each window (``steps`` summed); one last plan request journals
+  the last windows; plus how many ranks have figures in the plan reply's stats;
+- the gloo broadcast of the plan tensor (k + 4 float64, what ``_planner._broadcast`` sends),
+  on ``--gloo-worlds`` really forked gloo ranks (``tests/distributed.py: run_ranks``): median
+  over ``--gloo-repeats`` of (last rank to receive) - (leader's start).
+
+What is EXTRAPOLATED: the broadcast at k ranks, from the measured 2/4/8-rank medians by a
+least-squares fit in log2(world) (a tree of log2(k) hops); a fit linear in world (the root
+sending to each rank in turn) is printed next to it as an upper bound. On this 2-core VM the
+4- and 8-rank worlds oversubscribe the CPUs, so the per-hop figure (~1.5 ms) is scheduling,
+not network. ``PLAN PHASE`` (boundary -> every rank holds the plan) = leader's measured time +
+the log2 extrapolation. Not included: the planner's all-reduce and gather of the records
+before the boundary (they run in the background thread ahead of it) and the switch
+all-reduce after it. The exponent of bytes per window in k is a fit of log(bytes in + out)
+against log(k) over the columns (1.00: O(k)).
+
+Breakdown (``--no-breakdown`` skips it): the same requests replayed in this process through
+``Coordinator.handle`` (no sockets), the parts timed by wrapping them here: leader encode and
+decode, ``protocol.open_envelope`` (JSON + signature), ``parse_request`` (validating the
+records), ``RunState.add`` (counting them), and the decision: ``RunState.observations`` (the
+history arrays), ``policies.decide``, ``Coordinator._announce`` (journal + log + stats);
+"other" is the rest of ``handle`` (journaling the windows, the reply's JSON, bookkeeping).
+
+Measured 2026-12-02 on the 2-core VM shared with other jobs (load average 2.9-4.0 during the
+run), ``python benchmarks/coordinator_load.py`` (leader shape, K=3, 50 windows; 2.5 min):
+
+    metric                                          | 256          | 1024          | 4096
+    leader: boundary -> plan held p50 / p99 ms      | 48 / 84      | 186 / 331     | 623 / 1001
+    gloo broadcast, extrapolated (linear bound) ms  | 21 (203)     | 22 (505)      | 34 (4313)
+    PLAN PHASE p50 / p99 ms                         | 69 / 104     | 208 / 353     | 657 / 1035
+    coordinator msgs per window in / out            | 1 / 1        | 1 / 1         | 1 / 1
+    coordinator bytes per window in / out           | 28 k / 3.4 k | 113 k / 12.6 k| 459 k / 49 k
+    coordinator CPU ms per window                   | 41           | 156           | 593
+    coordinator RSS end / HWM MiB                   | 51 / 52      | 84 / 89       | 239 / 241
+    records sent / counted; lost                    | 38,400; 0    | 153,600; 0    | 614,400; 0
+    replay ms: transport+parse (enc/JSON/valid/dec) | 6.3          | 27.5          | 104.8
+    replay ms: counting the records                 | 2.5          | 10.7          | 39.7
+    replay ms: decision (observations/decide/annc.) | 26 (9/9/9)   | 99 (46/23/30) | 345 (163/74/109)
+    replay ms: other in handle (windows, reply)     | 4.8          | 18            | 143
+
+Exponent of bytes per window in k: 1.00 (O(k)). Targets at 4096: plan phase <= 250 ms NOT met
+(657 ms: the decision is 345 ms of it, transport and parsing 105, counting 40, journaling the
+windows and the reply 143); nothing lost: met. RSS <= 500 MiB: met at 50 windows (history of
+150 steps per rank), NOT met once the history reaches its cap of HISTORY_PER_RANK=512 steps:
+``--ranks 4096 --windows 130 --steps-per-window 4 --no-breakdown --gloo-worlds ""`` ends at
+623 MiB, HWM 718 MiB (~290 bytes per kept step: an OrderedDict entry of tuples), and the
+leader's p50 grows to 1.3 s (``observations`` rebuilds 4096 arrays from those dicts).
+
+Before/after at 2048 ranks, K=10, 10 windows, one invocation (``--shape both --ranks 2048
+--windows 10 --steps-per-window 10 --no-attack --no-breakdown --reply-timeout 120``, load 1.9-4.3):
+per-rank shape stats + plan phase 11.5 s (1.2 + 10.3; plan p50/p99 4.8/11.5 s; 43,008 messages,
+0 of 204,800 reports lost) -> leader shape plan phase 490 ms p50 (443 ms leader + 47 ms
+broadcast extrapolated), 23x; 1 message each way per window. At K=10 > 16384 // 2048 = 8 the
+planner's per-request cap makes each rank's measurements lag 2 more steps every window (40,960
+records carried at the end, sent at close as 2048 stats messages, all accepted).
+
+**Per-rank shape** (``--shape per-rank``, before issue 10): every rank sends its stats and asks
+for the plan itself. ``--shape both`` runs both shapes per column and prints before -> after.
 The load runs twice, quiet and under attack, and the table shows both side by side. With the
 trust model of issue 12 (CURVE transport, run keys, sender sequence numbers, bounds), measured
 2026-12-02 on the same 2-core VM while other jobs kept its load average at 11-13 (so every
 figure is several times the quiet-machine ones below; compare the two columns, not the rows
 with the older figures):
 
-    metric (python benchmarks/coordinator_load.py)     | quiet                  | under attack
+    metric (... --shape per-rank)                       | quiet                  | under attack
     requests (stats + plan)                            | 12800 + 13056 in 110 s | ... in 240 s
     stats latency p50 / p99 ms                         | 164.5 / 592.6          | 144.4 / 1555.5
     plan latency p50 / p99 ms                          | 901.4 / 3235.4         | 3088.7 / 10382.3
@@ -30,7 +111,7 @@ made one per turn in arrival order, after every cheap request), which is the p50
 Before issue 12 (same machine, quiet):
 
 Measured on a 2-core x86 VM shared with other jobs, Python 3.11, pyzmq 27.3 / libzmq 4.3.5,
-numpy 2.4. Default run (``python benchmarks/coordinator_load.py``, ~60 s in all, of which
+numpy 2.4. Default run (``python benchmarks/coordinator_load.py --shape per-rank``, ~60 s in all, of which
 ~25 s load, the rest the in-process replay):
 
     ranks x windows x steps/window, workers            | 256 x 50 x 10, 4
@@ -96,6 +177,7 @@ with the live per-window wall time.
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import json
 import logging
@@ -499,13 +581,377 @@ def replay(args, secret: bytes, run_key: bytes, tmp: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# The leader shape (issue 10): one plan request per window, carrying every rank's records
+
+def _bcast_fn(rank: int, world: int, lengths: list[int], repeats: int) -> dict:
+    """On a forked gloo rank: per tensor length, ``repeats`` broadcasts from rank 0 of a
+    float64 tensor of that length (the planner's ``[status, epoch, window, predicted,
+    sizes...]``); each time, max over ranks of (received) - (leader's start), in ms."""
+    import torch
+    import torch.distributed as dist
+
+    out = {}
+    for n in lengths:
+        times = []
+        for i in range(repeats + 3):
+            tensor = torch.full((n,), float(rank == 0), dtype=torch.float64)
+            dist.barrier()
+            t0 = time.perf_counter()  # CLOCK_MONOTONIC: one clock for every process here
+            dist.broadcast(tensor, 0)
+            t1 = time.perf_counter()
+            if tensor[0].item() != 1.0:
+                raise RuntimeError("broadcast delivered the wrong values")
+            both = torch.tensor([t0, t1], dtype=torch.float64)
+            gathered = [torch.zeros(2, dtype=torch.float64) for _ in range(world)]
+            dist.all_gather(gathered, both)
+            if i >= 3:  # warm-up: the first connections
+                times.append((max(g[1].item() for g in gathered) - gathered[0][0].item()) * 1e3)
+        out[n] = float(np.median(times))
+    return out
+
+
+def measure_broadcast(worlds: list[int], ks: list[int], repeats: int) -> dict:
+    """The plan broadcast's cost: measured on ``worlds`` forked gloo ranks with the tensor of
+    each k (k + 4 float64), then extrapolated to k ranks by a least-squares fit of the median
+    in log2(world) (a tree: log2(k) hops) and, as an upper bound, linearly in world (the
+    root sending to each rank in turn)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from distributed import run_ranks
+
+    lengths = [k + 4 for k in ks]
+    measured = {w: run_ranks(_bcast_fn, w, lengths, repeats, timeout_s=120.0)[0]
+                for w in worlds}
+    out = {}
+    for k, n in zip(ks, lengths):
+        ys = np.array([measured[w][n] for w in worlds])
+        xs = np.array(worlds, dtype=float)
+        if len(worlds) >= 2:
+            b_log, a_log = np.polyfit(np.log2(xs), ys, 1)
+            b_lin, a_lin = np.polyfit(xs, ys, 1)
+        else:
+            a_log, b_log = 0.0, ys[0] / np.log2(xs[0])
+            a_lin, b_lin = 0.0, ys[0] / xs[0]
+        out[k] = {"measured_ms": {w: measured[w][n] for w in worlds},
+                  "log2_ms": float(a_log + b_log * np.log2(k)),
+                  "linear_ms": float(a_lin + b_lin * k)}
+    return out
+
+
+def window_counts(journal: list[dict]) -> dict[tuple[int, int], int]:
+    """Records the coordinator counted per window: the newest ``window`` record of each."""
+    last: dict[tuple[int, int], dict] = {}
+    for rec in journal:
+        if rec.get("event") == "window" and rec.get("run") == RUN_ID:
+            last[(rec["epoch"], rec["window"])] = rec
+    return {key: sum(rec["steps"]) for key, rec in last.items()}
+
+
+def run_leader(args, attack: bool, bcast: dict | None) -> tuple[dict, list, bool]:
+    """One run of the leader shape at ``args.ranks`` ranks; its figures, rows and verdict.
+
+    Per window w the leader (one CURVE DEALER socket, one ``protocol.Sender``) holds every
+    rank's new records (what the planner's gather gave it: at most MAX_RECORDS_PER_PLAN // k
+    per rank and round, the rest kept for the next round, as ``_planner`` does), sends the
+    plan request of window w+1 with them and waits for the plan. Timed per window: boundary
+    (records in hand) -> request encoded, sent, answered, decoded and its digest verified."""
+    import zmq
+
+    k, steps = args.ranks, args.steps_per_window
+    sim = Sim(k, steps)
+    cap = max(1, protocol.MAX_RECORDS_PER_PLAN // k)
+    secret = secrets.token_hex(32).encode()
+    run_key = secrets.token_hex(32).encode()
+    mpc = mp.get_context("fork")
+    res: dict = {"config": {**vars(args)}, "attack": attack, "shape": "leader"}
+    stop_attack = mpc.Event()
+    attack_results = mpc.Queue()
+    attack_proc = None
+    coord = None
+    with tempfile.TemporaryDirectory(prefix="coordinator-load-") as tmp:
+        try:
+            coord, endpoint = start_coordinator(
+                tmp, secret, 30.0,
+                ["--max-ranks", str(k + (args.attack_ranks if attack else 0))])
+            pid = coord.pid
+            rss_ready = proc_rss_kib(pid)["VmRSS"]
+            if attack:
+                captured = capture(endpoint, secret, run_key, sim)
+                attack_proc = mpc.Process(target=attacker, args=(
+                    args, endpoint, secret, captured, stop_attack, attack_results), daemon=True)
+                attack_proc.start()
+                time.sleep(1.0)
+            ctx = zmq.Context()
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES + 4096)
+            protocol.curve_client(sock, secret)
+            sock.connect(endpoint)
+            sender = protocol.Sender(secret, run_key)
+            ids = itertools.count(1)
+            traffic = Counter()  # this run's messages and bytes at the coordinator
+
+            def ask(msg: dict, window_w: int | None = None) -> dict:
+                frames = sender.encode({**msg, "id": next(ids)})
+                traffic["in_msgs"] += 1
+                traffic["in_bytes"] += sum(map(len, frames))
+                sock.send_multipart(frames)
+                if not sock.poll(int(args.reply_timeout * 1000)):
+                    raise RuntimeError(f"no reply to {msg['type']} within "
+                                       f"{args.reply_timeout:g} s")
+                rframes = sock.recv_multipart()
+                traffic["out_msgs"] += 1
+                traffic["out_bytes"] += sum(map(len, rframes))
+                reply = sender.decode(rframes, msg)
+                if reply["type"] == "error":
+                    raise RuntimeError(f"{msg['type']}: {reply.get('error')}")
+                return reply
+
+            first = ask(sim.plan_msg(0, 0))
+            sizes = list(check_plan(first, sim, 0).batch_sizes)
+            once = dict(traffic)
+            # Once per run, after the first plan: each rank's empty "member" stats message.
+            t_member = time.perf_counter()
+            for r in range(k):
+                ask({"type": "stats", "run": RUN_ID, "generation": 0, "rank": r,
+                     "world_size": k, "records": [], "member": f"node{r // 8}/{r % 8}/cpu"})
+            member_ms = (time.perf_counter() - t_member) * 1e3
+            once = {key: traffic[key] - once.get(key, 0) for key in traffic}
+            traffic.clear()
+            rss_connected = proc_rss_kib(pid)["VmRSS"]
+            backlog = [collections.deque() for _ in range(k)]
+            sent = 0
+            carried = []
+            phase_ms, bytes_in, bytes_out, heard = [], [], [], []
+            cpu0, t0 = proc_cpu_s(pid), time.perf_counter()
+            rss_trace = []
+            for w in range(args.windows):
+                for r in range(k):  # window w trained: each rank's new records
+                    backlog[r].extend(sim.records(r, w, sizes[r]))
+                records = []
+                for r in range(k):
+                    q = backlog[r]
+                    for _ in range(min(cap, len(q))):
+                        records.append([r, *q.popleft()])
+                carried.append(sum(map(len, backlog)))
+                before = dict(traffic)
+                tb = time.perf_counter()
+                reply = ask({**sim.plan_msg(0, w + 1), "records": records})
+                plan = check_plan(reply, sim, w + 1)
+                phase_ms.append((time.perf_counter() - tb) * 1e3)
+                sent += len(records)
+                sizes = list(plan.batch_sizes)
+                bytes_in.append(traffic["in_bytes"] - before.get("in_bytes", 0))
+                bytes_out.append(traffic["out_bytes"] - before.get("out_bytes", 0))
+                stats = reply.get("stats") or {}
+                heard.append(sum(b is not None for b in (stats.get("busy_ms") or [])))
+                rss_trace.append(proc_rss_kib(pid)["VmRSS"])
+            wall = time.perf_counter() - t0
+            cpu = proc_cpu_s(pid) - cpu0
+            per_window = dict(traffic)
+            # At close: each rank's leftovers as stats messages, then one plan request that
+            # journals the windows (the coordinator writes them before each decision).
+            leftover_msgs = leftover_sent = leftover_accepted = 0
+            for r in range(k):
+                q = list(backlog[r])
+                for i in range(0, len(q), protocol.MAX_RECORDS_PER_MESSAGE):
+                    chunk = q[i:i + protocol.MAX_RECORDS_PER_MESSAGE]
+                    reply = ask({**sim.stats_msg(r, 0, 1), "records": [list(c) for c in chunk]})
+                    leftover_sent += len(chunk)
+                    leftover_accepted += int(reply.get("accepted", 0))
+                    leftover_msgs += 1
+            ask(sim.plan_msg(0, args.windows + 1))
+            mem_end = proc_rss_kib(pid)
+            sock.close(linger=0)
+            ctx.term()
+            if attack_proc is not None:
+                stop_attack.set()
+                res["attacker"] = attack_results.get(timeout=args.reply_timeout)
+        finally:
+            stop_attack.set()
+            if attack_proc is not None:
+                attack_proc.join(10)
+                if attack_proc.is_alive():
+                    attack_proc.terminate()
+                    attack_proc.join(5)
+            if coord is not None:
+                stop_process(coord)
+        journal = [json.loads(line) for line in open(os.path.join(tmp, "coord.jsonl"))]
+    plans = [rec for rec in journal if rec.get("event") == "plan" and rec.get("run") == RUN_ID]
+    counted = sum(window_counts(journal).values())
+    w_n = args.windows
+    phase = np.array(phase_ms)
+    b_ms = bcast[k]["log2_ms"] if bcast else float("nan")
+    b_lin = bcast[k]["linear_ms"] if bcast else float("nan")
+    res.update({
+        "ranks": k, "windows": w_n, "steps_per_window": steps, "records_cap_per_rank": cap,
+        "leader_plan_p50_ms": pct(phase, 50), "leader_plan_p99_ms": pct(phase, 99),
+        "leader_plan_max_ms": float(phase.max()),
+        "broadcast_log2_ms": b_ms, "broadcast_linear_ms": b_lin,
+        "plan_phase_p50_ms": pct(phase, 50) + b_ms, "plan_phase_p99_ms": pct(phase, 99) + b_ms,
+        "msgs_in_per_window": per_window.get("in_msgs", 0) / w_n,
+        "msgs_out_per_window": per_window.get("out_msgs", 0) / w_n,
+        "bytes_in_per_window": float(np.median(bytes_in)),
+        "bytes_out_per_window": float(np.median(bytes_out)),
+        "once_msgs": once.get("in_msgs", 0), "once_ms": member_ms,
+        "coordinator_cpu_s": cpu, "coordinator_cpu_ms_per_window": cpu / w_n * 1e3,
+        "coordinator_cpu_share": cpu / wall, "wall_s": wall,
+        "rss_ready_mib": rss_ready / 1024, "rss_connected_mib": rss_connected / 1024,
+        "rss_end_mib": mem_end["VmRSS"] / 1024, "hwm_mib": mem_end["VmHWM"] / 1024,
+        "rss_trace_mib": [round(x / 1024, 1) for x in rss_trace],
+        "records_sent": sent, "records_counted": counted,
+        "lost": sent - counted if max(carried) == 0 else None,
+        "leftover_sent": leftover_sent, "leftover_accepted": leftover_accepted,
+        "carried_max": max(carried), "leftover_msgs": leftover_msgs,
+        "ranks_heard_min": min(heard[1:] or heard), "plans_decided": len(plans),
+        "plans_expected": w_n + 2, "table_errors": [], "table_warnings": [],
+    })
+    rows = [
+        ("shape; ranks x windows x K steps", f"leader; {k} x {w_n} x {steps}"),
+        ("records per rank per request (cap); carried max",
+         f"{cap}; {max(carried)}"),
+        ("leader: boundary -> plan held p50 / p99 / max ms",
+         f"{res['leader_plan_p50_ms']:.1f} / {res['leader_plan_p99_ms']:.1f} / "
+         f"{res['leader_plan_max_ms']:.1f}"),
+        ("gloo broadcast of k sizes ms: log2 fit (linear bound)", f"{b_ms:.2f} ({b_lin:.1f})"),
+        ("PLAN PHASE p50 / p99 ms (boundary -> every rank)",
+         f"{res['plan_phase_p50_ms']:.1f} / {res['plan_phase_p99_ms']:.1f}"),
+        ("coordinator msgs per window in / out",
+         f"{res['msgs_in_per_window']:.0f} / {res['msgs_out_per_window']:.0f}"),
+        ("coordinator bytes per window in / out",
+         f"{res['bytes_in_per_window']:,.0f} / {res['bytes_out_per_window']:,.0f}"),
+        ("once per run: member msgs (ms)", f"{once.get('in_msgs', 0)} ({member_ms:.0f})"),
+        ("coordinator CPU ms per window (share of wall)",
+         f"{res['coordinator_cpu_ms_per_window']:.1f} ({cpu / wall:.0%})"),
+        ("coordinator RSS MiB: ready / end / HWM",
+         f"{res['rss_ready_mib']:.1f} / {res['rss_end_mib']:.1f} / {res['hwm_mib']:.1f}"),
+        # A record older than the coordinator's open windows (carried too long) is kept in
+        # its history but in no journal window record: then the window count cannot check it.
+        ("records with plans: sent / counted (journal); lost",
+         f"{sent} / {counted}; " + (f"{sent - counted}" if max(carried) == 0 else
+                                    "n/a (records lagged past the open windows)")),
+        ("leftovers at close: msgs; records sent / accepted",
+         f"{leftover_msgs}; {leftover_sent} / {leftover_accepted}"),
+        ("ranks with figures in the plan stats (min)", f"{res['ranks_heard_min']} of {k}"),
+        ("plans decided (expected)", f"{len(plans)} ({w_n + 2})"),
+    ]
+    if not args.no_breakdown and not attack:
+        rp = res["replay"] = replay_leader(args, k)
+        rows += [
+            ("replay ms/window: leader encode + decode",
+             f"{rp['leader encode']:.1f} + {rp['leader decode']:.1f}"),
+            ("replay ms/window: JSON+signature / validate / count",
+             f"{rp['envelope']:.1f} / {rp['parse']:.1f} / {rp['count records']:.1f}"),
+            ("replay ms/window: decision: observations/decide/announce",
+             f"{rp['decision']:.1f}: {rp['observations']:.1f} / {rp['decide']:.1f} / "
+             f"{rp['announce']:.1f}"),
+            ("replay ms/window: total (other in handle)",
+             f"{rp['total']:.1f} ({rp['other']:.1f})"),
+        ]
+    ok = (max(carried) > 0 or sent == counted) and leftover_sent == leftover_accepted and \
+        len(plans) == w_n + 2
+    return res, rows, ok
+
+
+def replay_leader(args, k: int) -> dict:
+    """The leader shape's requests replayed in this process through ``Coordinator.handle`` (no
+    sockets, a journal and log file like the CLI's), its parts timed by wrapping them here:
+    the leader's encode, ``protocol.open_envelope`` (JSON and signature), ``parse_request``
+    (validating the records), ``RunState.add`` (counting them), the decision
+    (``RunState.observations``, ``policies.decide``, ``Coordinator._announce``, which journals
+    and logs it), and the leader's decode; medians per window, in ms."""
+    import shardbalance.coordinator as cm
+
+    timers: dict[str, float] = defaultdict(float)
+
+    def timed(name, fn):
+        def wrapper(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                timers[name] += time.perf_counter() - t0
+        return wrapper
+
+    secret = secrets.token_hex(32).encode()
+    run_key = secrets.token_hex(32).encode()
+    saved = (cm.RunState.observations, cm.RunState.add, cm.decide, cm.protocol.open_envelope,
+             cm.protocol.parse_request)
+    level, propagate = cm.log.level, cm.log.propagate
+    with tempfile.TemporaryDirectory(prefix="coordinator-load-") as tmp:
+        handler = logging.FileHandler(os.path.join(tmp, "replay.log"))
+        cm.log.addHandler(handler)
+        cm.log.setLevel(logging.INFO)
+        cm.log.propagate = False
+        cm.RunState.observations = timed("observations", saved[0])
+        cm.RunState.add = timed("count records", saved[1])
+        cm.decide = timed("decide", saved[2])
+        cm.protocol.open_envelope = timed("envelope", saved[3])
+        cm.protocol.parse_request = timed("parse", saved[4])
+        coord = cm.Coordinator(f"inproc://coordinator-load-{os.getpid()}",
+                               os.path.join(tmp, "replay.jsonl"), secret)
+        coord._announce = timed("announce", coord._announce)
+        sim = Sim(k, args.steps_per_window)
+        cap = max(1, protocol.MAX_RECORDS_PER_PLAN // k)
+        sender = protocol.Sender(secret, run_key)
+        ids = itertools.count(1)
+        rows = []
+        try:
+            msg = sim.plan_msg(0, 0)
+            sizes = check_plan(sender.decode(coord.handle(sender.encode({**msg, "id": 0})),
+                                             msg), sim, 0).batch_sizes
+            backlog = [collections.deque() for _ in range(k)]
+            for w in range(args.windows):
+                records = []
+                for r in range(k):
+                    backlog[r].extend(sim.records(r, w, sizes[r]))
+                    for _ in range(min(cap, len(backlog[r]))):
+                        records.append([r, *backlog[r].popleft()])
+                msg = {**sim.plan_msg(0, w + 1), "records": records}
+                timers.clear()
+                t0 = time.perf_counter()
+                frames = sender.encode({**msg, "id": next(ids)})
+                t1 = time.perf_counter()
+                reply_frames = coord.handle(frames)
+                t2 = time.perf_counter()
+                sizes = check_plan(sender.decode(reply_frames, msg), sim, w + 1).batch_sizes
+                t3 = time.perf_counter()
+                rows.append({**timers, "leader encode": t1 - t0, "handle": t2 - t1,
+                             "leader decode": t3 - t2})
+        finally:
+            coord.close()
+            (cm.RunState.observations, cm.RunState.add, cm.decide, cm.protocol.open_envelope,
+             cm.protocol.parse_request) = saved
+            cm.log.removeHandler(handler)
+            handler.close()
+            cm.log.setLevel(level)
+            cm.log.propagate = propagate
+    med = {key: float(np.median([r.get(key, 0.0) for r in rows]) * 1e3) for key in rows[0]}
+    decision = med["observations"] + med["decide"] + med["announce"]
+    med["decision"] = decision
+    med["transport"] = med["leader encode"] + med["envelope"] + med["parse"] + \
+        med["leader decode"]
+    med["other"] = med["handle"] - decision - med["envelope"] - med["parse"] - \
+        med["count records"]
+    med["total"] = med["leader encode"] + med["handle"] + med["leader decode"]
+    return med
+
+
+# ---------------------------------------------------------------------------------------------
 # Main
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--ranks", type=int, default=256)
+    p.add_argument("--shape", choices=("leader", "per-rank", "both"), default="leader",
+                   help="leader: one plan request per window from the job's leader carrying "
+                        "every rank's records (the background planner, default); per-rank: "
+                        "every rank sends stats and asks for the plan (before issue 10); both: "
+                        "each side by side")
+    p.add_argument("--ranks", type=_rank_list, default=None,
+                   help="simulated ranks, a comma-separated list, one column each (default "
+                        "256,1024,4096 for the leader shape, 256 for the per-rank shape)")
     p.add_argument("--windows", type=int, default=50)
-    p.add_argument("--steps-per-window", type=int, default=10)
+    p.add_argument("--steps-per-window", type=int, default=None,
+                   help="K steps per window (default 3 for the leader shape, 10 per-rank)")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--reply-timeout", type=float, default=60.0,
                    help="seconds to wait for the replies of one phase, and at each barrier")
@@ -518,12 +964,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--attack-rate", type=float, default=2000.0,
                    help="the attacker's messages per second (default 2000)")
     p.add_argument("--no-attack", action="store_true", help="only the quiet run")
+    p.add_argument("--attack", action="store_true",
+                   help="leader shape: also run each column under attack (per-rank: default)")
+    p.add_argument("--gloo-worlds", default="2,4,8",
+                   help="leader shape: forked gloo worlds on which the plan broadcast is "
+                        "measured (then extrapolated to k ranks); empty: skip")
+    p.add_argument("--gloo-repeats", type=int, default=40)
     args = p.parse_args(argv)
-    if args.ranks < 1 or args.windows < 1 or args.steps_per_window < 1:
+    if args.ranks is None:
+        args.ranks = [256] if args.shape == "per-rank" else [256, 1024, 4096]
+    if args.steps_per_window is None:
+        args.steps_per_window = 10 if args.shape == "per-rank" else 3
+    if min(args.ranks) < 1 or args.windows < 1 or args.steps_per_window < 1:
         p.error("--ranks, --windows and --steps-per-window must be >= 1")
-    if not 1 <= args.workers <= args.ranks:
-        p.error("--workers must be in [1, --ranks]")
+    if args.shape != "leader" and not 1 <= args.workers <= min(args.ranks):
+        p.error(f"--workers must be in [1, {min(args.ranks)}] (the smallest --ranks)")
+    try:
+        args.gloo_worlds = [int(w) for w in args.gloo_worlds.split(",") if w.strip()]
+    except ValueError:
+        p.error(f"--gloo-worlds must be comma-separated integers, got {args.gloo_worlds!r}")
+    if any(w < 2 for w in args.gloo_worlds):
+        p.error(f"--gloo-worlds must be >= 2 each, got {args.gloo_worlds}")
     return args
+
+
+def _rank_list(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"every rank count must be >= 1, got {text!r}")
+    return out
 
 
 def pct(xs, q) -> float:
@@ -563,7 +1035,7 @@ def run_load(args, attack: bool) -> tuple[dict, list, bool]:
     mpc = mp.get_context("fork")  # before any zmq context exists in this process
     procs: list = []
     coord = None
-    res: dict = {"config": vars(args), "attack": attack}
+    res: dict = {"config": vars(args), "attack": attack, "shape": "per-rank"}
     stop_attack = mpc.Event()
     attack_results = mpc.Queue()
     attack_proc = None
@@ -710,31 +1182,78 @@ def run_load(args, attack: bool) -> tuple[dict, list, bool]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    quiet, rows, ok = run_load(args, attack=False)
-    runs = [("quiet", quiet, rows)]
-    if args.attack_ranks > 0 and not args.no_attack:
-        attacked, rows_a, ok_a = run_load(args, attack=True)
-        runs.append(("under attack", attacked, rows_a))
-        ok = ok and ok_a
-    labels = [k for k, _ in runs[0][2]]
+    runs: list[tuple[str, dict, list]] = []
+    ok = True
+    bcast = None
+    if args.shape != "per-rank" and args.gloo_worlds:
+        bcast = measure_broadcast(args.gloo_worlds, args.ranks, args.gloo_repeats)
+    for k in args.ranks:
+        args_k = argparse.Namespace(**{**vars(args), "ranks": k})
+        if args.shape != "leader":
+            res, rows, ok_k = run_load(args_k, attack=False)
+            runs.append((f"{k} per-rank", res, rows))
+            ok = ok and ok_k
+            if args.attack_ranks > 0 and not args.no_attack:
+                res, rows, ok_k = run_load(args_k, attack=True)
+                runs.append((f"{k} per-rank attacked", res, rows))
+                ok = ok and ok_k
+        if args.shape != "per-rank":
+            res, rows, ok_k = run_leader(args_k, attack=False, bcast=bcast)
+            runs.append((f"{k} leader", res, rows))
+            ok = ok and ok_k
+            if args.attack and args.attack_ranks > 0:
+                res, rows, ok_k = run_leader(args_k, attack=True, bcast=bcast)
+                runs.append((f"{k} leader attacked", res, rows))
+                ok = ok and ok_k
+    labels: list[str] = []
+    for _, _, rows in runs:
+        labels += [key for key, _ in rows if key not in labels]
     values = [dict(r) for _, _, r in runs]
-    width = max(len(k) for k in labels)
-    cols = [max(30, *(len(v.get(k, "")) for k in labels)) for v in values]
+    width = max(len(key) for key in labels)
+    cols = [max(len(n), 24, *(len(v.get(key, "")) for key in labels))
+            for (n, _, _), v in zip(runs, values)]
     print(f"{'metric':<{width}} | " + " | ".join(f"{n:<{c}}" for (n, _, _), c in zip(runs, cols)))
     print(f"{'-' * width}-|-" + "-|-".join("-" * c for c in cols))
-    for k in labels:
-        print(f"{k:<{width}} | " + " | ".join(f"{v.get(k, '-'):<{c}}"
-                                             for v, c in zip(values, cols)))
+    for key in labels:
+        print(f"{key:<{width}} | " + " | ".join(f"{v.get(key, '-'):<{c}}"
+                                               for v, c in zip(values, cols)))
     for name, res, _ in runs:
         if res["table_errors"]:
             print(f"\n{name}: errors (first 5):", *res["table_errors"], sep="\n  ")
-        print(f"\n{name}: RSS after each plan phase (MiB): {res['rss_trace_mib']}")
-    if len(runs) > 1:
-        attack = runs[1][1]["attacker"]
-        print(f"\nattacker ({args.attack_ranks}-rank run, --max-ranks "
-              f"{args.ranks + args.attack_ranks}): replies by kind of request")
+        print(f"\n{name}: RSS after each plan (MiB): {res['rss_trace_mib'][:12]}"
+              f"{' ...' if len(res['rss_trace_mib']) > 12 else ''}")
+    leader = [(res["ranks"], res) for _, res, _ in runs
+              if res.get("shape") == "leader" and not res["attack"]]
+    if len(leader) >= 2:
+        ks = np.log([k for k, _ in leader])
+        total = np.log([r["bytes_in_per_window"] + r["bytes_out_per_window"] for _, r in leader])
+        slope = np.polyfit(ks, total, 1)[0]
+        print(f"\nexponent of coordinator bytes per window (in + out) in k over "
+              f"{[k for k, _ in leader]}: {slope:.2f} (1.00: O(k))")
+    if bcast:
+        print(f"\ngloo broadcast of the k+4 float64 plan tensor, median ms measured on "
+              f"{args.gloo_worlds} forked ranks (max over ranks of received - leader's start):")
+        for k, b in bcast.items():
+            got = ", ".join(f"{w} ranks {t:.3f}" for w, t in b["measured_ms"].items())
+            print(f"  k={k}: {got}; extrapolated to {k} ranks: {b['log2_ms']:.2f} "
+                  f"(fit in log2 ranks: a tree), {b['linear_ms']:.1f} (linear: root to each)")
+    if args.shape == "both":
+        print("\nbefore (per-rank shape: stats phase + plan phase, wall median) -> after "
+              "(leader shape: plan phase p50, broadcast included):")
+        for k in args.ranks:
+            before = next(r for n, r, _ in runs if n == f"{k} per-rank")
+            after = next(r for n, r, _ in runs if n == f"{k} leader")
+            b = before["stats_phase_ms_median"] + before["plan_phase_ms_median"]
+            print(f"  {k} ranks: {b:.0f} ms (stats {before['stats_phase_ms_median']:.0f} + plan "
+                  f"{before['plan_phase_ms_median']:.0f}; plan p50/p99 "
+                  f"{before['plan_p50_ms']:.0f}/{before['plan_p99_ms']:.0f}) -> "
+                  f"{after['plan_phase_p50_ms']:.0f} ms: {b / after['plan_phase_p50_ms']:.0f}x")
+    attacked = [(n, r) for n, r, _ in runs if "attacker" in r]
+    for name, res in attacked:
+        print(f"\nattacker of {name} ({args.attack_ranks}-rank run, --max-ranks "
+              f"{res['config']['ranks'] + args.attack_ranks}): replies by kind of request")
         for kind in ATTACK_KINDS:
-            got = attack.get(kind, {})
+            got = res["attacker"].get(kind, {})
             print(f"  {kind:<18} " + ", ".join(f"{k} {v}" for k, v in sorted(got.items())))
     if args.json_out:
         with open(args.json_out, "w") as fh:
