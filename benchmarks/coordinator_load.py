@@ -241,6 +241,15 @@ class Sim:
                 "world_size": self.ranks, "records": self.records(rank, w, b)}
 
 
+
+def _join(procs) -> None:
+    """Wait for worker processes (bounded), terminating any that does not end."""
+    for p in procs:
+        p.join(10)
+        if p.is_alive():
+            p.terminate()
+            p.join(5)
+
 def schedule(windows: int) -> list[tuple[str, int]]:
     phases = [("plan", 0)]
     for w in range(windows):
@@ -768,11 +777,7 @@ def run_leader(args, attack: bool, bcast: dict | None) -> tuple[dict, list, bool
                 res["attacker"] = attack_results.get(timeout=args.reply_timeout)
         finally:
             stop_attack.set()
-            if attack_proc is not None:
-                attack_proc.join(10)
-                if attack_proc.is_alive():
-                    attack_proc.terminate()
-                    attack_proc.join(5)
+            _join([attack_proc] if attack_proc is not None else [])
             if coord is not None:
                 stop_process(coord)
         journal = [json.loads(line) for line in open(os.path.join(tmp, "coord.jsonl"))]
@@ -1087,11 +1092,7 @@ def run_load(args, attack: bool) -> tuple[dict, list, bool]:
             raise
         finally:
             stop_attack.set()
-            for p in procs + ([attack_proc] if attack_proc is not None else []):
-                p.join(10)
-                if p.is_alive():
-                    p.terminate()
-                    p.join(5)
+            _join(procs + ([attack_proc] if attack_proc is not None else []))
             if coord is not None:
                 stop_process(coord)
                 coord_rc = coord.returncode

@@ -22,7 +22,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from distributed import run_ranks
 from shardbalance import WeightedDistributedSampler
@@ -31,23 +31,13 @@ from shardbalance.coordinator import RunState
 from shardbalance.emulate import EmulatedSpeed
 from shardbalance.protocol import RunConfig
 
-N, B, DIM, CLASSES = 64, 16, 8, 3
+# The data and model of the loop tests (one-process references of the same shape).
+from test_loops import B, N, _data, _model  # noqa: E402
 #: Plans injected at successive windows (the same on every rank): every step differs.
 PLANS = [(4, 12), (12, 4), (6, 10), (10, 6)]
 #: The slow member (replica 1, model-parallel rank 1) and its relative speed.
 SLOW_RANK, SLOW_SPEED = 3, 0.25
 
-
-def _data() -> TensorDataset:
-    gen = torch.Generator().manual_seed(0)
-    return TensorDataset(torch.randn(N, DIM, generator=gen),
-                         torch.randint(0, CLASSES, (N,), generator=gen), torch.arange(N))
-
-
-def _model() -> torch.nn.Module:
-    torch.manual_seed(7)
-    return torch.nn.Sequential(torch.nn.Linear(DIM, 16), torch.nn.Tanh(),
-                               torch.nn.Linear(16, CLASSES))
 
 
 def _inject_plans(sampler: WeightedDistributedSampler) -> None:

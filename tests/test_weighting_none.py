@@ -6,21 +6,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from distributed import run_ranks
 from shardbalance import WeightedDistributedSampler
 from shardbalance.emulate import EmulatedSpeed
 
-N, B, DIM, CLASSES = 64, 16, 8, 3
+from test_loops import CLASSES, DIM, B, N, _data  # the loop tests' data
 WEIGHTS = (1.0, 3.0)  # plan (4, 12): plain DDP's average and the b_i/B weighting differ
 PER_SAMPLE_S = 0.002
 
-
-def _data() -> TensorDataset:
-    gen = torch.Generator().manual_seed(0)
-    return TensorDataset(torch.randn(N, DIM, generator=gen),
-                         torch.randint(0, CLASSES, (N,), generator=gen), torch.arange(N))
 
 
 def _model() -> torch.nn.Module:
