@@ -63,6 +63,10 @@ _BACKOFF_MAX = 8
 EARLY_WARMUP = 3
 #: ``L`` before any round measured it.
 _INITIAL_LEAD = 3
+#: ``records`` messages the leader may send ahead of one plan request, each as many records
+#: as a plan request carries: a round delivers at most this plus one requests' worth.
+RECORD_MESSAGES = 16
+_RECORDS_PER_ROUND = (RECORD_MESSAGES + 1) * MAX_RECORDS_PER_PLAN
 
 
 @dataclass(frozen=True)
@@ -143,9 +147,9 @@ class BackgroundPlanner:
         self._records: collections.deque[tuple[int, int, int, float]] = collections.deque()
         #: The leader's gathered ``[rank, epoch, step, batch_size, busy_s]`` not yet delivered.
         self.pending: list[list] = []
-        #: Records one rank contributes per round (the rest wait for the next): one request
-        #: stays within the protocol's cap whatever the world size.
-        self._per_round = max(1, MAX_RECORDS_PER_PLAN // (
+        #: Records one rank contributes per round (the rest wait for the next): one round's
+        #: requests stay within the protocol's cap whatever the world size.
+        self._per_round = max(1, _RECORDS_PER_ROUND // (
             1 if self.group is None else self.group.size()))
         #: The newest rounds: ``(epoch, kind, trigger, target, status, switch, lead)``.
         self.history: collections.deque[tuple] = collections.deque(maxlen=4096)
@@ -486,7 +490,7 @@ class BackgroundPlanner:
             for epoch, step, batch, busy in block.tolist():
                 if busy > 0:
                     self.pending.append([rank, int(epoch), int(step), int(batch), busy])
-        overflow = len(self.pending) - MAX_RECORDS_PER_PLAN
+        overflow = len(self.pending) - _RECORDS_PER_ROUND
         if overflow > 0:  # the coordinator has been unreachable for long: the oldest go
             del self.pending[:overflow]
             self.stats["records_dropped"] += overflow

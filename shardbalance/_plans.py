@@ -14,6 +14,7 @@ from __future__ import annotations
 import warnings
 from typing import Callable, Mapping
 
+from . import protocol
 from ._exceptions import ConfigError, CoordinatorError, PlanError
 from ._peers import PeerGroup
 from ._session import CoordinatorSession
@@ -82,13 +83,28 @@ class CoordinatedPlans(LocalPlans):
         #: ``[rank, epoch, step, batch_size, busy_s]`` records the next request carries (the
         #: background planner's leader sets them: every rank's new measurements).
         self.outgoing: list[list] = []
+        #: ``records`` messages sent ahead of plan requests (tests and benchmarks read it).
+        self.record_messages = 0
 
     def restart(self, settings: SamplerSettings) -> None:
         super().restart(settings)
         self.settings = settings
 
     def _request(self, epoch: int, window: int) -> Plan:
-        extra = {"records": self.outgoing} if self.outgoing else {}
+        extra = {}
+        if self.outgoing:
+            # The newest records ride with the plan request; older ones beyond what it may
+            # carry go first, in ``records`` messages (the planner keeps at most 16 requests'
+            # worth: _planner.RECORD_MESSAGES).
+            cap = protocol.MAX_RECORDS_PER_PLAN
+            head, tail = self.outgoing[:-cap], self.outgoing[-cap:]
+            world = self.settings.run_config().world_size
+            for begin in range(0, len(head), cap):
+                self.session.client.records(
+                    run=self.run_id, generation=self.generation, rank=self.rank,
+                    world_size=world, record_columns=_columns(head[begin:begin + cap]))
+                self.record_messages += 1
+            extra = {"record_columns": _columns(tail)}
         return self.session.client.plan(
             run=self.run_id, generation=self.generation, rank=self.rank, epoch=epoch,
             window=window, **self.settings.run_config().to_dict(), **extra)
@@ -122,3 +138,8 @@ class CoordinatedPlans(LocalPlans):
                 raise PlanError(f"plan {list(plan.batch_sizes)} gives rank {rank} {b} samples, "
                                 f"outside [{lo}, {hi}] or not a multiple of "
                                 f"{s.batch_size_multiple}")
+
+
+def _columns(rows: list) -> dict[str, list]:
+    """``[rank, epoch, step, batch_size, busy_s]`` rows as a request's ``record_columns``."""
+    return dict(zip(protocol.RECORD_COLUMNS, map(list, zip(*rows))))

@@ -160,6 +160,14 @@ class CoordinatorClient:
                 self.reported.popitem(last=False)
         return plan
 
+    def records(self, **fields) -> int:
+        """Deliver ranked measurements apart from a plan request (see
+        protocol.RecordsReport); how many the coordinator accepted."""
+        reply = self.request({"type": "records", **fields})
+        if reply.get("type") != "ack" or not isinstance(reply.get("accepted"), int):
+            raise CoordinatorError(f"unexpected reply to a records message: {reply!r}")
+        return reply["accepted"]
+
     def pull(self, **fields) -> dict:
         """One pull-mode exchange (see protocol.PullRequest); the ``chunk`` reply."""
         reply = self.request({"type": "pull", **fields})

@@ -54,18 +54,15 @@ dead or stalled rank can never stall the others.
 
 from __future__ import annotations
 
-import bisect
 import collections
 import hashlib
 import hmac
-import itertools
 import json
 import logging
 import os
 import signal
 import sys
 import time
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,9 +74,9 @@ from . import protocol
 from ._leases import LeaseTable, PullConfig
 from ._exceptions import (AuthenticationError, ConfigError, PlanError, ProtocolError,
                           ShardBalanceError)
+from ._history import RankHistory, Records
 from .plan import Plan, apportion, initial_plan
-from .policies import (HISTORY_PER_RANK, PolicyInput, check_options, check_policy, decide,
-                       fit_cost_model)
+from .policies import PolicyInput, check_options, check_policy, decide, fit_cost_model
 
 __all__ = ["Coordinator", "serve"]
 
@@ -116,7 +113,8 @@ MAX_CACHED_REPLY = 64 << 10
 class Limits:
     """What requests can make a coordinator hold or compute; the excess is refused.
 
-    Memory is then bounded by about ``max_ranks`` x (HISTORY_PER_RANK x 2 floats of history +
+    Memory is then bounded by about ``max_ranks`` x (HISTORY_PER_RANK x 1.5 x 5 numbers of
+    history (see _history.py) +
     plans_kept plan entries + OPEN_WINDOWS x WINDOW_BUSY_KEPT floats + senders_per_rank sender
     records of at most MAX_CACHED_REPLY bytes), plus per connected peer ``queue_bytes`` each
     way.
@@ -192,38 +190,72 @@ def _loopback(endpoint: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
+def _before(epochs: np.ndarray, steps: np.ndarray, epoch: int, step: int) -> np.ndarray:
+    """Elementwise ``(epochs, steps) < (epoch, step)``."""
+    return (epochs < epoch) | ((epochs == epoch) & (steps < step))
+
+
+def _row_medians(table: np.ndarray) -> np.ndarray:
+    """Each row's median over its non-NaN values (NaN for a row without any), by one sort."""
+    ordered = np.sort(table, axis=1)  # NaNs sort last
+    n = np.count_nonzero(~np.isnan(table), axis=1)
+    rows = np.arange(len(table))
+    lo, hi = np.maximum(n - 1, 0) // 2, n // 2
+    medians = (ordered[rows, lo] + ordered[rows, np.minimum(hi, table.shape[1] - 1)]) / 2
+    return np.where(n > 0, medians, np.nan)
+
+
 class WindowTally:
     """What the ranks measured while one plan window trained: per rank, the steps, the samples
     and a ring of the newest busy times. Journaled as a ``window`` record."""
 
     def __init__(self, key: tuple[int, int], world_size: int) -> None:
         self.key = key
-        self.steps = [0] * world_size
-        self.samples = [0] * world_size
+        self.steps = np.zeros(world_size, dtype=np.int64)
+        self.samples = np.zeros(world_size, dtype=np.int64)
+        #: Records of older windows (closed before they arrived), counted here, not dropped.
+        self.late = np.zeros(world_size, dtype=np.int64)
         self.busy = np.full((world_size, WINDOW_BUSY_KEPT), np.nan)
         self.last_step = -1
         #: Changed since it was last journaled.
         self.dirty = False
 
-    def add(self, rank: int, records) -> None:
-        """Count a rank's ``(epoch, step, batch, busy_s)`` records, all of this window."""
-        row, count = self.busy[rank], self.steps[rank]
-        for _, step, batch, busy in records:
-            row[count % WINDOW_BUSY_KEPT] = busy
-            count += 1
-            self.samples[rank] += batch
-        self.steps[rank] = count
-        self.last_step = max(self.last_step, records[-1][1])
+    def add(self, records: Records) -> None:
+        """Count records (any ranks, each rank's in step order), all of this window."""
+        ranks = records.rank
+        counts = np.bincount(ranks, minlength=len(self.steps))
+        order = np.argsort(ranks, kind="stable")
+        sorted_ranks = ranks[order]
+        # Each record's place in its rank's ring: the rank's count so far plus its position
+        # among the rank's records here; only the newest WINDOW_BUSY_KEPT of them are written.
+        first = np.searchsorted(sorted_ranks, sorted_ranks)
+        position = np.arange(len(order)) - first
+        kept = position >= counts[sorted_ranks] - WINDOW_BUSY_KEPT
+        slot = (self.steps[sorted_ranks] + position) % WINDOW_BUSY_KEPT
+        self.busy[sorted_ranks[kept], slot[kept]] = records.busy[order][kept]
+        self.steps += counts
+        self.samples += np.bincount(ranks, weights=records.batch,
+                                    minlength=len(self.steps)).astype(np.int64)
+        # As counted per rank: the step of each rank's last record.
+        last = np.flatnonzero(np.append(sorted_ranks[1:] != sorted_ranks[:-1], True))
+        self.last_step = max(self.last_step, int(records.step[order][last].max()))
+        self.dirty = True
+
+    def count_late(self, ranks: np.ndarray) -> None:
+        """Count records that arrived after the window they belong to was closed."""
+        self.late += np.bincount(ranks, minlength=len(self.late))
         self.dirty = True
 
     def record(self, run: str, generation: int) -> dict[str, Any]:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # a rank not heard in this window
-            medians = np.nanmedian(self.busy, axis=1)
-        return {"event": "window", "run": run, "generation": generation, "epoch": self.key[0],
-                "window": self.key[1], "last_step": self.last_step,
-                "steps": list(self.steps), "samples": list(self.samples),
-                "busy_ms": [None if np.isnan(m) else round(float(m) * 1e3, 3) for m in medians]}
+        medians = _row_medians(self.busy)
+        record = {"event": "window", "run": run, "generation": generation,
+                  "epoch": self.key[0], "window": self.key[1], "last_step": self.last_step,
+                  "steps": self.steps.tolist(), "samples": self.samples.tolist(),
+                  "busy_ms": [None if np.isnan(m) else round(float(m) * 1e3, 3)
+                              for m in medians.tolist()]}
+        if self.late.any():
+            record["late"] = self.late.tolist()
+        return record
 
 
 @dataclass
@@ -232,7 +264,7 @@ class RunState:
     generation: int
     config: protocol.RunConfig
     last_seen: float = field(default_factory=time.monotonic)
-    history: list[OrderedDict] = field(default_factory=list)
+    history: RankHistory = field(init=False)
     plans: OrderedDict = field(default_factory=OrderedDict)
     current: Plan | None = None
     #: The policy's tunables: the run's options over the defaults (checked once, here).
@@ -255,8 +287,8 @@ class RunState:
 
     def __post_init__(self) -> None:
         self.options = check_options(dict(self.config.options))
-        if not self.history:
-            self.history = [OrderedDict() for _ in range(self.config.world_size)]
+        self.history = RankHistory(self.config.world_size, self.generation)
+        self._equal: tuple[int, ...] | None = None
         self.members = [None] * self.config.world_size
         self.heard = [None] * self.config.world_size
 
@@ -264,8 +296,10 @@ class RunState:
         """Offer ``old``'s history (an earlier generation of this run) to the ranks of this one
         that name the same member; only members that are unique in ``old``."""
         seen = collections.Counter(m for m in old.members if m is not None)
-        self.carried = {m: (old.generation, h) for m, h in zip(old.members, old.history)
-                        if m is not None and seen[m] == 1 and h}
+        lengths = old.history.lengths()
+        self.carried = {m: tuple(a.copy() for a in old.history.rows(rank))
+                        for rank, m in enumerate(old.members)
+                        if m is not None and seen[m] == 1 and lengths[rank]}
 
     def name(self, rank: int, member: str) -> bool:
         """Record what ``rank`` runs on; take over its earlier history. True if it did."""
@@ -273,45 +307,38 @@ class RunState:
         found = self.carried.pop(member, None)
         if found is None:
             return False
-        generation, old = found
-        hist = OrderedDict(((generation, *key), value) for key, value in old.items())
         # Earlier measurements first: the policy reads history oldest first.
-        hist.update(self.history[rank])
-        while len(hist) > HISTORY_PER_RANK:
-            hist.popitem(last=False)
-        self.history[rank] = hist
+        self.history.carry(rank, *found)
         return True
 
     def add(self, rank: int, records) -> None:
-        hist = self.history[rank]
-        self._tally(rank, [r for r in records if (r[0], r[1]) not in hist])
-        for epoch, step, batch, busy in records:
-            # Keyed by step, so a resent report overwrites in place instead of counting twice;
-            # one sender thread reports in step order, so insertion order is step order.
-            # The members of one model replica (tensor or pipeline parallel peers) all report
-            # its data-parallel rank: the replica is as busy as its slowest member.
-            seen = hist.get((epoch, step))
-            if seen is None or seen[0] != batch or seen[1] < busy:
-                hist[(epoch, step)] = (batch, busy)
-        while len(hist) > HISTORY_PER_RANK:
-            hist.popitem(last=False)
+        """Count one rank's ``(epoch, step, batch_size, busy_s)`` records."""
+        self.ingest(Records.of_rank(rank, records))
 
-    def _tally(self, rank: int, records) -> None:
+    def ingest(self, records: Records) -> None:
+        """Count records of any ranks (see :class:`RankHistory` for resends and order); the new
+        ones also go to the open window each belongs to."""
+        new = self.history.add(records)
+        self._tally(records if new.all() else records.take(new))
+
+    def _tally(self, records: Records) -> None:
         """Add new records to the open windows they belong to (each to the newest window
-        starting at or before its step; those of a closed window are left out)."""
-        keys = [w.key for w in self.windows]
-        begin = 0
-        while begin < len(records):
-            at = bisect.bisect_right(keys, tuple(records[begin][:2]))
-            end = begin + 1
-            if at < len(keys):  # the records up to the next window's first step
-                while end < len(records) and tuple(records[end][:2]) < keys[at]:
-                    end += 1
-            else:
-                end = len(records)
-            if at:
-                self.windows[at - 1].add(rank, records[begin:end])
-            begin = end
+        starting at or before its step); those of an older window count as ``late`` in the
+        newest one."""
+        if not len(records) or not self.windows:
+            return
+        at = np.zeros(len(records), dtype=np.int64)
+        for w in self.windows:
+            at += ~_before(records.epoch, records.step, *w.key)
+        for index, w in enumerate(self.windows, start=1):
+            mine = at == index
+            if mine.all():
+                w.add(records)
+            elif mine.any():
+                w.add(records.take(mine))
+        late = at == 0
+        if late.any():
+            self.windows[-1].count_late(records.rank[late])
 
     def open_window(self, key: tuple[int, int]) -> WindowTally | None:
         """Start collecting a new plan window; returns an evicted window that still changed."""
@@ -325,9 +352,16 @@ class RunState:
         return None
 
     def observations(self) -> tuple[np.ndarray, ...]:
-        """Each rank's ``(batch_size, busy_s)`` rows, oldest first."""
-        return tuple(np.fromiter(itertools.chain.from_iterable(hist.values()), np.float64,
-                                 2 * len(hist)).reshape(-1, 2) for hist in self.history)
+        """Each rank's ``(batch_size, busy_s)`` rows, oldest first (read-only views)."""
+        return self.history.observations()
+
+    def equal_split(self) -> tuple[int, ...]:
+        """The equal split of the global batch within the bounds (computed once per run)."""
+        if self._equal is None:
+            cfg = self.config
+            self._equal = tuple(apportion([1.0] * cfg.world_size, cfg.global_batch_size,
+                                          cfg.min_sizes, cfg.max_sizes, cfg.quantum))
+        return self._equal
 
     def initial_plan(self, epoch: int, window: int) -> Plan:
         return initial_plan(self.config, self.run_id, self.generation, epoch, window)
@@ -587,7 +621,19 @@ class Coordinator:
             return "plan", self._plan_reply(req)
         if isinstance(req, protocol.StatusRequest):
             return "status", protocol.encode_fields(self.status(req.run))
+        if isinstance(req, protocol.RecordsReport):
+            return "ack", protocol.encode_fields({"accepted": self._ranked(req)})
         return "ack", protocol.encode_fields({"accepted": self._stats(req)})
+
+    def _ranked(self, report: protocol.RecordsReport) -> int:
+        """A ``records`` message: the leader's measurements beyond one plan request."""
+        state = self._state(report.run, report.generation, None)
+        if report.world_size != state.config.world_size:
+            raise ProtocolError(f"world_size {report.world_size} differs from the run's "
+                                f"{state.config.world_size}")
+        records = self._records(state, report)
+        state.ingest(records)
+        return len(records)
 
     def _needs_decision(self, req) -> bool:
         if not isinstance(req, protocol.PlanRequest):
@@ -771,6 +817,22 @@ class Coordinator:
         state.add(report.rank, report.records)
         return len(report.records)
 
+    @staticmethod
+    def _records(state: RunState, req) -> Records:
+        """A request's ranked measurements (rows and columns) as columns, checked against the
+        run's global batch."""
+        columns = req.record_columns
+        records = Records.concat([
+            Records.of_rows(req.records),
+            Records.empty() if columns is None else
+            Records(*(columns[name] for name in protocol.RECORD_COLUMNS))])
+        if len(records):
+            big = records.batch > state.config.global_batch_size
+            if big.any():
+                raise ProtocolError(f"batch size {int(records.batch[big][0])} exceeds the "
+                                    f"global batch {state.config.global_batch_size}")
+        return records
+
     def _remember(self, state: RunState, plan: Plan,
                   stats: protocol.PlanStats | None = None) -> None:
         key = (plan.epoch, plan.window)
@@ -806,17 +868,11 @@ class Coordinator:
     def _plan(self, req: protocol.PlanRequest) -> tuple[RunState, Plan]:
         """The run and the plan of the request's window, decided now if it is new."""
         state = self._state(req.run, req.generation, req)
-        if req.records:
+        records = self._records(state, req)
+        if len(records):
             # Every rank's measurements, gathered by the job's leader: counted per rank,
             # before the decision, as stats messages would be.
-            by_rank: dict[int, list] = {}
-            for rank, *rec in req.records:
-                if rec[2] > state.config.global_batch_size:
-                    raise ProtocolError(f"batch size {rec[2]} exceeds the global batch "
-                                        f"{state.config.global_batch_size}")
-                by_rank.setdefault(rank, []).append(tuple(rec))
-            for rank, recs in by_rank.items():
-                state.add(rank, recs)
+            state.ingest(records)
         key = (req.epoch, req.window)
         if key in state.plans:
             return state, state.plans[key]
@@ -854,16 +910,11 @@ class Coordinator:
     def _announce(self, state: RunState, plan: Plan, previous: Plan, history, model,
                   reason: str) -> protocol.PlanStats:
         """Journal and log a decision; the stats sent to the ranks with the plan."""
-        # Each rank's median of its newest 32 busy times, in one pass over a padded table.
-        recent = np.full((len(history), 32), np.nan)
-        for row, h in zip(recent, history):
-            tail = h[-32:, 1]
-            row[:len(tail)] = tail
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN row: a rank not heard yet
-            medians = np.nanmedian(recent, axis=1)
-        busy_ms = [None if np.isnan(m) else round(float(m) * 1e3, 2) for m in medians]
-        busy_batch = [int(h[-1, 0]) if len(h) else None for h in history]
+        # Each rank's median of its newest 32 busy times, from one padded table.
+        medians = _row_medians(state.history.tail(32))
+        busy_ms = [None if np.isnan(m) else round(m * 1e3, 2) for m in medians.tolist()]
+        last_batch = state.history.tail(1, column=0)[:, 0]
+        busy_batch = [None if np.isnan(b) else int(b) for b in last_batch.tolist()]
         measured = [b for b in busy_ms if b is not None]
         imbalance = (max(measured) / (sum(measured) / len(measured))
                      if len(measured) == len(busy_ms) and measured and sum(measured) > 0
@@ -881,9 +932,7 @@ class Coordinator:
         if imbalance is not None:
             line += f" | busy ms/step {busy_ms} | imbalance {imbalance:.2f}"
         if model is not None:
-            cfg = state.config
-            equal = apportion([1.0] * cfg.world_size, cfg.global_batch_size, cfg.min_sizes,
-                              cfg.max_sizes, cfg.quantum)
+            equal = state.equal_split()
             predicted_ms = plan.predicted_step_s * 1e3
             equal_ms = model.step_seconds(equal) * 1e3
             record.update(predicted_step_ms=round(predicted_ms, 3), equal_step_ms=round(equal_ms, 3),
@@ -1138,15 +1187,18 @@ def _rank_rows(state: RunState, now: float) -> list[dict[str, Any]]:
     """Per rank: what it runs on, its newest step's batch size and busy time, its samples per
     busy second over its newest STATUS_STEPS steps, and how long ago it was heard."""
     rows = []
-    for rank, hist in enumerate(state.history):
-        recent = list(itertools.islice(reversed(hist.values()), STATUS_STEPS))
-        busy = sum(b for _, b in recent)
+    busy = state.history.tail(STATUS_STEPS)
+    sizes = state.history.tail(STATUS_STEPS, column=0)
+    for rank in range(state.config.world_size):
         heard = state.heard[rank]
+        measured = ~np.isnan(busy[rank])
+        total = float(busy[rank][measured].sum())
         rows.append({"rank": rank, "member": state.members[rank],
-                     "batch_size": recent[0][0] if recent else None,
-                     "busy_ms": round(recent[0][1] * 1e3, 3) if recent else None,
-                     "samples_per_s": (round(sum(n for n, _ in recent) / busy, 3)
-                                       if busy > 0 else None),
+                     "batch_size": int(sizes[rank, -1]) if measured.any() else None,
+                     "busy_ms": round(float(busy[rank, -1]) * 1e3, 3) if measured.any()
+                     else None,
+                     "samples_per_s": (round(float(sizes[rank][measured].sum()) / total, 3)
+                                       if total > 0 else None),
                      "idle_s": None if heard is None else round(now - heard, 3)})
     return rows
 

@@ -24,8 +24,14 @@ Requests (rank -> coordinator):
             records (optional): [[rank, epoch, step, batch_size, busy_s], ...]: every rank's
             new measurements, gathered by the leader's background planner (counted before the
             plan is decided, exactly as the same records in a stats message would be)}
+            record_columns (optional): the same as columns, {rank: [...], epoch: [...],
+            step: [...], batch_size: [...], busy_s: [...]} (equal lengths; counted after
+            ``records``; both together at most MAX_RECORDS_PER_PLAN)}
     stats  {run, generation, rank, world_size, records: [[epoch, step, batch_size, busy_s], ...],
             member (optional): "host/local_rank/device", what the rank runs on}
+    records {run, generation, rank, world_size, records (optional), record_columns (optional):
+            as in a plan request: the leader's measurements beyond what one plan request
+            carries, sent before it (the run must exist); answered with ``ack``}
     pull   {run, generation, rank, world_size, client, epoch, op, want, done: [[start, stop], ...],
             held: [start, ...], ranges: [[start, stop], ...], num_samples, chunk_size,
             min_chunk_size, lease_s, max_leases}            (pull mode, see _leases.py)
@@ -34,7 +40,7 @@ Requests (rank -> coordinator):
 Replies (coordinator -> rank):
     plan   {plan: Plan.to_dict(), stats: PlanStats.to_dict() (optional: what the coordinator
             measured when it decided this plan, the same for every rank that asks)}
-    ack    {accepted: n}
+    ack    {accepted: n}                                    (stats, records)
     chunk  {kind, lease: [start, stop] | null, complete, stale: [start, ...], remaining,
             completed: [[start, stop], ...] (op "status"), restored (op "restore")}
     status {runs: [...], pull_runs: [...], truncated}      (see StatusReply)
@@ -48,10 +54,12 @@ import hashlib
 import hmac
 import json
 import math
+
+import numpy as np
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ._exceptions import AuthenticationError, ProtocolError
@@ -59,7 +67,8 @@ from ._exceptions import AuthenticationError, ProtocolError
 __all__ = [
     "PROTOCOL_VERSION", "MAX_MESSAGE_BYTES", "MAX_WORLD_SIZE", "MAX_RECORDS_PER_MESSAGE",
     "encode", "encode_fields", "encode_reply", "decode", "parse_request", "RunConfig",
-    "PlanRequest", "StatsReport", "Ping", "PlanStats", "MAX_STATS_RANKS",
+    "PlanRequest", "StatsReport", "RecordsReport", "RECORD_COLUMNS", "MAX_RECORDS_PER_PLAN",
+    "Ping", "PlanStats", "MAX_STATS_RANKS",
     "PullRequest", "PULL_OPS", "MAX_PULL_RANGES", "Sender", "open_envelope", "verify",
     "StatusRequest", "MAX_STATUS_RANKS", "parse_status_reply",
     "key_digest", "grant", "new_nonce", "nonce_time", "curve_server_keys", "curve_server",
@@ -454,6 +463,21 @@ class PlanRequest:
     config: RunConfig
     #: ``(rank, epoch, step, batch_size, busy_seconds)``: measurements the request carries.
     records: tuple[tuple[int, int, int, int, float], ...] = ()
+    #: More of them as columns (``record_columns``): RECORD_COLUMNS name -> numpy array.
+    record_columns: dict | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class RecordsReport:
+    """The leader's measurements beyond what one plan request carries (``records``)."""
+
+    id: int
+    run: str
+    generation: int
+    rank: int
+    world_size: int
+    records: tuple[tuple[int, int, int, int, float], ...] = ()
+    record_columns: dict | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -568,6 +592,76 @@ def _ranked_records(msg: dict, world: int) -> tuple[tuple[int, int, int, int, fl
     return tuple(clean)
 
 
+#: ``record_columns``' names, in the order of a ``records`` row.
+RECORD_COLUMNS = ("rank", "epoch", "step", "batch_size", "busy_s")
+
+
+def _int_column(name: str, values: list, lo: int, hi: int) -> np.ndarray:
+    if set(map(type, values)) <= {int}:
+        try:
+            column = np.array(values, dtype=np.int64)
+        except OverflowError:
+            column = None
+        if column is not None:
+            bad = np.flatnonzero((column < lo) | (column > hi))
+            if not len(bad):
+                return column
+            at = int(bad[0])
+            raise ProtocolError(f"bad record_columns[{name!r}][{at}] = {values[at]!r}: expected "
+                                f"an integer in [{lo}, {hi}]")
+    at, value = next((i, v) for i, v in enumerate(values) if not _is_int(v, lo, hi))
+    raise ProtocolError(f"bad record_columns[{name!r}][{at}] = {value!r}: expected an integer "
+                        f"in [{lo}, {hi}]")
+
+
+def _record_columns(msg: dict, world: int, room: int) -> dict | None:
+    """A request's optional ``record_columns`` (at most ``room`` records), as numpy arrays,
+    checked as rows are (each bad value named)."""
+    columns = msg.get("record_columns")
+    if columns is None:
+        return None
+    if not isinstance(columns, dict) or set(columns) != set(RECORD_COLUMNS) or not all(
+            isinstance(v, list) for v in columns.values()):
+        raise ProtocolError(f"field 'record_columns' must be an object of the lists "
+                            f"{', '.join(RECORD_COLUMNS)}")
+    lengths = {len(v) for v in columns.values()}
+    if len(lengths) != 1:
+        raise ProtocolError(f"field 'record_columns' must have lists of one length, got "
+                            f"{ {k: len(v) for k, v in columns.items()} }")
+    n = lengths.pop()
+    if n > room:
+        raise ProtocolError(f"field 'record_columns' holds {n} records; at most {room} fit "
+                            f"(MAX_RECORDS_PER_PLAN = {MAX_RECORDS_PER_PLAN} with 'records')")
+    out = {"rank": _int_column("rank", columns["rank"], 0, world - 1),
+           "epoch": _int_column("epoch", columns["epoch"], 0, _MAX_COUNTER),
+           "step": _int_column("step", columns["step"], 0, _MAX_COUNTER),
+           "batch_size": _int_column("batch_size", columns["batch_size"], 1, MAX_BATCH_SIZE)}
+    busy = columns["busy_s"]
+    column = None
+    if set(map(type, busy)) <= {int, float}:
+        try:
+            column = np.array(busy, dtype=np.float64)
+        except OverflowError:  # an integer too large for a float
+            pass
+    if column is not None:
+        good = (column > 0) & (column <= MAX_BUSY_SECONDS)  # False for NaN
+        if good.all():
+            out["busy_s"] = column
+            return out
+        at = int(np.flatnonzero(~good)[0])
+    else:
+        at = next(i for i, v in enumerate(busy)
+                  if not (_number(v) and 0 < v <= MAX_BUSY_SECONDS))
+    raise ProtocolError(f"bad record_columns['busy_s'][{at}] = {busy[at]!r}: expected a number "
+                        f"with 0 < busy_s <= {MAX_BUSY_SECONDS:g}")
+
+
+def _measurements(msg: dict, world: int) -> tuple[tuple, dict | None]:
+    """A request's ``records`` and ``record_columns``."""
+    rows = _ranked_records(msg, world)
+    return rows, _record_columns(msg, world, MAX_RECORDS_PER_PLAN - len(rows))
+
+
 def _common(msg: dict) -> tuple[str, int, int, int]:
     world = _int(msg, "world_size", 1, MAX_WORLD_SIZE)
     return (_str(msg, "run", _RUN_ID), _int(msg, "generation", 0, 1 << 31),
@@ -601,10 +695,11 @@ def parse_request(msg: dict[str, Any]) -> Ping | PlanRequest | StatsReport | Pul
             max_sizes=_int_list(msg, "max_sizes", world, 1, batch),
             quantum=_int(msg, "quantum", 1, batch), initial_weights=weights,
             options=tuple(sorted((k, float(v)) for k, v in options.items())))
+        rows, columns = _measurements(msg, world)
         return PlanRequest(
             id=msg["id"], run=run, generation=generation, rank=rank,
             epoch=_int(msg, "epoch", 0, _MAX_COUNTER), window=_int(msg, "window", 0, _MAX_COUNTER),
-            config=config, records=_ranked_records(msg, world))
+            config=config, records=rows, record_columns=columns)
     if kind == "stats":
         run, generation, rank, world = _common(msg)
         records = msg.get("records")
@@ -616,13 +711,17 @@ def parse_request(msg: dict[str, Any]) -> Ping | PlanRequest | StatsReport | Pul
         if member is not None:
             member = _str(msg, "member", _MEMBER)
         return StatsReport(msg["id"], run, generation, rank, world, tuple(clean), member)
+    if kind == "records":
+        run, generation, rank, world = _common(msg)
+        rows, columns = _measurements(msg, world)
+        return RecordsReport(msg["id"], run, generation, rank, world, rows, columns)
     if kind == "status":
         return StatusRequest(msg["id"], None if msg.get("run") is None
                              else _str(msg, "run", _RUN_ID))
     if kind == "pull":
         return _parse_pull(msg)
-    raise ProtocolError(f"unknown message type {kind!r}; expected plan, stats, pull, status "
-                        "or ping")
+    raise ProtocolError(f"unknown message type {kind!r}; expected plan, stats, records, pull, "
+                        "status or ping")
 
 
 def _optional_number(row: dict, key: str) -> None:

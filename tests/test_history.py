@@ -1,0 +1,106 @@
+"""RankHistory keeps the coordinator's per-rank history rules, in arrays."""
+
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shardbalance._history import RankHistory, Records
+
+
+class DictHistory:
+    """The rules as the coordinator wrote them with one OrderedDict per rank."""
+
+    def __init__(self, world: int, generation: int, capacity: int) -> None:
+        self.generation, self.capacity = generation, capacity
+        self.hist = [OrderedDict() for _ in range(world)]
+
+    def add(self, rank: int, records) -> list[bool]:
+        hist = self.hist[rank]
+        new = [(self.generation, e, s) not in hist for e, s, _, _ in records]
+        for epoch, step, batch, busy in records:
+            seen = hist.get((self.generation, epoch, step))
+            if seen is None or seen[0] != batch or seen[1] < busy:
+                hist[(self.generation, epoch, step)] = (batch, busy)
+        while len(hist) > self.capacity:
+            hist.popitem(last=False)
+        return new
+
+    def carry(self, rank: int, old: OrderedDict) -> None:
+        hist = OrderedDict(old)
+        hist.update(self.hist[rank])
+        while len(hist) > self.capacity:
+            hist.popitem(last=False)
+        self.hist[rank] = hist
+
+
+def as_table(history: RankHistory, rank: int) -> list:
+    obs, keys = history.rows(rank)
+    return [(tuple(k), (int(b), s)) for k, (b, s) in zip(keys.tolist(), obs.tolist())]
+
+
+record = st.tuples(st.integers(0, 2), st.integers(0, 12), st.sampled_from([4, 8]),
+                   st.sampled_from([0.01, 0.02, 0.03]))
+# A request: records of several ranks, mostly in step order per rank, with resends.
+request = st.lists(st.tuples(st.integers(0, 2), record), max_size=14)
+
+
+@settings(max_examples=300, deadline=None)
+@given(capacity=st.integers(1, 9), requests=st.lists(request, max_size=8),
+       carried=st.lists(st.tuples(st.integers(0, 2), st.integers(1, 20), st.integers(1, 20)),
+                        max_size=3, unique_by=lambda c: c[0]),  # once per rank
+       sort_some=st.booleans())
+def test_rank_history_follows_the_dict_rules(capacity, requests, carried, sort_some):
+    world, generation = 3, 5
+    ring = RankHistory(world, generation, capacity)
+    reference = DictHistory(world, generation, capacity)
+    for i, req in enumerate(requests):
+        if sort_some:  # the common case: each rank's records in step order
+            req = sorted(req, key=lambda r: (r[0], r[1][:2]))
+        if i == 1:
+            for rank, n, start in carried:  # an earlier generation's rows come first
+                old = OrderedDict(((generation - 1, 0, start + j), (8, 0.01 * (j + 1)))
+                                  for j in range(n))
+                keys = np.array([k for k in old], dtype=np.int64)
+                obs = np.array([v for v in old.values()], dtype=np.float64)
+                ring.carry(rank, obs, keys)
+                reference.carry(rank, old)
+        records = Records.of_rows([(rank, *rec) for rank, rec in req])
+        new = ring.add(records)
+        expected = np.zeros(len(req), dtype=bool)
+        for rank in range(world):
+            index = [j for j, (r, _) in enumerate(req) if r == rank]
+            expected[index] = reference.add(rank, [req[j][1] for j in index])
+        assert new.tolist() == expected.tolist()
+        for rank in range(world):
+            assert as_table(ring, rank) == list(reference.hist[rank].items())
+    views = ring.observations()
+    for rank, view in enumerate(views):
+        assert view.tolist() == [list(v) for v in reference.hist[rank].values()]
+        assert not view.flags.writeable
+
+
+def test_in_order_records_cycle_through_the_buffer():
+    ring = RankHistory(2, 0, capacity=4)
+    for step in range(20):
+        ring.add(Records([0, 1], [0, 0], [step, step], [8, 16], [0.1 * step + 0.1, 0.2]))
+    assert [k for k in ring[0]] == [(0, 16), (0, 17), (0, 18), (0, 19)]
+    assert ring.tail(2).tolist() == [[pytest.approx(1.9), pytest.approx(2.0)], [0.2, 0.2]]
+    wide = ring.tail(6)[0]  # more than a rank holds: NaN first
+    assert np.isnan(wide[:2]).all() and wide[2:] == pytest.approx([1.7, 1.8, 1.9, 2.0])
+    assert dict(ring[1])[(0, 19)] == (16, 0.2)
+
+
+def test_a_resend_with_a_larger_busy_time_wins_and_is_not_new():
+    ring = RankHistory(1, 0, capacity=8)
+    assert ring.add(Records.of_rank(0, [(0, 0, 8, 0.05), (0, 1, 8, 0.01)])).all()
+    new = ring.add(Records.of_rank(0, [(0, 1, 8, 0.04), (0, 0, 8, 0.01), (0, 2, 8, 0.02)]))
+    assert new.tolist() == [False, False, True]
+    assert dict(ring[0]) == {(0, 0): (8, 0.05), (0, 1): (8, 0.04), (0, 2): (8, 0.02)}
+
+
+def test_capacity_must_be_positive():
+    with pytest.raises(ValueError, match="capacity 0"):
+        RankHistory(2, 0, capacity=0)

@@ -1,0 +1,214 @@
+"""Measurements reaching the coordinator at scale: columnar records, ``records`` messages ahead
+of a plan request, late records counted, and the leader's overflow path on real gloo ranks."""
+
+import json
+
+import pytest
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+
+import distributed
+from distributed import free_port, run_ranks, stop_process
+from shardbalance import WeightedDistributedSampler
+from shardbalance._exceptions import CoordinatorError
+from shardbalance.client import CoordinatorClient
+from shardbalance.emulate import EmulatedSpeed
+from test_coordinator import SECRET, Running, plan_fields, running  # noqa: F401 (fixture)
+
+#: Rank 2 four times as fast as rank 0, steps 1..7 of epoch 0, as rows.
+ROWS = [[rank, 0, s, 32, 0.001 + 32 * per_sample]
+        for rank, per_sample in enumerate([0.004, 0.002, 0.001]) for s in range(1, 8)]
+
+
+def columns(rows):
+    return {name: [r[i] for r in rows]
+            for i, name in enumerate(["rank", "epoch", "step", "batch_size", "busy_s"])}
+
+
+def records_msg(rows=None, cols=None, run="run-a", world=3, generation=0):
+    msg = {"type": "records", "run": run, "generation": generation, "rank": 0,
+           "world_size": world}
+    if rows is not None:
+        msg["records"] = rows
+    if cols is not None:
+        msg["record_columns"] = cols
+    return msg
+
+
+def state_of(running, run="run-a"):
+    state = running.coordinator.runs[run]
+    return ([dict(h) for h in state.history],
+            [(w.key, w.steps.tolist(), w.samples.tolist(), w.late.tolist())
+             for w in state.windows])
+
+
+@pytest.fixture
+def two(tmp_path):
+    """Two coordinators: one is fed rows, the other the same records otherwise."""
+    a, b = Running(str(tmp_path / "a.jsonl")), Running(str(tmp_path / "b.jsonl"))
+    clients = [CoordinatorClient(r.endpoint, SECRET, timeout_s=3) for r in (a, b)]
+    yield (a, b), clients
+    for c in clients:
+        c.close()
+    for r in (a, b):
+        r.stop()
+
+
+def test_columns_and_records_messages_count_as_rows_do(two):
+    (a, b), (ca, cb) = two
+    for c in (ca, cb):
+        c.plan(**plan_fields())
+    plan_a = ca.plan(**plan_fields(epoch=1, records=ROWS))
+    # The same records: half in a records message first, the rest as columns in the request.
+    assert cb.request(records_msg(cols=columns(ROWS[:10])))["accepted"] == 10
+    plan_b = cb.plan(**plan_fields(epoch=1, records=ROWS[10:12],
+                                   record_columns=columns(ROWS[12:])))
+    assert plan_a.batch_sizes == plan_b.batch_sizes
+    assert plan_a.batch_sizes[2] > plan_a.batch_sizes[0]
+    assert state_of(a) == state_of(b)
+    assert ca.reported[plan_a.digest].busy_ms == cb.reported[plan_b.digest].busy_ms
+
+
+@pytest.mark.parametrize("bad, named", [
+    (("rank", 3, 3), "record_columns['rank'][3] = 3"),
+    (("rank", 3, True), "record_columns['rank'][3] = True"),
+    (("epoch", 0, -1), "record_columns['epoch'][0] = -1"),
+    (("step", 5, 1.5), "record_columns['step'][5] = 1.5"),
+    (("batch_size", 2, 0), "record_columns['batch_size'][2] = 0"),
+    (("busy_s", 4, 0.0), "record_columns['busy_s'][4] = 0.0"),
+    (("busy_s", 6, "0.1"), "record_columns['busy_s'][6] = '0.1'"),
+    (("busy_s", 1, 10 ** 400), "record_columns['busy_s'][1]"),
+])
+def test_a_bad_column_value_is_named_and_changes_nothing(running, bad, named):
+    client = CoordinatorClient(running.endpoint, SECRET, timeout_s=3)
+    try:
+        client.plan(**plan_fields())
+        assert client.request(records_msg(rows=ROWS[:3]))["accepted"] == 3
+        before = state_of(running)
+        name, at, value = bad
+        cols = columns(ROWS)
+        cols[name][at] = value
+        with pytest.raises(CoordinatorError, match=r"bad record_columns\[") as caught:
+            client.request(records_msg(cols=cols))
+        assert named in str(caught.value)
+        with pytest.raises(CoordinatorError, match="bad record_columns"):
+            client.plan(**plan_fields(epoch=1, record_columns=cols))
+        assert state_of(running) == before
+    finally:
+        client.close()
+
+
+def test_malformed_columns_and_records_of_an_unknown_run_are_refused(running):
+    client = CoordinatorClient(running.endpoint, SECRET, timeout_s=3)
+    try:
+        with pytest.raises(CoordinatorError, match="unknown run 'run-a'"):
+            client.request(records_msg(rows=ROWS))
+        client.plan(**plan_fields())
+        before = state_of(running)
+        short = columns(ROWS)
+        short["step"] = short["step"][:-1]
+        with pytest.raises(CoordinatorError, match="lists of one length"):
+            client.request(records_msg(cols=short))
+        missing = columns(ROWS)
+        del missing["busy_s"]
+        with pytest.raises(CoordinatorError, match="busy_s"):
+            client.request(records_msg(cols=missing))
+        big = columns(ROWS)
+        big["batch_size"][0] = 500
+        with pytest.raises(CoordinatorError, match="batch size 500 exceeds the global batch"):
+            client.request(records_msg(cols=big))
+        with pytest.raises(CoordinatorError, match="world_size 4 differs"):
+            client.request(records_msg(rows=[[3, 0, 1, 8, 0.1]], world=4))
+        assert state_of(running) == before
+    finally:
+        client.close()
+
+
+def test_records_of_a_closed_window_are_counted_late(tmp_path):
+    journal = tmp_path / "journal.jsonl"
+    running = Running(str(journal))
+    client = CoordinatorClient(running.endpoint, SECRET, timeout_s=3)
+    try:
+        for window in (0, 2, 4):  # two windows stay open: (0, 2) and (0, 4)
+            client.plan(**plan_fields(window=window))
+        state = running.coordinator.runs["run-a"]
+        assert [w.key for w in state.windows] == [(0, 2), (0, 4)]
+        # Step 1 belongs to the closed window (0, 0); steps 2 and 5 to open ones.
+        rows = [[1, 0, 1, 8, 0.1], [2, 0, 1, 8, 0.1], [1, 0, 2, 8, 0.1], [1, 0, 5, 8, 0.1]]
+        assert client.request(records_msg(rows=rows))["accepted"] == 4
+        # A resend is neither counted again nor late.
+        assert client.request(records_msg(rows=rows))["accepted"] == 4
+        (w2, w4) = state.windows
+        assert w2.steps.tolist() == [0, 1, 0] and w4.steps.tolist() == [0, 1, 0]
+        assert w4.late.tolist() == [0, 1, 1] and not w2.late.any()
+    finally:
+        client.close()
+        running.stop()
+    records = [json.loads(line) for line in journal.read_text().splitlines()]
+    newest = [r for r in records if r["event"] == "window" and r["window"] == 4][-1]
+    assert newest["late"] == [0, 1, 1] and newest["steps"] == [0, 1, 0]
+
+
+N, B, DIM = 192, 16, 6  # 12 steps an epoch
+
+
+def _train_with_small_requests(rank, world, address):
+    """The per-request cap patched down to one record: the leader sends the rest of every
+    round's records in ``records`` messages ahead of its plan request."""
+    import torch
+
+    import shardbalance._planner as planner
+    import shardbalance.protocol as protocol
+
+    protocol.MAX_RECORDS_PER_PLAN = 1
+    planner._RECORDS_PER_ROUND = (planner.RECORD_MESSAGES + 1) * 1
+    measured, record = set(), planner.BackgroundPlanner.record
+
+    def counted_record(self, rec):
+        measured.add(tuple(rec[:2]))
+        record(self, rec)
+
+    planner.BackgroundPlanner.record = counted_record
+    gen = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(N, DIM, generator=gen),
+                                          torch.randint(0, 3, (N,), generator=gen))
+    sampler = WeightedDistributedSampler(data, B, coordinator=address, rebalance_every=2,
+                                         timeout_s=5, seed=1)
+    loader = DataLoader(data, batch_sampler=sampler)
+    model = DDP(torch.nn.Sequential(EmulatedSpeed(1.0 + rank, per_sample_s=0.0002,
+                                                  overhead_s=0.002),
+                                    torch.nn.Linear(DIM, 3)))
+    sampler.attach(model)
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        for x, y in loader:
+            F.cross_entropy(model(x), y).backward()
+            model.zero_grad()
+    stats = dict(sampler.planner.stats)
+    messages = sampler.plan_source.record_messages
+    torch.distributed.barrier()
+    sampler.close()
+    return len(measured), stats, messages
+
+
+def test_the_leader_overflow_reaches_the_coordinator_over_gloo(tmp_path):
+    port, journal = free_port(), str(tmp_path / "coordinator.jsonl")
+    secret = "measurements-test-secret-0123456789"
+    proc = distributed.start_coordinator(port, journal, secret)
+    try:
+        (measured0, stats0, messages), (measured1, *_) = run_ranks(
+            _train_with_small_requests, 2, f"tcp://127.0.0.1:{port}",
+            env={"SHARDBALANCE_TOKEN": secret}, timeout_s=150)
+    finally:
+        stop_process(proc)  # the coordinator journals its open windows as it stops
+    assert messages > stats0["requests"], (messages, stats0)
+    assert stats0.get("records_dropped", 0) == 0
+    newest = {}
+    for line in open(journal):
+        rec = json.loads(line)
+        if rec["event"] == "window":
+            newest[(rec["generation"], rec["epoch"], rec["window"])] = rec
+    counted = [sum(rec["steps"][r] + rec.get("late", [0, 0])[r] for rec in newest.values())
+               for r in range(2)]
+    assert counted == [measured0, measured1] and measured0 >= 20
