@@ -50,7 +50,7 @@ from ._peers import PeerGroup
 from .plan import Plan
 from .protocol import MAX_RECORDS_PER_PLAN
 
-__all__ = ["BackgroundPlanner", "EARLY_MAX_STEPS", "EARLY_WARMUP"]
+__all__ = ["BackgroundPlanner", "EARLY_MAX_STEPS"]
 
 #: Early re-plans (per-epoch plans, first iterator) only while the switch falls before this.
 EARLY_MAX_STEPS = 64
@@ -59,8 +59,6 @@ _PLAN, _FAILED, _SKIPPED, _NOT_READY = 1.0, 2.0, 3.0, 4.0
 _STATUS = {_PLAN: "plan", _FAILED: "failed", _SKIPPED: "skipped", _NOT_READY: "not ready"}
 #: The most rounds a leader skips the coordinator after failures (doubling from one).
 _BACKOFF_MAX = 8
-#: Steps (accumulation groups) measured on the current plan before an early re-plan.
-EARLY_WARMUP = 3
 #: ``L`` before any round measured it.
 _INITIAL_LEAD = 3
 #: ``records`` messages the leader may send ahead of one plan request, each as many records
@@ -92,17 +90,22 @@ class BackgroundPlanner:
         ledger: the sampler's step ledger (how far the generator yielded: the prefetch depth).
         size: the number of ranks; ``rank``: this rank.
         early_ready: whether this rank measured enough steps for an early re-plan.
+        early_warmup: steps (accumulation groups) every rank measures on a plan before an
+            early re-plan: up to its first clean step at a new batch size (the policy's
+            ``shape_warmup_steps`` + 1).
         peer_timeout_s: bound on every collective and on each generator wait.
     """
 
     def __init__(self, source, ledger: StepLedger, peers: PeerGroup, rank: int,
-                 early_ready: Callable[[], bool], policy: str, peer_timeout_s: float) -> None:
+                 early_ready: Callable[[], bool], policy: str, peer_timeout_s: float,
+                 early_warmup: int) -> None:
         self.source = source
         self.ledger = ledger
         self.size = size = peers.size
         self.peers = peers
         self.rank = rank
         self.early_ready = early_ready
+        self.early_warmup = early_warmup
         self.policy = policy
         self.peer_timeout_s = peer_timeout_s
         self.group = peers.new_thread_group()
@@ -398,8 +401,10 @@ class BackgroundPlanner:
             return _Round("window", trigger, target) if trigger < steps else None
         group = self.accumulation
         if self.early > 0:
-            # Three groups measured on the current plan (an iterator's first step is not).
-            trigger = max(self._plan_start + (EARLY_WARMUP + 1) * group, last + 1)
+            # ``early_warmup`` groups measured on the current plan: trained, so their busy
+            # time is recorded once the next group starts (the step at which the plan starts,
+            # an iterator's first or a change of batch size, is not measured).
+            trigger = max(self._plan_start + (self.early_warmup + 1) * group, last + 1)
             if not_ready:
                 trigger = max(trigger, last + group)
             target = self._next_switch(trigger + self.lead - 1, "early")

@@ -31,7 +31,7 @@ from .plan import apportion, water_fill
 
 __all__ = ["PolicyInput", "Decision", "CostModel", "POLICIES", "ADAPTIVE_POLICIES",
            "DEFAULT_OPTIONS", "HISTORY_PER_RANK", "decide", "fit_cost_model", "check_options",
-           "check_policy", "CurveModel", "fit_curve_model"]
+           "check_policy", "CurveModel", "fit_curve_model", "measured_steps_to_first_clean"]
 
 #: Measurements the coordinator keeps per rank; older ones only slow a policy down.
 HISTORY_PER_RANK = 512
@@ -53,11 +53,16 @@ DEFAULT_OPTIONS: Mapping[str, float] = {
     # curve: an exploration step (and any move the fit extrapolates optimistically) grows a
     # rank's largest measured batch size by at most this fraction.
     "explore_step": 0.5,
+    # curve: a move (not an exploration step) must repay, within this many steps, the one-off
+    # cost measured at new batch sizes of the ranks it gives a size they never ran; 0: off.
+    "payback_steps": 24.0,
 }
 
 
 #: Options that must be strictly positive (the others may be 0).
 _POSITIVE_OPTIONS = frozenset({"half_life_segments"})
+#: Options that count steps (whole numbers).
+_STEP_OPTIONS = frozenset({"shape_warmup_steps", "payback_steps"})
 #: Measurements of one batch size are split into segments of at most this many steps, so a
 #: rank that slows down at an unchanged plan shows up as a new segment that disagrees. Short,
 #: because the segment that straddles a change of speed is half stale: at 16 steps and plans
@@ -83,12 +88,22 @@ def check_options(options: Mapping[str, float] | None) -> dict[str, float]:
             bound = "> 0" if key in _POSITIVE_OPTIONS else ">= 0"
             raise ConfigError(f"Invalid policy option {key}={value!r}: expected a finite number "
                               f"{bound}")
+        if key in _STEP_OPTIONS and value != int(value):
+            raise ConfigError(f"Invalid policy option {key}={value!r}: expected a whole number "
+                              "of steps >= 0")
         merged[key] = float(value)
     return merged
 
 
 def _options(options: Mapping[str, float] | None) -> dict[str, float]:
     return {**DEFAULT_OPTIONS, **(options or {})}
+
+
+def measured_steps_to_first_clean(options: Mapping[str, float] | None = None) -> int:
+    """Measured steps at a new batch size up to and including its first clean one: the
+    ``shape_warmup_steps`` the fits leave out, plus one. (The step at which a rank's size
+    changes is not measured at all: its busy time spans the change.)"""
+    return int(_options(options)["shape_warmup_steps"]) + 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -630,6 +645,12 @@ def affine(inp: PolicyInput) -> Decision:
 # A rank's points are forgotten only when its speed changes (a segment that disagrees with the
 # previous segment of the same batch size by more than ``drift_tolerance``, or a larger batch
 # measured clearly faster than the batch before it).
+#
+# Payback: every batch size a rank never ran costs it one-off seconds (autotuning, a
+# recompile), measured from the steps before its first clean step at each new size. A move
+# (not a try: its measurement is the point) is taken only if its predicted gain per step
+# repays, within ``payback_steps`` steps, the largest such cost among the ranks it gives a new
+# size; else plans that flip between near-ties paid that cost again and again.
 
 
 @dataclass(frozen=True)
@@ -759,17 +780,21 @@ class CurveModel:
         return targets, high
 
 
-def _drop_new_shape_steps(rows: _Rows, steps: int) -> _Rows:
-    """The rows without each rank's first ``steps`` rows of the first run at each batch size
-    (a rank left with no rows keeps them all).
+@dataclass(frozen=True)
+class _FirstRuns:
+    """The runs of one batch size in stacked rows, and which is each (rank, size)'s first."""
 
-    Worked out per run of one batch size, not per row (a rank's history holds a few runs and
-    hundreds of rows): the first run of each (rank, size) is found by sorting the runs.
-    """
+    begin: np.ndarray  # first row of each run
+    end: np.ndarray  # one past its last row
+    rank: np.ndarray  # the rank of each run
+    first: np.ndarray  # bool: the rank's first run at that size
+
+
+def _first_runs(rows: _Rows) -> _FirstRuns:
+    """Every run of one batch size, per rank, found without a loop over rows or ranks: the
+    first run of each (rank, size) by sorting the runs (a rank's history holds a few runs and
+    hundreds of rows)."""
     n = len(rows.size)
-    if steps <= 0 or n == 0:
-        return rows
-    k = len(rows.first) - 1
     run_start = _starts(n, rows.first)
     run_start[1:] |= rows.size[1:] != rows.size[:-1]
     begin = np.flatnonzero(run_start)
@@ -780,9 +805,21 @@ def _drop_new_shape_steps(rows: _Rows, steps: int) -> _Rows:
     first_of_size = np.ones(len(begin), dtype=bool)
     first_of_size[1:] = (run_rank[order[1:]] != run_rank[order[:-1]]) | \
         (run_size[order[1:]] != run_size[order[:-1]])
-    first_run = np.zeros(len(begin), dtype=bool)
-    first_run[order[first_of_size]] = True
-    dropped = np.where(first_run, np.minimum(end - begin, steps), 0)
+    first = np.zeros(len(begin), dtype=bool)
+    first[order[first_of_size]] = True
+    return _FirstRuns(begin, end, run_rank, first)
+
+
+def _drop_new_shape_steps(rows: _Rows, steps: int) -> _Rows:
+    """The rows without each rank's first ``steps`` rows of the first run at each batch size
+    (a rank left with no rows keeps them all)."""
+    n = len(rows.size)
+    if steps <= 0 or n == 0:
+        return rows
+    k = len(rows.first) - 1
+    runs = _first_runs(rows)
+    begin, end, run_rank = runs.begin, runs.end, runs.rank
+    dropped = np.where(runs.first, np.minimum(end - begin, steps), 0)
     length = end - begin
     # A rank that would keep nothing keeps everything.
     kept = np.bincount(run_rank, length - dropped, minlength=k)
@@ -797,6 +834,43 @@ def _drop_new_shape_steps(rows: _Rows, steps: int) -> _Rows:
     np.cumsum(np.bincount(run_rank, length - dropped, minlength=k), out=first[1:])
     padded = np.concatenate([busy, np.full(SEGMENT_STEPS, np.inf)])
     return _Rows(size, busy, padded, first)
+
+
+def _one_off_seconds(rows: _Rows, steps: int) -> np.ndarray:
+    """Per rank, the one-off seconds a new batch size costs it, measured (0 where unknown).
+
+    In each first run of a size with a clean step (one after its first ``steps``), the
+    ``steps`` rows before the first clean one are compared with the median of the clean ones
+    (SEGMENT_STEPS at most): their excess, plus once more the largest of it for the step at
+    which the size changed (the rank does not measure that one, and a new shape pays first
+    there). A rank's figure is the median over its first runs.
+    """
+    k = len(rows.first) - 1
+    if steps <= 0 or len(rows.size) == 0:
+        return np.zeros(k)
+    runs = _first_runs(rows)
+    usable = np.flatnonzero(runs.first & (runs.end - runs.begin > steps))
+    if not len(usable):
+        return np.zeros(k)
+    begin, end, rank = runs.begin[usable], runs.end[usable], runs.rank[usable]
+    clean_begin = begin + steps
+    clean_length = np.minimum(end - clean_begin, SEGMENT_STEPS)
+    clean = _segment_medians(rows.padded_busy, clean_begin, clean_length)
+    warm = _ranges(begin, clean_begin)  # `steps` rows per run, in run order
+    excess = np.maximum(rows.busy[warm] - np.repeat(clean, steps), 0.0).reshape(-1, steps)
+    cost = excess.sum(axis=1) + excess.max(axis=1)
+    # The median per rank: sorted by (rank, cost), the middle one(s) of each rank's group.
+    order = np.lexsort((cost, rank))
+    rank, cost = rank[order], cost[order]
+    start = np.searchsorted(rank, np.arange(k))
+    count = np.bincount(rank, minlength=k)
+    low = start + np.maximum(count - 1, 0) // 2
+    high = start + count // 2
+    has = count > 0
+    out = np.zeros(k)
+    out[has] = 0.5 * (cost[np.minimum(low, len(cost) - 1)] +
+                      cost[np.minimum(high, len(cost) - 1)])[has]
+    return out
 
 
 def _since_last_change(segs: _Segments, tolerance: float) -> np.ndarray:
@@ -1076,7 +1150,29 @@ def curve(inp: PolicyInput) -> Decision:
                             f"(if flat: {trial_s * 1e3:.1f} ms)")
     if current_s <= new_s * (1.0 + band):
         return _keep(inp, model, f"within the {band:.1%} no-change band")
+    payback = int(opts["payback_steps"])
+    if payback > 0:
+        one_off_s = _new_shape_seconds(inp, sizes, int(opts["shape_warmup_steps"]))
+        if (current_s - new_s) * payback < one_off_s:
+            return _keep(inp, model, f"a gain of {(current_s - new_s) * 1e3:.2f} ms a step "
+                                     f"does not repay the {one_off_s * 1e3:.0f} ms its new "
+                                     f"batch sizes cost within {payback} steps")
     return Decision(tuple(float(b) for b in sizes), model, reason)
+
+
+def _new_shape_seconds(inp: PolicyInput, sizes, warmup_steps: int) -> float:
+    """The one-off seconds a move to ``sizes`` costs the job: the largest measured one-off
+    cost (:func:`_one_off_seconds`) among the ranks it gives a batch size they never ran (they
+    pay it in the same steps, so the job waits for the largest)."""
+    rows = _Rows.stack(inp.history)
+    k = len(rows.first) - 1
+    row_rank = np.repeat(np.arange(k), np.diff(rows.first))
+    new = np.asarray(sizes, dtype=np.float64)
+    ran = np.bincount(row_rank, rows.size == new[row_rank], minlength=k) > 0
+    fresh = ~ran & (new != np.asarray(inp.current, dtype=np.float64))
+    if not fresh.any():
+        return 0.0
+    return float(_one_off_seconds(rows, warmup_steps)[fresh].max())
 
 
 PolicyFn = Callable[[PolicyInput], Decision]

@@ -26,8 +26,9 @@ from ._env import read_environment
 from ._exceptions import ConfigError
 from ._ledger import LedgerEntry, StepLedger
 from ._peers import PeerGroup, data_parallel_layout
-from ._planner import EARLY_MAX_STEPS, EARLY_WARMUP, BackgroundPlanner
+from ._planner import EARLY_MAX_STEPS, BackgroundPlanner
 from ._plans import CoordinatedPlans, LocalPlans
+from .policies import measured_steps_to_first_clean
 from ._probe import probe_settings
 from ._session import CoordinatorSession
 from ._settings import SamplerSettings, check_int
@@ -44,8 +45,6 @@ _RECENT_BUSY_KEPT = 4096
 #: Early re-plans in the first epoch iterated (per-epoch plans, no probe): the first from the
 #: equal split's measurements, the second with two batch sizes measured per rank.
 _EARLY_REPLANS = 2
-#: Steps every rank must have measured on the current plan before an early re-plan.
-_EARLY_WARMUP = EARLY_WARMUP
 #: Early re-plans only in the first steps of that epoch (without a training signal each step
 #: until then costs one scalar all-reduce at prefetch time).
 _EARLY_MAX_STEPS = EARLY_MAX_STEPS
@@ -628,16 +627,22 @@ class WeightedDistributedSampler(Sampler[list[int]]):
         if self.planner is None:
             self.planner = BackgroundPlanner(
                 self.plan_source, self.ledger, self.peers, self.rank,
-                self._early_ready, self.policy, self.peer_timeout_s)
+                self._early_ready, self.policy, self.peer_timeout_s, self._early_warmup)
             self.ledger.on_trained = self.planner.trained
         return self.planner.begin(serial, epoch, steps, self.rebalance_every,
                                   self.accumulation_steps,
                                   self._early_replans if early else 0, through)
 
+    @property
+    def _early_warmup(self) -> int:
+        """Steps (accumulation groups) measured on a plan before an early re-plan: up to the
+        first clean one at a new batch size (the policy leaves the steps before it out)."""
+        return measured_steps_to_first_clean(dict(self.settings.options))
+
     def _early_ready(self) -> bool:
         """Whether this rank measured enough steps trained on the current plan for an early
         re-plan."""
-        ready = self._early_measured >= _EARLY_WARMUP * self.accumulation_steps
+        ready = self._early_measured >= self._early_warmup * self.accumulation_steps
         weighting = self._weighting
         if isinstance(weighting, WeightedCommHook) and self.accumulation_steps == 1 and \
                 weighting.largest_group > 1:
@@ -647,7 +652,7 @@ class WeightedDistributedSampler(Sampler[list[int]]):
     def _early_plan_due(self) -> bool:
         """Whether every rank has measured enough steps trained on the current window's plan
         for an early re-plan (one scalar all-reduce, run at the same step on every rank)."""
-        ready = self._early_measured >= _EARLY_WARMUP * self.accumulation_steps
+        ready = self._early_measured >= self._early_warmup * self.accumulation_steps
         weighting = self._weighting
         if isinstance(weighting, WeightedCommHook) and self.accumulation_steps == 1 and \
                 weighting.largest_group > 1:

@@ -350,3 +350,62 @@ def test_new_shape_drop_matches_a_per_rank_reference(sizes_per_rank, steps):
                                rows.busy[rows.first[i]:rows.first[i + 1]]])
         want = np.array(_drop_reference([tuple(r) for r in h], steps)).reshape(-1, 2)
         assert np.array_equal(got, want), (h, got, want)
+
+
+def _paid_history(curves, sizes, one_off_s, steps=8):
+    """Each rank ran ``sizes[i]`` for ``steps`` measured steps, the first two (the steps before
+    the first clean one at a new size) each paying ``one_off_s`` more."""
+    history = []
+    for fn, b in zip(curves, sizes):
+        rows = _rows(fn, [b], steps=steps)
+        rows[:2, 1] += one_off_s
+        history.append(rows)
+    return tuple(history)
+
+
+def test_the_one_off_cost_of_a_new_size_is_measured_from_the_steps_before_the_first_clean():
+    from shardbalance.policies import _one_off_seconds, _Rows, measured_steps_to_first_clean
+
+    assert measured_steps_to_first_clean() == 3
+    assert measured_steps_to_first_clean({"shape_warmup_steps": 0}) == 1
+    fn = _curve(2.0)
+    # Rank 0 paid 40 ms on the two measured steps before its first clean one at 32 and at 48
+    # (and, unmeasured, on the step at which its size changed): 120 ms. Rank 1 paid nothing;
+    # rank 2 never reached a clean step at a new size (unknown: 0).
+    first = np.concatenate([_rows(fn, [32], steps=6), _rows(fn, [48], steps=6)])
+    first[[0, 1, 6, 7], 1] += 0.04
+    rows = _Rows.stack((first, _rows(fn, [32, 48], steps=6), _rows(fn, [32], steps=2)))
+    assert _one_off_seconds(rows, 2) == pytest.approx([0.12, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("one_off_s,payback,moves", [
+    (0.2, 24, False),  # 3 × 200 ms on a gain of ~5 ms a step: not repaid within 24 steps
+    (0.01, 24, True),  # 3 × 10 ms: repaid within 24 steps
+    (0.2, 0, True),    # payback off
+    (0.2, 240, True),  # repaid within 240 steps
+])
+def test_a_move_is_taken_only_if_it_repays_the_measured_cost_of_its_new_sizes(one_off_s, payback,
+                                                                              moves):
+    curves = [_curve(1.0), _curve(1.0), _curve(1.25)]
+    inp = PolicyInput(global_batch_size=96, current=(32, 32, 32), min_sizes=(1, 1, 1),
+                      max_sizes=(96, 96, 96), history=_paid_history(curves, (32, 32, 32),
+                                                                    one_off_s),
+                      options={"payback_steps": payback})
+    sizes, decision = decide("curve", inp)
+    assert (sizes != (32, 32, 32)) == moves, decision
+    if moves:
+        assert sizes[2] > 32 and max(fn(b) for fn, b in zip(curves, sizes)) < curves[0](32)
+    else:
+        assert "does not repay the 600 ms" in decision.reason, decision
+
+
+def test_an_exploration_step_is_tried_whatever_a_new_size_costs():
+    # The fast rank is flat far beyond its share: a try above its measured sizes is not held
+    # back by a one-off cost far larger than its predicted gain repays (its measurement decides).
+    curves = [_curve(1.0), _curve(2.0), _curve(4.0, flat_below=96)]
+    history = tuple(np.concatenate([h, _rows(fn, [b], steps=8)]) for h, fn, b in zip(
+        _paid_history(curves, (64, 64, 64), 1.0), curves, (40, 64, 88)))
+    inp = PolicyInput(global_batch_size=192, current=(40, 64, 88), min_sizes=(1, 1, 1),
+                      max_sizes=(192,) * 3, history=history)
+    sizes, decision = decide("curve", inp)
+    assert decision.reason.startswith("exploring") and sizes[2] > 88, decision

@@ -585,11 +585,11 @@ def test_output_weighting_survives_a_failed_backward_and_ignores_autograd_grad()
     assert_same_tensors([r[3] for r in results], [p.grad for p in reference.parameters()])
 
 
-def _first_epoch_without_probe(rank, world, group):
+def _first_epoch_without_probe(rank, world, group, options):
     data = TensorDataset(torch.randn(384, DIM), torch.randint(0, CLASSES, (384,)),
                          torch.arange(384))
     sampler = WeightedDistributedSampler(data, global_batch_size=16, seed=5, timeout_s=30,
-                                         accumulation_steps=group)
+                                         accumulation_steps=group, options=options)
     model = DDP(torch.nn.Sequential(EmulatedSpeed([1.0, 3.0][rank], per_sample_s=0.002,
                                                   overhead_s=0.002), _model()))
     # Compute-only busy time: the emulated speeds, not the loader's waits on a loaded machine.
@@ -606,21 +606,35 @@ def _first_epoch_without_probe(rank, world, group):
         seen.append(idx)
     del model
     dist.barrier()
+    rounds = list(sampler.planner.history)
     sampler.close()
-    return sizes, torch.cat(seen)
+    return sizes, torch.cat(seen), rounds, list(sampler.recent_busy)
 
 
-@pytest.mark.parametrize("group", [1, 2])
-def test_the_first_epoch_is_rebalanced_early_without_a_probe(group):
-    (sizes0, seen0), (sizes1, seen1) = run_ranks(_first_epoch_without_probe, 2, group,
-                                                 timeout_s=150)
+@pytest.mark.parametrize("group,warmup_steps", [(1, None), (2, None), (1, 5)])
+def test_the_first_epoch_is_rebalanced_early_without_a_probe(group, warmup_steps):
+    options = None if warmup_steps is None else {"shape_warmup_steps": warmup_steps}
+    (sizes0, seen0, rounds, busy0), (sizes1, seen1, _, busy1) = run_ranks(
+        _first_epoch_without_probe, 2, group, options, timeout_s=150)
     assert sizes0 == sizes1 and len(sizes0) == 24
+    # The first early re-plan waits until every rank measured the steps up to its first clean
+    # one on the equal split (the new-shape steps the policy leaves out, plus one), trained
+    # however far the loader prefetched, and switches after the steps already prefetched.
+    measured = (2 if warmup_steps is None else warmup_steps) + 1
+    replans = [r for r in rounds if r[1] == "early" and r[4] == "plan"]
+    assert replans, (rounds, sizes0)
+    epoch, kind, trigger, target, status, switch, lead = replans[0]
+    for busy in (busy0, busy1):
+        assert sum(1 for (e, step, b, _) in busy if step < trigger and b == 8) >= \
+            measured * group, (rounds, busy)
+    assert trigger >= (measured + 1) * group and switch > trigger, rounds
     # Per-epoch plans, no probe: the epoch starts on the equal split and re-plans twice once
     # every rank has measured a few steps, however far its loader prefetched (here 4 batches).
     changes = [s for s in range(1, 24) if sizes0[s] != sizes0[s - 1]]
     # The re-plan is agreed in the background once every rank measured three groups on the
     # plan, and lands at the first group boundary past every rank's prefetched steps.
-    assert sizes0[0] == (8, 8) and 1 <= len(changes) <= 2 and changes[0] <= 14, sizes0
+    assert sizes0[0] == (8, 8) and 1 <= len(changes) <= 2, sizes0
+    assert changes[0] == switch, (sizes0, rounds)
     assert sizes0[-1][1] > sizes0[-1][0], sizes0  # toward the 3x faster rank
     assert all(s % group == 0 for s in changes)  # between accumulation groups
     assert sorted(torch.cat([seen0, seen1]).tolist()) == list(range(384))

@@ -450,6 +450,14 @@ def test_check_options_names_a_bad_value(key, value):
     assert key in str(info.value) and repr(value) in str(info.value)
 
 
+@pytest.mark.parametrize("key", ["payback_steps", "shape_warmup_steps"])
+def test_check_options_wants_whole_steps(key):
+    with pytest.raises(ConfigError) as info:
+        check_options({key: 2.5})
+    assert key in str(info.value) and "2.5" in str(info.value)
+    assert check_options({key: 3})[key] == 3.0
+
+
 def test_check_options_overlays_the_defaults():
     merged = check_options({"band": 0, "seed_beta": 1})
     assert merged == {**DEFAULT_OPTIONS, "band": 0.0, "seed_beta": 1.0}
