@@ -196,6 +196,8 @@ import numpy as np
 
 from _launch import stop_process
 from shardbalance import protocol
+from shardbalance._planner import _RECORDS_PER_ROUND
+from shardbalance._plans import _columns
 from shardbalance.plan import Plan
 
 RUN_ID = "bench-load"
@@ -647,12 +649,28 @@ def measure_broadcast(worlds: list[int], ks: list[int], repeats: int) -> dict:
 
 
 def window_counts(journal: list[dict]) -> dict[tuple[int, int], int]:
-    """Records the coordinator counted per window: the newest ``window`` record of each."""
+    """Records the coordinator counted per window: the newest ``window`` record of each (its
+    steps and the late records it counted)."""
     last: dict[tuple[int, int], dict] = {}
     for rec in journal:
         if rec.get("event") == "window" and rec.get("run") == RUN_ID:
             last[(rec["epoch"], rec["window"])] = rec
-    return {key: sum(rec["steps"]) for key, rec in last.items()}
+    return {key: sum(rec["steps"]) + sum(rec.get("late", [])) for key, rec in last.items()}
+
+
+def leader_messages(sim: "Sim", w: int, records: list) -> list[dict]:
+    """What the planner's leader sends for window ``w + 1`` (``_plans.CoordinatedPlans``):
+    the records beyond one request's cap in ``records`` messages first, then the plan request
+    with the newest as ``record_columns``."""
+    cap = protocol.MAX_RECORDS_PER_PLAN
+    head, tail = records[:-cap], records[-cap:]
+    out = [{"type": "records", "run": RUN_ID, "generation": 0, "rank": 0,
+            "world_size": sim.ranks, "record_columns": _columns(head[i:i + cap])}
+           for i in range(0, len(head), cap)]
+    plan = sim.plan_msg(0, w + 1)
+    if tail:
+        plan["record_columns"] = _columns(tail)
+    return out + [plan]
 
 
 def run_leader(args, attack: bool, bcast: dict | None) -> tuple[dict, list, bool]:
@@ -667,7 +685,7 @@ def run_leader(args, attack: bool, bcast: dict | None) -> tuple[dict, list, bool
 
     k, steps = args.ranks, args.steps_per_window
     sim = Sim(k, steps)
-    cap = max(1, protocol.MAX_RECORDS_PER_PLAN // k)
+    cap = max(1, _RECORDS_PER_ROUND // k)
     secret = secrets.token_hex(32).encode()
     run_key = secrets.token_hex(32).encode()
     mpc = mp.get_context("fork")
@@ -744,7 +762,8 @@ def run_leader(args, attack: bool, bcast: dict | None) -> tuple[dict, list, bool
                 carried.append(sum(map(len, backlog)))
                 before = dict(traffic)
                 tb = time.perf_counter()
-                reply = ask({**sim.plan_msg(0, w + 1), "records": records})
+                for msg in leader_messages(sim, w, records):
+                    reply = ask(msg)
                 plan = check_plan(reply, sim, w + 1)
                 phase_ms.append((time.perf_counter() - tb) * 1e3)
                 sent += len(records)
@@ -879,7 +898,7 @@ def replay_leader(args, k: int) -> dict:
 
     secret = secrets.token_hex(32).encode()
     run_key = secrets.token_hex(32).encode()
-    saved = (cm.RunState.observations, cm.RunState.add, cm.decide, cm.protocol.open_envelope,
+    saved = (cm.RunState.observations, cm.RunState.ingest, cm.decide, cm.protocol.open_envelope,
              cm.protocol.parse_request)
     level, propagate = cm.log.level, cm.log.propagate
     with tempfile.TemporaryDirectory(prefix="coordinator-load-") as tmp:
@@ -888,7 +907,7 @@ def replay_leader(args, k: int) -> dict:
         cm.log.setLevel(logging.INFO)
         cm.log.propagate = False
         cm.RunState.observations = timed("observations", saved[0])
-        cm.RunState.add = timed("count records", saved[1])
+        cm.RunState.ingest = timed("count records", saved[1])
         cm.decide = timed("decide", saved[2])
         cm.protocol.open_envelope = timed("envelope", saved[3])
         cm.protocol.parse_request = timed("parse", saved[4])
@@ -896,7 +915,7 @@ def replay_leader(args, k: int) -> dict:
                                os.path.join(tmp, "replay.jsonl"), secret)
         coord._announce = timed("announce", coord._announce)
         sim = Sim(k, args.steps_per_window)
-        cap = max(1, protocol.MAX_RECORDS_PER_PLAN // k)
+        cap = max(1, _RECORDS_PER_ROUND // k)
         sender = protocol.Sender(secret, run_key)
         ids = itertools.count(1)
         rows = []
@@ -911,20 +930,23 @@ def replay_leader(args, k: int) -> dict:
                     backlog[r].extend(sim.records(r, w, sizes[r]))
                     for _ in range(min(cap, len(backlog[r]))):
                         records.append([r, *backlog[r].popleft()])
-                msg = {**sim.plan_msg(0, w + 1), "records": records}
                 timers.clear()
-                t0 = time.perf_counter()
-                frames = sender.encode({**msg, "id": next(ids)})
-                t1 = time.perf_counter()
-                reply_frames = coord.handle(frames)
-                t2 = time.perf_counter()
-                sizes = check_plan(sender.decode(reply_frames, msg), sim, w + 1).batch_sizes
-                t3 = time.perf_counter()
-                rows.append({**timers, "leader encode": t1 - t0, "handle": t2 - t1,
-                             "leader decode": t3 - t2})
+                spent = Counter()
+                for msg in leader_messages(sim, w, records):
+                    t0 = time.perf_counter()
+                    frames = sender.encode({**msg, "id": next(ids)})
+                    t1 = time.perf_counter()
+                    reply_frames = coord.handle(frames)
+                    t2 = time.perf_counter()
+                    reply = sender.decode(reply_frames, msg)
+                    t3 = time.perf_counter()
+                    spent.update({"leader encode": t1 - t0, "handle": t2 - t1,
+                                  "leader decode": t3 - t2})
+                sizes = check_plan(reply, sim, w + 1).batch_sizes
+                rows.append({**timers, **spent})
         finally:
             coord.close()
-            (cm.RunState.observations, cm.RunState.add, cm.decide, cm.protocol.open_envelope,
+            (cm.RunState.observations, cm.RunState.ingest, cm.decide, cm.protocol.open_envelope,
              cm.protocol.parse_request) = saved
             cm.log.removeHandler(handler)
             handler.close()

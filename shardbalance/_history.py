@@ -120,19 +120,19 @@ class RankHistory:
 
     def observations(self) -> tuple[np.ndarray, ...]:
         """Each rank's ``(batch_size, busy_s)`` rows, oldest first, as read-only views."""
-        out = []
-        for rank, (lo, hi) in enumerate(zip(self.start.tolist(), self.end.tolist())):
-            view = self.obs[rank, lo:hi]
-            view.flags.writeable = False
-            out.append(view)
-        return tuple(out)
+        frozen = self.obs.view()
+        frozen.flags.writeable = False  # and so is every slice of it
+        return tuple(frozen[rank, lo:hi] for rank, lo, hi in
+                     zip(range(self.world_size), self.start.tolist(), self.end.tolist()))
 
     def tail(self, n: int, column: int = 1) -> np.ndarray:
         """``(world_size, n)``: each rank's newest ``n`` values of ``column`` (1: busy, 0:
         batch), oldest first, NaN where a rank has fewer rows."""
         index = self.end[:, None] - n + np.arange(n)
         valid = index >= self.start[:, None]
-        values = self.obs[np.arange(self.world_size)[:, None], np.maximum(index, 0), column]
+        rows, width = self.obs.shape[1], self.obs.shape[2]
+        flat = (np.arange(self.world_size)[:, None] * rows + np.maximum(index, 0)) * width
+        values = np.take(self.obs.reshape(-1), flat + column)
         return np.where(valid, values, np.nan)
 
     def __len__(self) -> int:

@@ -15,7 +15,8 @@ a. one all-reduce (MAX) of small per-rank figures: the prefetch depth (steps yie
 b. the leader (planner-group rank 0) alone asks the coordinator (``CoordinatedPlans.fetch``,
    the seam tests replace), its request carrying every rank's new measurements (per rank:
    the coordinator counts them as it would stats messages; kept and resent with the next
-   request if this one fails), and checks the plan;
+   request if this one fails; beyond what one request may carry, up to RECORD_MESSAGES
+   ``records`` messages go first), and checks the plan;
 c. the leader broadcasts the plan's batch sizes, or an explicit marker: no plan (the request
    failed: everyone keeps the agreed plan and the leader backs off), skipped (backing off) or
    not ready; a gloo timeout is never the way to say "no plan";
@@ -434,11 +435,14 @@ class BackgroundPlanner:
             return _SKIPPED, None
         epoch, window = (self.epoch + 1, 0) if rnd.kind == "next" else (self.epoch, rnd.target)
         self.stats["requests"] += 1
-        self.source.outgoing = self.pending
+        self.source.outgoing, self.source.undelivered = self.pending, []
         try:
             plan = self.source.fetch(epoch, window)
-            self.stats["records_sent"] += len(self.pending)
-            self.pending = []  # delivered with the request (the coordinator counted them)
+            # Delivered with the request (the coordinator counted them), but for what a
+            # refused ``records`` message held.
+            kept = list(self.source.undelivered)
+            self.stats["records_sent"] += len(self.pending) - len(kept)
+            self.pending = kept
             self.source._check(plan)
         except (CoordinatorError, PlanError) as exc:
             self._streak += 1

@@ -15,7 +15,7 @@ import warnings
 from typing import Callable, Mapping
 
 from . import protocol
-from ._exceptions import ConfigError, CoordinatorError, PlanError
+from ._exceptions import ConfigError, CoordinatorError, CoordinatorUnavailable, PlanError
 from ._peers import PeerGroup
 from ._session import CoordinatorSession
 from ._settings import SamplerSettings
@@ -85,6 +85,8 @@ class CoordinatedPlans(LocalPlans):
         self.outgoing: list[list] = []
         #: ``records`` messages sent ahead of plan requests (tests and benchmarks read it).
         self.record_messages = 0
+        #: Of ``outgoing``, what the last request could not deliver (kept for the next).
+        self.undelivered: list[list] = []
 
     def restart(self, settings: SamplerSettings) -> None:
         super().restart(settings)
@@ -100,9 +102,17 @@ class CoordinatedPlans(LocalPlans):
             head, tail = self.outgoing[:-cap], self.outgoing[-cap:]
             world = self.settings.run_config().world_size
             for begin in range(0, len(head), cap):
-                self.session.client.records(
-                    run=self.run_id, generation=self.generation, rank=self.rank,
-                    world_size=world, record_columns=_columns(head[begin:begin + cap]))
+                try:
+                    self.session.client.records(
+                        run=self.run_id, generation=self.generation, rank=self.rank,
+                        world_size=world, record_columns=_columns(head[begin:begin + cap]))
+                except CoordinatorUnavailable:
+                    raise
+                except CoordinatorError:
+                    # Refused (a restarted coordinator that lost the run): the plan request
+                    # creates the run again; these go with the next one.
+                    self.undelivered = head[begin:]
+                    break
                 self.record_messages += 1
             extra = {"record_columns": _columns(tail)}
         return self.session.client.plan(

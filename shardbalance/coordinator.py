@@ -13,8 +13,10 @@ Journal records (one JSON object a line, each with ``time`` and ``event``):
               ``busy_batch_sizes`` they were measured at, ``imbalance``, and with a fitted model
               ``predicted_step_ms``, ``equal_step_ms``, ``alpha_ms``, ``beta_ms``
     window    what the ranks measured while one plan window trained, per rank: ``steps``,
-              ``samples`` and the median ``busy_ms`` (see :class:`WindowTally`); a later record
-              for the same ``(run, generation, epoch, window)`` supersedes an earlier one
+              ``samples`` and the median ``busy_ms`` (see :class:`WindowTally`), and ``late``
+              (only when any): records of an already closed window that arrived while this
+              one was the newest; a later record for the same ``(run, generation, epoch,
+              window)`` supersedes an earlier one
     carried   a rank of a new generation runs on the same ``member`` (host/local rank/device)
               as one of the previous generation and took over its measurements (``steps``)
     rejected  a count of refused messages
@@ -55,6 +57,7 @@ dead or stalled rank can never stall the others.
 from __future__ import annotations
 
 import collections
+import gc
 import hashlib
 import hmac
 import json
@@ -91,8 +94,8 @@ RUN_IDLE_S = 6 * 3600.0
 #: At most one log line per this many seconds about rejected messages.
 REJECT_LOG_INTERVAL_S = 10.0
 #: Per-window aggregates: the newest windows of a run that still collect measurements (a
-#: measurement of an older one arrives too late and is left out), the newest busy times per
-#: rank a window's median is taken over, and how often a window that changed is journaled
+#: measurement of an older one arrives too late: counted as ``late``), the newest busy times
+#: per rank a window's median is taken over, and how often a window that changed is journaled
 #: between decisions (so a journal being followed shows the window in progress). Memory:
 #: OPEN_WINDOWS x world_size x WINDOW_BUSY_KEPT floats per run.
 OPEN_WINDOWS = 2
@@ -114,10 +117,9 @@ class Limits:
     """What requests can make a coordinator hold or compute; the excess is refused.
 
     Memory is then bounded by about ``max_ranks`` x (HISTORY_PER_RANK x 1.5 x 5 numbers of
-    history (see _history.py) +
-    plans_kept plan entries + OPEN_WINDOWS x WINDOW_BUSY_KEPT floats + senders_per_rank sender
-    records of at most MAX_CACHED_REPLY bytes), plus per connected peer ``queue_bytes`` each
-    way.
+    history (see _history.py) + plans_kept plan entries + OPEN_WINDOWS x WINDOW_BUSY_KEPT
+    floats + senders_per_rank sender records of at most MAX_CACHED_REPLY bytes), plus per
+    connected peer ``queue_bytes`` each way.
     """
 
     #: World sizes summed over all live runs (plan and pull runs).
@@ -559,6 +561,17 @@ class Coordinator:
         With ``defer``, a request that needs a new decision returns None untouched (the loop
         answers it after the cheap requests received with it).
         """
+        # The garbage collector paused for one request: a large run's request allocates
+        # enough containers to trigger several collections, each a pass over every object.
+        paused = gc.isenabled()
+        gc.disable()
+        try:
+            return self._handle(frames, defer)
+        finally:
+            if paused:
+                gc.enable()
+
+    def _handle(self, frames: list[bytes], defer: bool) -> list[bytes] | None:
         msg_id, key, binding, created = 0, self.secret, None, False
         try:
             msg, body, mac = protocol.open_envelope(frames)

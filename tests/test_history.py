@@ -104,3 +104,34 @@ def test_a_resend_with_a_larger_busy_time_wins_and_is_not_new():
 def test_capacity_must_be_positive():
     with pytest.raises(ValueError, match="capacity 0"):
         RankHistory(2, 0, capacity=0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(batches=st.lists(st.lists(st.tuples(st.integers(0, 2), st.sampled_from([4, 8]),
+                                           st.floats(0.001, 1.0)), max_size=90), max_size=4))
+def test_a_window_tally_counts_as_the_per_record_loop_did(batches):
+    from shardbalance.coordinator import WINDOW_BUSY_KEPT, WindowTally
+
+    tally, step = WindowTally((0, 0), 3), 0
+    steps, samples = [0] * 3, [0] * 3
+    rings = [[np.nan] * WINDOW_BUSY_KEPT for _ in range(3)]
+    last = -1
+    for batch in batches:
+        rows = []
+        for rank, size, busy in batch:
+            rows.append((rank, 0, step, size, busy))
+            step += 1
+        if not rows:
+            continue
+        tally.add(Records.of_rows(rows))
+        for rank in range(3):  # each rank's records in order, as the coordinator counted them
+            mine = [r for r in rows if r[0] == rank]
+            for _, _, s, size, busy in mine:
+                rings[rank][steps[rank] % WINDOW_BUSY_KEPT] = busy
+                steps[rank] += 1
+                samples[rank] += size
+            if mine:
+                last = max(last, mine[-1][2])
+    assert tally.steps.tolist() == steps and tally.samples.tolist() == samples
+    assert tally.last_step == last
+    np.testing.assert_array_equal(tally.busy, np.array(rings))

@@ -212,3 +212,36 @@ def test_the_leader_overflow_reaches_the_coordinator_over_gloo(tmp_path):
     counted = [sum(rec["steps"][r] + rec.get("late", [0, 0])[r] for rec in newest.values())
                for r in range(2)]
     assert counted == [measured0, measured1] and measured0 >= 20
+
+
+def test_refused_records_messages_are_kept_and_the_plan_request_still_goes(running,
+                                                                          monkeypatch):
+    """A coordinator that does not know the run (restarted without it) refuses the records
+    messages; the plan request creates the run, and the refused records go with the next."""
+    from types import SimpleNamespace
+
+    from shardbalance import protocol
+    from shardbalance._plans import CoordinatedPlans
+
+    monkeypatch.setattr(protocol, "MAX_RECORDS_PER_PLAN", 2)
+    client = CoordinatorClient(running.endpoint, SECRET, timeout_s=3)
+    config = {k: v for k, v in plan_fields().items()
+              if k not in ("run", "generation", "rank", "epoch", "window")}
+    plans = CoordinatedPlans.__new__(CoordinatedPlans)
+    plans.run_id, plans.generation, plans.rank = "run-a", 0, 0
+    plans.session = SimpleNamespace(client=client)
+    plans.settings = SimpleNamespace(run_config=lambda: SimpleNamespace(
+        world_size=3, to_dict=lambda: config))
+    plans.record_messages, plans.undelivered, plans.outgoing = 0, [], list(ROWS)
+    try:
+        plans._request(0, 0)
+        assert plans.undelivered == ROWS[:-2] and plans.record_messages == 0
+        plans.outgoing, plans.undelivered = plans.undelivered, []
+        plans._request(0, 2)
+        # 19 rows: 17 ahead of the request, two a message, and 2 with it.
+        assert plans.undelivered == [] and plans.record_messages == 9
+        history = running.coordinator.runs["run-a"].history
+        assert sorted((r, *k) for r in range(3) for k in history[r]) == \
+            sorted((r[0], r[1], r[2]) for r in ROWS)
+    finally:
+        client.close()
