@@ -133,6 +133,11 @@ CLUSTERS = {
 #: Targets of issue 11 on curves: 0.97 of the oracle within 3 windows of the first measurement;
 #: epoch 0 at 0.85 and epoch 1 at 0.97 of the oracle's epoch without a probe.
 TARGET_WINDOWS, TARGET_EPOCH0, TARGET_EPOCH1 = 0.97, 0.85, 0.97
+#: Default steps per epoch: window figures count windows, so short epochs do; epoch figures
+#: are a ratio of whole epochs, and a real epoch is hundreds of steps or more: at 24 steps the
+#: equal-split steps before the first re-plan can land (about 7: the measured warm-up and the
+#: loader's prefetch) cap epoch 0 near 0.8 whatever the policy decides.
+WINDOW_STEPS, EPOCH_STEPS = 24, 192
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -144,7 +149,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="window: a plan every --window steps; epoch: one plan per epoch")
     p.add_argument("--window", type=int, default=8, help="steps per plan in window mode")
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--steps-per-epoch", type=int, default=24)
+    p.add_argument("--steps-per-epoch", type=int, default=None,
+                   help=f"steps per epoch. Default: {EPOCH_STEPS} with --modes epoch (a first "
+                        f"epoch of realistic length), else {WINDOW_STEPS}")
+    p.add_argument("--seeded", action="store_true",
+                   help="also run each adaptive contender started on the oracle plan "
+                        "(initial_weights): what its machinery and plan changes cost")
+    p.add_argument("--static-plans", default="",
+                   help="also run these plans fixed, e.g. '12,30,44,42;11,31,44,42' (policy "
+                        "static): near-ties of the oracle plan")
     p.add_argument("--per-sample-ms", type=float, default=6.0,
                    help="emulated compute per sample at speed 1")
     p.add_argument("--overhead-ms", type=float, default=2.0, help="emulated fixed cost per step")
@@ -172,6 +185,26 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error("--num-workers must be >= 1 (the benchmark runs with DataLoader workers)")
         if args.repeats < 1 or args.window < 1 or args.epochs < 2:
             p.error("--repeats and --window must be >= 1, --epochs >= 2")
+        if args.steps_per_epoch is None:
+            args.steps_per_epoch = EPOCH_STEPS if "epoch" in args.mode_list else WINDOW_STEPS
+        if args.steps_per_epoch < 1:
+            p.error(f"invalid --steps-per-epoch {args.steps_per_epoch}: must be >= 1")
+        args.static_plan_list = []
+        for text in (x.strip() for x in args.static_plans.split(";") if x.strip()):
+            try:
+                plan = [int(b) for b in text.split(",")]
+            except ValueError:
+                p.error(f"invalid --static-plans entry {text!r}: expected comma-separated "
+                        "integers")
+            for name in args.cluster_list:
+                c = CLUSTERS[name]
+                caps = c["caps"] or [c["global_batch_size"]] * len(c["speeds"])
+                if len(plan) != len(c["speeds"]) or sum(plan) != c["global_batch_size"] or \
+                        any(not 1 <= b <= cap or b % c["quantum"] for b, cap in zip(plan, caps)):
+                    p.error(f"invalid --static-plans entry {text!r} for cluster {name}: "
+                            f"expected {len(c['speeds'])} multiples of {c['quantum']} within "
+                            f"the caps {caps}, summing to {c['global_batch_size']}")
+            args.static_plan_list.append(plan)
     return args
 
 
@@ -335,6 +368,13 @@ def run_cluster(name: str, args) -> dict:
                                "rebalance_every": args.window})
         if "epoch" in args.mode_list:
             contenders.append({"name": f"{policy}/epoch", "policy": policy})
+        if args.seeded:
+            for c in [c for c in contenders if c["policy"] == policy]:
+                contenders.append({**c, "name": f"{policy}/seeded-{c['name'].split('/')[1]}",
+                                   "weights": list(plan)})
+    for fixed in args.static_plan_list:
+        contenders.append({"name": f"static{fixed}".replace(" ", ""), "policy": "static",
+                           "weights": fixed})
     print(f"== {name}: speeds {cluster['speeds']}, B={cluster['global_batch_size']}, oracle "
           f"plan {list(plan)} -> {step * 1e3:.1f} ms/step (model), caps {cluster['caps']}, "
           f"quantum {cluster['quantum']}", flush=True)

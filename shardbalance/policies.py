@@ -638,7 +638,8 @@ def affine(inp: PolicyInput) -> Decision:
 # clearly below busy time proportional to batch size: flat, not merely noisy), the model
 # cannot tell whether more samples are free. If assuming them free for one bounded step
 # predicts a plan faster than the believed optimum by more than the no-change band, that plan
-# is tried. Its measurement then decides: a cheap step makes the next plan keep it (and explore
+# is tried, filled so that the other ranks run a band below the step (see _fill_tries). Its
+# measurement then decides: a cheap step makes the next plan keep it (and explore
 # further), a costly one gives the top a slope, so that region is never explored again and the
 # fitted points steer away from it. Decisions see measurements a window or two late, so a plan
 # that puts a rank above every size it was measured at is held until that size is measured.
@@ -1106,6 +1107,51 @@ def _refine(model: CurveModel, sizes, inp: PolicyInput) -> tuple[tuple[int, ...]
     return tuple(int(x) for x in b), float(busy.max())
 
 
+def _fill_tries(model: CurveModel, sizes, limits: np.ndarray, inp: PolicyInput,
+                margin: float) -> tuple[int, ...]:
+    """A try, filled: move one quantum at a time from the slowest rank that gets faster
+    without it onto a tried rank (up to its ``limits``, where the try assumes it flat), while
+    the predicted step does not grow and until every other rank runs ``margin`` (relative)
+    faster than the step.
+
+    The equal finish stops a try where the tried rank's assumed flat time (its measured one,
+    noise included) meets the others': on near-ties that left a sloped rank just past its own
+    knee (flat-deep: [16, 33, 47] measured 3 % slower than [16, 32, 48]). Curves are monotone,
+    so the ranks that give samples away are no slower for it; only the tried ranks take a
+    risk, and the try's measurement judges it. A margin of the no-change band: no more than
+    noise can tell apart (filling tries to their limits tried past the knee of ``flat``).
+    """
+    b = np.asarray(sizes, dtype=np.int64)
+    q = inp.quantum
+    lo = np.asarray(inp.min_sizes)
+    room = np.maximum(limits - b, 0.0)
+    tried = room >= q
+    busy = model.busy_seconds(b)
+    top = float(busy.max())
+    for _ in range(FILL_MOVES):
+        to = int(np.argmax(room))
+        if room[to] < q:
+            break
+        donor_busy = np.where(~tried & (b - q >= lo) & (busy > top * (1.0 - margin)), busy,
+                              -np.inf)
+        give = int(np.argmax(donor_busy))
+        if not np.isfinite(donor_busy[give]):
+            break
+        shrunk = float(model.busy_seconds([b[give] - q], [give])[0])
+        grown = float(model.busy_seconds([b[to] + q], [to])[0])
+        if not shrunk < busy[give] * (1.0 - 1e-9) or grown > top * (1.0 + 1e-9):
+            break
+        b[give] -= q
+        b[to] += q
+        busy[give], busy[to] = shrunk, grown
+        room[to] -= q
+    return tuple(int(x) for x in b)
+
+
+#: Quanta :func:`_fill_tries` moves at most.
+FILL_MOVES = 64
+
+
 def curve(inp: PolicyInput) -> Decision:
     """Equal finish under monotone piecewise-linear curves, exploring flat tops (see above)."""
     opts = _options(inp.options)
@@ -1139,6 +1185,9 @@ def curve(inp: PolicyInput) -> Decision:
         trial, trial_s = best(explore)
         last = model.counts - 1
         s_hi = model.sizes[np.arange(len(last)), last]
+        tried = np.asarray(trial) > s_hi
+        limits = np.where(tried, explore.sizes[np.arange(len(last)), explore.counts - 1], 0.0)
+        trial = _fill_tries(explore, trial, limits, inp, opts["band"])
         grows = np.asarray(trial) > s_hi
         # The plain band, without the noise term: a try costs one window at most, and its
         # measurement, not the prediction, decides whether it stays.

@@ -409,3 +409,19 @@ def test_an_exploration_step_is_tried_whatever_a_new_size_costs():
                       max_sizes=(192,) * 3, history=history)
     sizes, decision = decide("curve", inp)
     assert decision.reason.startswith("exploring") and sizes[2] > 88, decision
+
+
+def test_a_try_leaves_the_sloped_ranks_below_their_knees():
+    # flat-deep of benchmarks/curves.py: every rank is flat below 16·speed samples, and the
+    # optimum puts the two slow ranks at or below their knees. The try of the fast rank's flat
+    # top stopped where its measured flat time (noise included) met the others', which left
+    # the middle rank a sample past its knee ([16, 33, 47], 3 % slower): the try is filled
+    # until the other ranks run a band below the step.
+    curves = [_curve(s, flat_below=16 * s, per_sample_s=0.006, overhead_s=0.002)
+              for s in (1, 2, 4)]
+    B, lo, hi = 96, [1] * 3, [96] * 3
+    optimum = _optimum(curves, B, lo, hi, 1)
+    for seed in range(4):
+        plans, steps, reasons = _loop(curves, B, 8, lo, hi, noise=0.05, seed=seed, lag=1)
+        assert any(r.startswith("exploring") for r in reasons), reasons
+        assert steps[-1] == pytest.approx(optimum), (plans, reasons)
