@@ -17,18 +17,21 @@ b. the leader (planner-group rank 0) alone asks the coordinator (``CoordinatedPl
    the coordinator counts them as it would stats messages; kept and resent with the next
    request if this one fails; beyond what one request may carry, up to RECORD_MESSAGES
    ``records`` messages go first), and checks the plan;
-c. the leader broadcasts the plan's batch sizes, or an explicit marker: no plan (the request
+c. the leader broadcasts the plan's batch sizes and what the coordinator measured with it
+   (its stats, for ``metrics()`` on every rank), or an explicit marker: no plan (the request
    failed: everyone keeps the agreed plan and the leader backs off), skipped (backing off) or
    not ready; a gloo timeout is never the way to say "no plan";
 d. only then each rank snapshots how far its generator has decided (its *claim*: the last step
    whose plan is fixed) and one all-reduce (MAX) gives the switch step ``s*``, the first switch
-   point after every rank's claim. From its snapshot until ``s*`` is installed a generator that
+   point after every rank's claim (for a window round, and not before its target). From its snapshot until ``s*`` is installed a generator that
    reaches a switch point waits (bounded); that wait is one tiny collective, never the
    coordinator. Every rank installs the same plan at the same ``s*``.
 
 Triggers are chosen so the plan lands at its boundary: ``trigger = boundary - L`` with ``L``
 the largest prefetch depth plus the plan phase's duration in steps, plus one, both agreed in
-the previous round. Every round's descriptor (its trigger, target and kind) is computed on
+the previous round. A boundary fewer than ``L`` steps after the earliest possible trigger (an
+iterator's first windows when ``L`` > k) is not asked for: the round asks for the first one it
+can reach, so the window each request names is the step its plan starts at. Every round's descriptor (its trigger, target and kind) is computed on
 every rank from agreed figures only, so all ranks run the same rounds in the same order.
 """
 
@@ -49,7 +52,7 @@ from ._exceptions import CoordinatorError, PlanError
 from ._ledger import LedgerEntry, StepLedger
 from ._peers import PeerGroup
 from .plan import Plan
-from .protocol import MAX_RECORDS_PER_PLAN
+from .protocol import MAX_RECORDS_PER_PLAN, PlanStats
 
 __all__ = ["BackgroundPlanner", "EARLY_MAX_STEPS"]
 
@@ -329,7 +332,7 @@ class BackgroundPlanner:
         status, plan = _NOT_READY, None
         if self.leader and all_ready:
             status, plan = self._ask(rnd)
-        status, plan = self._broadcast(status, plan, rnd)
+        status, plan, stats = self._broadcast(status, plan, rnd)
         # (d) the switch step, from every rank's claim taken now.
         switch = None
         if status == _PLAN and rnd.kind != "next":
@@ -337,9 +340,12 @@ class BackgroundPlanner:
                 self._frozen = True
                 claimed = self._claimed
             top = int(self._all_reduce_max([float(claimed)])[0])
-            switch = self._next_switch(top, rnd.kind)
+            # A window's plan never starts before the window it was asked for (what the
+            # coordinator journals and tallies it as); later only when the round ran late.
+            switch = self._next_switch(max(top, rnd.target - 1) if rnd.kind == "window"
+                                       else top, rnd.kind)
         with self._cv:
-            self._settle(rnd, status, plan, switch, lead)
+            self._settle(rnd, status, plan, switch, lead, stats)
             self._frozen = False
             self._cv.notify_all()
         # The phase's duration in steps (for the next round's lead).
@@ -350,7 +356,7 @@ class BackgroundPlanner:
                 self._phase_steps = min((time.monotonic() - started) / step_s, 1e6)
 
     def _settle(self, rnd: _Round, status: float, plan: Plan | None, switch: int | None,
-                lead: int) -> None:
+                lead: int, stats: PlanStats | None = None) -> None:
         """Install the round's result and compute the next round (from agreed figures only)."""
         self.lead = lead
         self.history.append((self.epoch, rnd.kind, rnd.trigger, rnd.target,
@@ -364,11 +370,14 @@ class BackgroundPlanner:
                 sender = getattr(getattr(self.source, "session", None), "sender", None)
                 if sender is not None:
                     sender.announce()
-            if switch is None:  # the next iterator's
-                self.source.agreed = plan
-            else:
+            if switch is not None:
                 plan = plan.moved_to(self.epoch, switch)
-                self.source.agreed = plan
+            self.source.agreed = plan  # (switch None: the next iterator's)
+            client = getattr(getattr(self.source, "session", None), "client", None)
+            if stats is not None and client is not None:
+                # Under the digest every rank trains it with: metrics() the same on every rank.
+                client.remember(plan.digest, stats)
+            if switch is not None:
                 self._last_switch = switch
                 if switch < self.steps:
                     self._installs.append((switch, plan))
@@ -398,7 +407,16 @@ class BackgroundPlanner:
             target = (after // k + 1) * k
             if target >= steps:
                 return None
-            trigger = max(target - self.lead, last + 1, 0)
+            earliest = max(last + 1, 0)
+            reach = -(-(earliest + self.lead) // k) * k
+            if target < reach < steps:
+                # Too late for that boundary (an iterator's first window when L > k): ask for
+                # the first one the plan can reach, so the request (and the coordinator's
+                # journal and window tallies) names the step it switches at. (None in this
+                # iterator, e.g. L grown by a failed request: the round still runs, lands late
+                # and measures L again.)
+                target = reach
+            trigger = max(target - self.lead, earliest)
             return _Round("window", trigger, target) if trigger < steps else None
         group = self.accumulation
         if self.early > 0:
@@ -456,13 +474,22 @@ class BackgroundPlanner:
         return _PLAN, plan
 
     def _broadcast(self, status: float, plan: Plan | None, rnd: _Round
-                   ) -> tuple[float, Plan | None]:
-        """The leader's result on every rank: ``[status, epoch, window, predicted, sizes...]``."""
-        values = [status, 0.0, 0.0, math.nan] + [0.0] * self.size
+                   ) -> tuple[float, Plan | None, PlanStats | None]:
+        """The leader's result on every rank: ``[status, epoch, window, predicted, sizes...]``
+        then the coordinator's stats for the plan ``[present, imbalance, equal_step_ms,
+        busy_ms..., busy_batch_sizes...]`` (NaN: a figure not known; 3k + 7 numbers)."""
+        k = self.size
+        values = [status, 0.0, 0.0, math.nan] + [0.0] * k + [0.0] + [math.nan] * (2 + 2 * k)
         if plan is not None:
-            values[1:4] = [plan.epoch, plan.window, math.nan if plan.predicted_step_s is None
-                           else plan.predicted_step_s]
-            values[4:] = [float(b) for b in plan.batch_sizes]
+            values[1:4] = [plan.epoch, plan.window, _nan(plan.predicted_step_s)]
+            values[4:4 + k] = [float(b) for b in plan.batch_sizes]
+            client = getattr(getattr(self.source, "session", None), "client", None)
+            stats = None if client is None else client.reported.get(plan.digest)
+            if stats is not None:
+                values[4 + k:7 + k] = [1.0, _nan(stats.imbalance), _nan(stats.equal_step_ms)]
+                for at, figures in ((7 + k, stats.busy_ms), (7 + 2 * k, stats.busy_batch_sizes)):
+                    if figures is not None and len(figures) == k:
+                        values[at:at + k] = [_nan(v) for v in figures]
         tensor = torch.tensor(values, dtype=torch.float64)
         if self.group is not None:
             options = dist.BroadcastOptions()
@@ -470,11 +497,19 @@ class BackgroundPlanner:
             self.group.broadcast([tensor], options).wait()
         out = tensor.tolist()
         if out[0] != _PLAN:
-            return out[0], None
-        predicted = None if math.isnan(out[3]) else out[3]
-        return _PLAN, Plan(self.source.run_id, self.source.generation, int(out[1]), int(out[2]),
-                           tuple(int(b) for b in out[4:]), self.source.settings.global_batch_size,
-                           self.policy, predicted)
+            return out[0], None, None
+        plan = Plan(self.source.run_id, self.source.generation, int(out[1]), int(out[2]),
+                    tuple(int(b) for b in out[4:4 + k]), self.source.settings.global_batch_size,
+                    self.policy, _none(out[3]))
+        stats = None
+        if out[4 + k] == 1.0:
+            busy, sizes = out[7 + k:7 + 2 * k], out[7 + 2 * k:7 + 3 * k]
+            stats = PlanStats(
+                None if all(map(math.isnan, busy)) else tuple(_none(v) for v in busy),
+                None if all(map(math.isnan, sizes)) else tuple(
+                    None if math.isnan(v) else int(v) for v in sizes),
+                _none(out[5 + k]), _none(out[6 + k]))
+        return _PLAN, plan, stats
 
     def _gather(self, mine: list, rows: int) -> None:
         """Every rank's new measurements (``rows`` each at most) into the leader's pending
@@ -511,3 +546,11 @@ class BackgroundPlanner:
             options.reduceOp = dist.ReduceOp.MAX
             self.group.allreduce([tensor], options).wait()
         return tensor.tolist()
+
+
+def _nan(value: float | None) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _none(value: float) -> float | None:
+    return None if math.isnan(value) else value

@@ -151,13 +151,11 @@ class CoordinatorClient:
             raise CoordinatorError(f"coordinator answered with plan {got}, asked for {expected}")
         if reply.get("stats") is not None:
             try:
-                self.reported[plan.digest] = protocol.PlanStats.from_dict(reply["stats"],
-                                                                          plan.world_size)
+                self.remember(plan.digest, protocol.PlanStats.from_dict(reply["stats"],
+                                                                        plan.world_size))
             except ProtocolError as exc:
                 # The figures only inform metrics(); the plan itself is still good.
                 log.warning("ignoring the stats sent with plan %s: %s", plan.digest, exc)
-            while len(self.reported) > _REPORTED_KEPT:
-                self.reported.popitem(last=False)
         return plan
 
     def records(self, **fields) -> int:
@@ -167,6 +165,15 @@ class CoordinatorClient:
         if reply.get("type") != "ack" or not isinstance(reply.get("accepted"), int):
             raise CoordinatorError(f"unexpected reply to a records message: {reply!r}")
         return reply["accepted"]
+
+    def remember(self, digest: str, stats: protocol.PlanStats) -> None:
+        """Keep ``stats`` as what the coordinator measured with plan ``digest`` (also for a
+        plan this client did not ask for: the background planner's leader asks, and every
+        rank files the figures it broadcasts)."""
+        self.reported[digest] = stats
+        self.reported.move_to_end(digest)
+        while len(self.reported) > _REPORTED_KEPT:
+            self.reported.popitem(last=False)
 
     def pull(self, **fields) -> dict:
         """One pull-mode exchange (see protocol.PullRequest); the ``chunk`` reply."""

@@ -6,9 +6,13 @@
   hangs, the planner's group stays usable (later plans are adopted), one warning per streak.
 - A real coordinator killed mid-run and restarted on the same address: training goes on
   without a per-window wait, and plans are used again within a few rounds of the restart.
+- Windows shorter than the planning lead (an iterator's first boundaries cannot be reached):
+  every request names the step its plan starts at (the coordinator's journal and window
+  tallies say what trained), and ``metrics()`` carries the coordinator's figures on every rank.
 """
 
 import dataclasses
+import json
 import os
 import signal
 import threading
@@ -26,7 +30,7 @@ import distributed
 from distributed import free_port, run_ranks, stop_process
 from shardbalance import WeightedDistributedSampler
 from shardbalance._exceptions import CoordinatorUnavailable
-from shardbalance._planner import _BACKOFF_MAX
+from shardbalance._planner import _BACKOFF_MAX, _INITIAL_LEAD
 from shardbalance.emulate import EmulatedSpeed
 
 N, B, DIM, CLASSES = 384, 16, 6, 3  # 24 steps an epoch
@@ -311,3 +315,65 @@ def test_a_report_busy_loop_with_different_prefetch_depths_does_not_hang(tmp_pat
     assert len(plans0) == len(plans1) == 2 * (384 // 16)
     assert [a + b for a, b in zip(plans0, plans1)] == [16] * len(plans0)
     assert bg0 and bg1
+
+
+def _short_windows(rank, world, journal):
+    """Windows of 2 steps, a real coordinator, rank 1 loading 12 batches ahead: the lead
+    (prefetch depth + plan phase + 1) is longer than a window."""
+    data = _data()
+    sampler = WeightedDistributedSampler(data, B, rebalance_every=2, seed=3, timeout_s=20,
+                                         coordinator_log=journal)
+    loader = DataLoader(data, batch_sampler=sampler, **LOADERS[rank])
+    model = DDP(torch.nn.Sequential(EmulatedSpeed(1.0 + rank, per_sample_s=0.0002,
+                                                  overhead_s=0.002),
+                                    torch.nn.Linear(DIM, CLASSES)))
+    sampler.attach(model)
+    metrics, switches = [], []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        previous = None
+        for x, y, _ in loader:
+            F.cross_entropy(model(x), y).backward()
+            model.zero_grad()
+            entry = sampler.last_trained
+            if entry.digest != previous:
+                switches.append((epoch, entry.step))
+                previous = entry.digest
+            if entry.step % 6 == 5:
+                metrics.append((epoch, entry.step, sampler.metrics()))
+    history = list(sampler.planner.history)
+    del model
+    dist.barrier()
+    sampler.close()
+    return metrics, history, switches
+
+
+def test_windows_shorter_than_the_lead_ask_for_the_step_they_start_at(tmp_path):
+    journal = tmp_path / "c.jsonl"
+    (m0, history, switches), (m1, history1, switches1) = run_ranks(
+        _short_windows, 2, str(journal), timeout_s=120)
+    assert history == history1 and switches == switches1
+    # metrics() is the same on every rank, coordinator figures included (the leader alone
+    # asks; the others get them with the plan's broadcast).
+    assert m0 == m1
+    ends = [m for _, step, m in m0 if step == N // B - 1]
+    assert len(ends) == 2
+    for m in ends:  # each epoch's last plan was decided from every rank's measurements
+        assert m["imbalance"] >= 1.0 and m["busy_ms/rank0"] > 0 and m["busy_ms/rank1"] > 0, m
+    # Every round asks for the first boundary it can reach from its trigger with the lead in
+    # force (unless none is left in the epoch), and its plan never starts before that boundary.
+    lead, steps = _INITIAL_LEAD, N // B
+    for epoch, kind, trigger, target, status, switch, new_lead in history:
+        assert kind == "window" and target % 2 == 0
+        assert target - trigger == lead or -(-(trigger + lead) // 2) * 2 >= steps, history
+        assert status != "plan" or switch >= target, history
+        lead = new_lead
+    assert max(h[6] for h in history) > 2  # longer than a window: the case under test
+    # The coordinator journalled a plan for each window asked for (and the run's first
+    # request); each plan that trained starts at a window boundary of a plan record.
+    records = [json.loads(line) for line in journal.read_text().splitlines()]
+    asked = [(r["epoch"], r["window"]) for r in records if r.get("event") == "plan"]
+    assert asked == [(0, 0)] + [(h[0], h[3]) for h in history if h[4] != "not ready"], asked
+    on_time = [(h[0], h[5]) for h in history if h[4] == "plan" and h[5] == h[3]]
+    assert set(on_time) <= set(asked)
+    assert set(on_time) <= set(switches) | {(e, s) for e, s in asked if s == 0}
