@@ -10,10 +10,12 @@
 
 **Leader shape** (default; issue 10, the background planner of ``shardbalance/_planner.py``):
 per window ONE plan request from the job's leader, carrying every rank's new measurements as
-``records: [[rank, epoch, step, batch_size, busy_s], ...]`` (at most
-``protocol.MAX_RECORDS_PER_PLAN // k`` per rank and request, the rest kept for the next one, as
-the planner does; leftovers go at close as stats messages), and one reply with the k sizes and
-per-rank figures, which the leader then broadcasts over gloo. Once per run, after the first
+``record_columns: {rank: [...], epoch: [...], step: [...], batch_size: [...], busy_s: [...]}``
+(at most ``_planner._RECORDS_PER_ROUND // k`` per rank and round, the rest kept for the next
+one, as the planner does; what exceeds ``protocol.MAX_RECORDS_PER_PLAN`` goes first in
+``records`` messages, each answered with an ``ack``; leftovers go at close as stats messages),
+and one reply with the k sizes and per-rank figures, which the leader then broadcasts over
+gloo. Once per run, after the first
 plan, each rank sends one empty ``member`` stats message (reported apart). K defaults to 3 here.
 
 What is MEASURED, per column (one real coordinator process over CURVE, one DEALER socket and
@@ -46,7 +48,7 @@ against log(k) over the columns (1.00: O(k)).
 Breakdown (``--no-breakdown`` skips it): the same requests replayed in this process through
 ``Coordinator.handle`` (no sockets), the parts timed by wrapping them here: leader encode and
 decode, ``protocol.open_envelope`` (JSON + signature), ``parse_request`` (validating the
-records), ``RunState.add`` (counting them), and the decision: ``RunState.observations`` (the
+records), ``RunState.ingest`` (counting them), and the decision: ``RunState.observations`` (the
 history arrays), ``policies.decide``, ``Coordinator._announce`` (journal + log + stats);
 "other" is the rest of ``handle`` (journaling the windows, the reply's JSON, bookkeeping).
 
@@ -82,6 +84,33 @@ per-rank shape stats + plan phase 11.5 s (1.2 + 10.3; plan p50/p99 4.8/11.5 s; 4
 broadcast extrapolated), 23x; 1 message each way per window. At K=10 > 16384 // 2048 = 8 the
 planner's per-request cap makes each rank's measurements lag 2 more steps every window (40,960
 records carried at the end, sent at close as 2048 stats messages, all accepted).
+
+With the history in numpy arrays (``shardbalance/_history.py``: a fixed-capacity block per
+rank, a whole request's records ingested in a few array operations, read-only views for the
+policy), the window tallies, medians and the announce's figures vectorised, ``record_columns``
+and ``records`` messages (measured 2026-12-07 on the same VM, shared; before = main in the same
+session, load 0.4-2.9; after, load 4.2-5.8; ``python benchmarks/coordinator_load.py``):
+
+    metric at 4096 ranks (K=3, 50 windows)             | before        | after
+    leader: boundary -> plan held p50 / p99 ms          | 366 / 765     | 202 / 343
+    PLAN PHASE p50 / p99 ms                             | 378 / 777     | 227 / 368
+    coordinator CPU ms per window                       | 336           | 139
+    coordinator RSS end / HWM MiB                       | 218 / 241     | 180 / 206
+    replay ms: decision (observations/decide/announce)  | 253 (146/53/54) | 83 (2.6/56/25)
+    replay ms: total in handle and the leader           | 398           | 136
+    records sent / counted; lost; bytes exponent in k   | 614,400; 0; 1.00 | 614,400; 0; 1.00
+
+(256 / 1024 ranks: plan phase p50 35 / 94 -> 33 / 52 ms.) The decision at 4096 ranks now costs
+~83 ms in the replay, most of it the policy itself (``decide``, 56 ms). The full history
+(``--ranks 4096 --windows 130 --steps-per-window 4 --no-breakdown --gloo-worlds ""``): RSS
+end / HWM 624 / 717 -> 186 / 285 MiB, coordinator CPU 727 -> 251 ms per window, 2,129,920
+records, 0 lost (its latencies were taken under a load average of 11-14 and are not
+comparable). 2048 ranks, K=10 (``--shape both ... --reply-timeout 120``, load 11-13): the
+leader shape's plan phase 921 -> 133 ms p50, and nothing lags any more: each rank may send
+``_RECORDS_PER_ROUND // k`` = 136 records a round (was 8), the overflow going in one
+``records`` message a window (2 messages each way), 204,800 of 204,800 counted (before:
+143,360 of 163,840 counted, 40,960 carried to the close). The per-rank shape at 2048 in the
+same runs: plan phase 12.7 s / 7.4 s wall median (load-bound both times).
 
 **Per-rank shape** (``--shape per-rank``, before issue 10): every rank sends its stats and asks
 for the plan itself. ``--shape both`` runs both shapes per column and prints before -> after.
@@ -880,7 +909,7 @@ def replay_leader(args, k: int) -> dict:
     """The leader shape's requests replayed in this process through ``Coordinator.handle`` (no
     sockets, a journal and log file like the CLI's), its parts timed by wrapping them here:
     the leader's encode, ``protocol.open_envelope`` (JSON and signature), ``parse_request``
-    (validating the records), ``RunState.add`` (counting them), the decision
+    (validating the records), ``RunState.ingest`` (counting them), the decision
     (``RunState.observations``, ``policies.decide``, ``Coordinator._announce``, which journals
     and logs it), and the leader's decode; medians per window, in ms."""
     import shardbalance.coordinator as cm

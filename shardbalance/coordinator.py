@@ -207,6 +207,14 @@ def _row_medians(table: np.ndarray) -> np.ndarray:
     return np.where(n > 0, medians, np.nan)
 
 
+def _rounded(values: np.ndarray, digits: int) -> list:
+    """``values`` rounded to ``digits`` decimals as a list, None for NaN (one pass in numpy)."""
+    out = np.round(values, digits).tolist()
+    if np.isnan(values).any():
+        out = [None if v != v else v for v in out]
+    return out
+
+
 class WindowTally:
     """What the ranks measured while one plan window trained: per rank, the steps, the samples
     and a ring of the newest busy times. Journaled as a ``window`` record."""
@@ -253,8 +261,7 @@ class WindowTally:
         record = {"event": "window", "run": run, "generation": generation,
                   "epoch": self.key[0], "window": self.key[1], "last_step": self.last_step,
                   "steps": self.steps.tolist(), "samples": self.samples.tolist(),
-                  "busy_ms": [None if np.isnan(m) else round(float(m) * 1e3, 3)
-                              for m in medians.tolist()]}
+                  "busy_ms": _rounded(medians * 1e3, 3)}
         if self.late.any():
             record["late"] = self.late.tolist()
         return record
@@ -925,7 +932,7 @@ class Coordinator:
         """Journal and log a decision; the stats sent to the ranks with the plan."""
         # Each rank's median of its newest 32 busy times, from one padded table.
         medians = _row_medians(state.history.tail(32))
-        busy_ms = [None if np.isnan(m) else round(m * 1e3, 2) for m in medians.tolist()]
+        busy_ms = _rounded(medians * 1e3, 2)
         last_batch = state.history.tail(1, column=0)[:, 0]
         busy_batch = [None if np.isnan(b) else int(b) for b in last_batch.tolist()]
         measured = [b for b in busy_ms if b is not None]
@@ -951,8 +958,8 @@ class Coordinator:
             record.update(predicted_step_ms=round(predicted_ms, 3), equal_step_ms=round(equal_ms, 3),
                           speedup_vs_equal=(round(equal_ms / predicted_ms, 4) if predicted_ms > 0
                                             else None),
-                          alpha_ms=[round(a * 1e3, 3) for a in model.alphas],
-                          beta_ms=[round(b * 1e3, 5) for b in model.betas])
+                          alpha_ms=_rounded(np.asarray(model.alphas) * 1e3, 3),
+                          beta_ms=_rounded(np.asarray(model.betas) * 1e3, 5))
             speedup = equal_ms / predicted_ms if predicted_ms > 0 else float("nan")
             line += f" | predicted {predicted_ms:.1f} ms/step, {speedup:.2f}x vs equal split"
         self._write(record)

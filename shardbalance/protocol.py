@@ -347,6 +347,21 @@ def _number(value) -> bool:
         return False
 
 
+def _numbers_or_nulls_within(values: list, lo: float, hi: float) -> bool:
+    """Whether every element is null or a finite number (no bool) in [lo, hi]; fast path as in
+    :func:`_positive_numbers` (a NaN or inf makes the sum non-finite)."""
+    types = set(map(type, values))
+    if types <= {int, float, type(None)}:
+        present = [v for v in values if v is not None] if type(None) in types else values
+        try:
+            if not present or (lo <= min(present) and max(present) <= hi
+                               and math.isfinite(sum(present))):
+                return True
+        except OverflowError:
+            pass
+    return all(v is None or (_number(v) and lo <= v <= hi) for v in values)
+
+
 def _positive_numbers(values: list) -> bool:
     """Whether every element is a finite number > 0 (and no bool), as :func:`_number` says.
 
@@ -432,8 +447,7 @@ class PlanStats:
         busy, sizes = data.get("busy_ms"), data.get("busy_batch_sizes")
         if busy is not None and not (
                 isinstance(busy, list) and len(busy) == world_size <= MAX_STATS_RANKS
-                and all(b is None or (_number(b) and 0 <= b <= MAX_BUSY_SECONDS * 1e3)
-                        for b in busy)):
+                and _numbers_or_nulls_within(busy, 0, MAX_BUSY_SECONDS * 1e3)):
             raise ProtocolError(f"plan stats 'busy_ms' must be null or {world_size} numbers "
                                 f"in [0, {MAX_BUSY_SECONDS * 1e3:g}] or nulls")
         if sizes is not None and not (
