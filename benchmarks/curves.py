@@ -4,6 +4,8 @@
     python benchmarks/curves.py --clusters flat --repeats 1 --policies curve
     python benchmarks/curves.py --scale                 # + the simulator at 4096 ranks
     python benchmarks/curves.py --modes epoch --epochs 3 --repeats 2   # the first-epoch figures
+    python benchmarks/curves.py --clusters capped --modes epoch --seeded \
+        --static-plans '9,31,44,44;8,33,43,44'          # what machinery and near-ties cost
 
 Each launch is one ``torchrun`` (gloo, CPU, 127.0.0.1, a free port, a time bound that kills the
 whole process group) of this file's worker. In that one run, one after the other on the same
@@ -17,6 +19,18 @@ ranks, data and DataLoader (``--num-workers`` > 0, persistent workers), each con
   (:func:`shardbalance.emulate.curve_seconds`) and the one with the least step is kept.
 * each adaptive policy of ``--policies`` with a plan every ``--window`` steps
   (``rebalance_every``), and with one plan per epoch (``/epoch``, for the first-epoch figures).
+* with ``--seeded``, each of those started on the oracle plan (``/seeded-window``,
+  ``/seeded-epoch``: ``initial_weights``, so no early re-plans): what the coordinator's
+  machinery and the policy's own plan changes cost once it starts at the optimum.
+* with ``--static-plans``, each plan given fixed (``static[...]``): how far near-ties of the
+  oracle plan are from it on this machine.
+
+Epochs are ``--steps-per-epoch`` long: 192 by default with ``--modes epoch``, 24 otherwise.
+The window figures count windows, so short epochs serve them; the epoch figures are ratios of
+whole epochs, and a real epoch is hundreds of steps or more. At 24 steps, the steps on the
+equal split before the first early re-plan can land (the measured warm-up, 4 steps, then
+the loader's prefetch, 2 here) and the one-off costs of the new sizes cap epoch 0 near 0.8
+whatever the policy decides; a run of hundreds of steps pays the same few steps once.
 
 Figures, per contender and repeat, from rank 0's wall time of every optimizer step:
 
