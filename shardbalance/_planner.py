@@ -22,9 +22,10 @@ c. the leader broadcasts the plan's batch sizes and what the coordinator measure
    not ready; a gloo timeout is never the way to say "no plan";
 d. only then each rank snapshots how far its generator has decided (its *claim*: the last step
    whose plan is fixed) and one all-reduce (MAX) gives the switch step ``s*``, the first switch
-   point after every rank's claim (for a window round, and not before its target). From its snapshot until ``s*`` is installed a generator that
-   reaches a switch point waits (bounded); that wait is one tiny collective, never the
-   coordinator. Every rank installs the same plan at the same ``s*``.
+   point after every rank's claim (for a window round, and not before its target). From its
+   snapshot until ``s*`` is installed a generator that reaches a switch point waits (bounded);
+   that wait is one tiny collective, never the coordinator. Every rank installs the same plan
+   at the same ``s*``.
 
 Triggers are chosen so the plan lands at its boundary: ``trigger = boundary - L`` with ``L``
 the largest prefetch depth plus the plan phase's duration in steps, plus one, both agreed in
