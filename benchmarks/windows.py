@@ -27,8 +27,9 @@ order that rotates by one each round. Figures:
 * ``plan model``: the oracle's over this one's mean *modelled* step (the emulator's curve,
   :func:`shardbalance.emulate.curve_seconds`, for the plan each converged step trained): what
   the plans alone cost, free of the machine's noise and of the planning overheads.
-* ``final plans`` (every repeat) and ``generator waits`` (a switch step whose plan was not
-  agreed yet when the loader reached it).
+* ``plans at epoch ends``: the plans trained at the end of the converged epochs (all repeats),
+  and ``generator waits`` (a switch step whose plan was not agreed yet when the loader
+  reached it).
 
 Every wait is bounded: the gloo group (``--peer-timeout``), the samplers (``timeout_s``), and
 the parent waits at most ``--stall`` seconds for the next epoch's figures and ``--timeout`` in
@@ -195,7 +196,7 @@ def _print(args, configs, rows, load_start: float, started: float, complete: boo
           f"{load_start:.1f}")
     print()
     print("| configuration | epochs | epoch s (median) | spread (min-max) | oracle/this | "
-          "paired (median, min-max) | plan model | final plans | generator waits |")
+          "paired (median, min-max) | plan model | plans at epoch ends | generator waits |")
     print("|---|---|---|---|---|---|---|---|---|")
     for row in _summarise(configs, rows, args.warmup_epochs):
         plans = " ".join(str(list(s)) for s in row["finals"])

@@ -23,15 +23,18 @@ c. the leader broadcasts the plan's batch sizes and what the coordinator measure
    not ready; a gloo timeout is never the way to say "no plan";
 d. only then each rank snapshots how far its generator has decided (its *claim*: the last step
    whose plan is fixed) and one all-reduce (MAX) gives the switch step ``s*``, the first switch
-   point after every rank's claim (for a window round, and not before its target). From its snapshot until ``s*`` is installed a generator that
-   reaches a switch point waits (bounded); that wait is one tiny collective, never the
-   coordinator. Every rank installs the same plan at the same ``s*``.
+   point after every rank's claim (for a window round, and not before its target). From its
+   snapshot until ``s*`` is installed a generator that reaches a switch point waits (bounded);
+   that wait is one tiny collective, never the coordinator. Every rank installs the same plan
+   at the same ``s*``.
 
 Triggers are chosen so the plan lands at its boundary: ``trigger = boundary - L`` with ``L``
 the largest prefetch depth plus the plan phase's duration in steps, plus one, both agreed in
-the previous round. A boundary fewer than ``L`` steps after the earliest possible trigger (an
-iterator's first windows when ``L`` > k) is not asked for: the round asks for the first one it
-can reach, so the window each request names is the step its plan starts at. Every round's descriptor (its trigger, target and kind) is computed on
+the previous round. A boundary the generator has already passed when the round can first fire
+(an iterator's first windows when the loader prefetches more than a window) is not asked for:
+the round asks for the first one after it, and a window's plan never starts before the window
+it was asked for, so the window each request names is the step its plan starts at (unless the
+round runs late). Every round's descriptor (its trigger, target and kind) is computed on
 every rank from agreed figures only, so all ranks run the same rounds in the same order.
 """
 
@@ -139,6 +142,8 @@ class BackgroundPlanner:
         self._registering: int | None = None
         # -- agreed across rounds ------------------------------------------------------
         self.lead = _INITIAL_LEAD
+        #: The largest prefetch depth (steps yielded but not trained), agreed in the last round.
+        self.depth = 0
         self._phase_steps = 0.0
         self._step_marks: collections.deque[float] = collections.deque(maxlen=16)
         # -- leader backoff ------------------------------------------------------------
@@ -158,7 +163,7 @@ class BackgroundPlanner:
         #: requests stay within the protocol's cap whatever the world size.
         self._per_round = max(1, _RECORDS_PER_ROUND // (
             1 if self.group is None else self.group.size()))
-        #: The newest rounds: ``(epoch, kind, trigger, target, status, switch, lead)``.
+        #: The newest rounds: ``(epoch, kind, trigger, target, status, switch, lead, depth)``.
         self.history: collections.deque[tuple] = collections.deque(maxlen=4096)
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="shardbalance-planner",
@@ -324,7 +329,8 @@ class BackgroundPlanner:
             mine.append(self._records.popleft())
         figures = self._all_reduce_max([float(depth), self._phase_steps, -ready,
                                         float(len(mine))])
-        lead = int(figures[0]) + int(math.ceil(figures[1])) + 1
+        depth = int(figures[0])
+        lead = depth + int(math.ceil(figures[1])) + 1
         all_ready = -figures[2] >= 1.0
         if figures[3] > 0:
             self._gather(mine, int(figures[3]))
@@ -345,7 +351,7 @@ class BackgroundPlanner:
             switch = self._next_switch(max(top, rnd.target - 1) if rnd.kind == "window"
                                        else top, rnd.kind)
         with self._cv:
-            self._settle(rnd, status, plan, switch, lead, stats)
+            self._settle(rnd, status, plan, switch, lead, stats, depth)
             self._frozen = False
             self._cv.notify_all()
         # The phase's duration in steps (for the next round's lead).
@@ -356,11 +362,11 @@ class BackgroundPlanner:
                 self._phase_steps = min((time.monotonic() - started) / step_s, 1e6)
 
     def _settle(self, rnd: _Round, status: float, plan: Plan | None, switch: int | None,
-                lead: int, stats: PlanStats | None = None) -> None:
+                lead: int, stats: PlanStats | None = None, depth: int = 0) -> None:
         """Install the round's result and compute the next round (from agreed figures only)."""
-        self.lead = lead
+        self.lead, self.depth = lead, depth
         self.history.append((self.epoch, rnd.kind, rnd.trigger, rnd.target,
-                             _STATUS[status], switch, lead))
+                             _STATUS[status], switch, lead, depth))
         self._last_trigger, self._last_target = rnd.trigger, rnd.target
         self._next_done = self._next_done or rnd.kind == "next"
         if status == _PLAN:
@@ -408,13 +414,14 @@ class BackgroundPlanner:
             if target >= steps:
                 return None
             earliest = max(last + 1, 0)
-            reach = -(-(earliest + self.lead) // k) * k
+            # When this round fires the generator has decided the plan of the window holding
+            # step earliest + depth at least: a boundary before it cannot be reached (an
+            # iterator's first windows when the loader prefetches more than a window). Ask for
+            # the first one after it, so the request (and the coordinator's journal and window
+            # tallies) names the step the plan starts at. (None left in this iterator: the
+            # round still runs and measures the depth again.)
+            reach = ((earliest + self.depth) // k + 1) * k
             if target < reach < steps:
-                # Too late for that boundary (an iterator's first window when L > k): ask for
-                # the first one the plan can reach, so the request (and the coordinator's
-                # journal and window tallies) names the step it switches at. (None in this
-                # iterator, e.g. L grown by a failed request: the round still runs, lands late
-                # and measures L again.)
                 target = reach
             trigger = max(target - self.lead, earliest)
             return _Round("window", trigger, target) if trigger < steps else None
