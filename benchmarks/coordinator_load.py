@@ -102,10 +102,10 @@ session, load 0.4-2.9; after, load 4.2-5.8; ``python benchmarks/coordinator_load
 
 (256 / 1024 ranks: plan phase p50 35 / 94 -> 33 / 52 ms.) The decision at 4096 ranks now costs
 ~83 ms in the replay, most of it the policy itself (``decide``, 56 ms). The full history
-(``--ranks 4096 --windows 130 --steps-per-window 4 --no-breakdown --gloo-worlds ""``): RSS
-end / HWM 624 / 717 -> 186 / 285 MiB, coordinator CPU 727 -> 251 ms per window, 2,129,920
-records, 0 lost (its latencies were taken under a load average of 11-14 and are not
-comparable). 2048 ranks, K=10 (``--shape both ... --reply-timeout 120``, load 11-13): the
+(``--ranks 4096 --windows 130 --steps-per-window 4 --no-breakdown --gloo-worlds ""``, before
+load 2.9-5.8, after 1.5-3.1): RSS end / HWM 624 / 717 -> 184 / 281 MiB, coordinator CPU 727 ->
+223 ms per window, leader p50 / p99 717 / 4239 -> 285 / 448 ms (16,384 records a window),
+2,129,920 records, 0 lost. 2048 ranks, K=10 (``--shape both ... --reply-timeout 120``, load 11-13): the
 leader shape's plan phase 921 -> 133 ms p50, and nothing lags any more: each rank may send
 ``_RECORDS_PER_ROUND // k`` = 136 records a round (was 8), the overflow going in one
 ``records`` message a window (2 messages each way), 204,800 of 204,800 counted (before:

@@ -282,6 +282,3 @@ class RankView(Mapping):
 
     def __len__(self) -> int:
         return int(self._history.end[self._rank] - self._history.start[self._rank])
-
-    def values(self):
-        return [v for _, v in self._items()]

@@ -57,7 +57,6 @@ dead or stalled rank can never stall the others.
 from __future__ import annotations
 
 import collections
-import gc
 import hashlib
 import hmac
 import json
@@ -568,17 +567,6 @@ class Coordinator:
         With ``defer``, a request that needs a new decision returns None untouched (the loop
         answers it after the cheap requests received with it).
         """
-        # The garbage collector paused for one request: a large run's request allocates
-        # enough containers to trigger several collections, each a pass over every object.
-        paused = gc.isenabled()
-        gc.disable()
-        try:
-            return self._handle(frames, defer)
-        finally:
-            if paused:
-                gc.enable()
-
-    def _handle(self, frames: list[bytes], defer: bool) -> list[bytes] | None:
         msg_id, key, binding, created = 0, self.secret, None, False
         try:
             msg, body, mac = protocol.open_envelope(frames)
