@@ -27,6 +27,9 @@ order that rotates by one each round. Figures:
 * ``plan model``: the oracle's over this one's mean *modelled* step (the emulator's curve,
   :func:`shardbalance.emulate.curve_seconds`, for the plan each converged step trained): what
   the plans alone cost, free of the machine's noise and of the planning overheads.
+* ``CPU ms/step``: the median over converged epochs of rank 0's process CPU time (training,
+  loader feeding and planner threads) and of its embedded coordinator's, per step: on a
+  2-core machine every CPU millisecond beside the ranks' sleeps can land on a step.
 * ``plans at epoch ends``: the plans trained at the end of the converged epochs (all repeats),
   and ``generator waits`` (a switch step whose plan was not agreed yet when the loader
   reached it).
@@ -74,6 +77,18 @@ def _modelled_step(sizes) -> float:
     return max(curve_seconds(b, s, PER_SAMPLE_S, OVERHEAD_S) for b, s in zip(sizes, SPEEDS))
 
 
+def _cpu_s(pid: int | None) -> float:
+    """CPU seconds (user + system) process ``pid`` used so far; 0 without one."""
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _rank(rank: int, world: int, port: int, args, configs, out: "mp.Queue") -> None:
     import torch
     import torch.distributed as dist
@@ -111,7 +126,10 @@ def _rank(rank: int, world: int, port: int, args, configs, out: "mp.Queue") -> N
                 for name, sampler, loader, model in runs[shift:] + runs[:shift]:
                     sampler.set_epoch(epoch)
                     plans = {}
+                    embedded = getattr(sampler.session, "embedded", None)
+                    coordinator = None if embedded is None else embedded.pid
                     dist.barrier()
+                    cpu = time.process_time(), _cpu_s(coordinator)
                     start = time.perf_counter()
                     for x, y in loader:
                         F.cross_entropy(model(x), y).backward()
@@ -120,11 +138,12 @@ def _rank(rank: int, world: int, port: int, args, configs, out: "mp.Queue") -> N
                         plans[sizes] = plans.get(sizes, 0) + 1
                     dist.barrier()
                     elapsed = time.perf_counter() - start
+                    cpu = (time.process_time() - cpu[0], _cpu_s(coordinator) - cpu[1])
                     if rank == 0:
                         planner = sampler.planner
                         waits = planner.stats.get("waits", 0) if planner is not None else 0
                         out.put(("epoch", name, repeat, epoch, elapsed, plans,
-                                 sampler.batch_sizes, waits))
+                                 sampler.batch_sizes, waits, cpu))
             dist.barrier()
             for name, sampler, loader, model in runs:
                 sampler.close()
@@ -141,18 +160,20 @@ def _summarise(configs, rows, warmup: int) -> list[dict]:
     times: dict[str, list[float]] = {name: [] for name, _ in configs}
     by_round: dict[tuple[int, int], dict[str, float]] = {}
     steps: dict[str, dict] = {name: {} for name, _ in configs}
+    cpus: dict[str, list] = {name: [] for name, _ in configs}
     finals: dict[str, set] = {name: set() for name, _ in configs}
     waits: dict[str, int] = {name: 0 for name, _ in configs}
-    for name, repeat, epoch, elapsed, plans, final, waited in rows:
+    for name, repeat, epoch, elapsed, plans, final, waited, cpu in rows:
         if epoch < warmup:
             continue
         times[name].append(elapsed)
+        cpus[name].append(cpu)
         by_round.setdefault((repeat, epoch), {})[name] = elapsed
         for sizes, count in plans.items():
             steps[name][sizes] = steps[name].get(sizes, 0) + count
         finals[name].add(tuple(final))
     last_waits: dict[tuple[str, int], int] = {}
-    for name, repeat, epoch, elapsed, plans, final, waited in rows:
+    for name, repeat, epoch, elapsed, plans, final, waited, _ in rows:
         last_waits[(name, repeat)] = waited  # a sampler's counter is cumulative
     for (name, _), waited in last_waits.items():
         waits[name] += waited
@@ -180,6 +201,9 @@ def _summarise(configs, rows, warmup: int) -> list[dict]:
         model = modelled(name)
         if model and oracle_model:
             row["model"] = oracle_model / model
+        if cpus[name]:
+            row["rank_cpu_ms"] = statistics.median(c[0] for c in cpus[name]) * 1e3 / STEPS
+            row["coordinator_cpu_ms"] = statistics.median(c[1] for c in cpus[name]) * 1e3 / STEPS
         out.append(row)
     return out
 
@@ -196,16 +220,18 @@ def _print(args, configs, rows, load_start: float, started: float, complete: boo
           f"{load_start:.1f}")
     print()
     print("| configuration | epochs | epoch s (median) | spread (min-max) | oracle/this | "
-          "paired (median, min-max) | plan model | plans at epoch ends | generator waits |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "paired (median, min-max) | plan model | CPU ms/step rank 0, coordinator | "
+          "plans at epoch ends | generator waits |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in _summarise(configs, rows, args.warmup_epochs):
         plans = " ".join(str(list(s)) for s in row["finals"])
         spread = f"{fmt(row.get('low'))}-{fmt(row.get('high'))}"
         paired = f"{fmt(row.get('paired'))} ({fmt(row.get('paired_low'))}-" \
                  f"{fmt(row.get('paired_high'))})"
+        cpu = f"{fmt(row.get('rank_cpu_ms'), '.2f')}, {fmt(row.get('coordinator_cpu_ms'), '.2f')}"
         print(f"| {row['name']} | {row['n']} | {fmt(row.get('median'))} | {spread} | "
-              f"{fmt(row.get('ratio'))} | {paired} | {fmt(row.get('model'))} | {plans} | "
-              f"{row['waits']} |")
+              f"{fmt(row.get('ratio'))} | {paired} | {fmt(row.get('model'))} | {cpu} | "
+              f"{plans} | {row['waits']} |")
     print(f"\ntotal wall time {time.monotonic() - started:.0f} s, load average at end "
           f"{os.getloadavg()[0]:.1f}")
 
