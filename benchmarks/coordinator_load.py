@@ -107,9 +107,9 @@ session, load 0.4-2.9; after, load 2.7-3.7; ``python benchmarks/coordinator_load
 load 2.9-5.8, after 1.5-3.1): RSS end / HWM 624 / 717 -> 184 / 281 MiB, coordinator CPU 727 ->
 223 ms per window, leader p50 / p99 717 / 4239 -> 285 / 448 ms (16,384 records a window),
 2,129,920 records, 0 lost. 2048 ranks, K=10 (``--shape both ... --reply-timeout 120``, load
-6-13): the leader shape's plan phase 921 -> 133 ms p50, and nothing lags any more: each rank may send
-``_RECORDS_PER_ROUND // k`` = 136 records a round (was 8), the overflow going in one
-``records`` message a window (2 messages each way), 204,800 of 204,800 counted (before:
+6-13): the leader shape's plan phase 921 -> 133 ms p50, and nothing lags any more: each
+rank may send ``_RECORDS_PER_ROUND // k`` = 136 records a round (was 8), the overflow going in
+one ``records`` message a window (2 messages each way), 204,800 of 204,800 counted (before:
 143,360 of 163,840 counted, 40,960 carried to the close). The per-rank shape at 2048 in the
 same runs: plan phase 12.7 s / 7.4 s wall median (load-bound both times).
 
