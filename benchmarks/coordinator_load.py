@@ -89,26 +89,27 @@ With the history in numpy arrays (``shardbalance/_history.py``: a fixed-capacity
 rank, a whole request's records ingested in a few array operations, read-only views for the
 policy), the window tallies, medians and the announce's figures vectorised, ``record_columns``
 and ``records`` messages (measured 2026-12-07 on the same VM, shared; before = main in the same
-session, load 0.4-2.9; after, load 4.2-5.8; ``python benchmarks/coordinator_load.py``):
+session, load 0.4-2.9; after, load 2.7-3.7; ``python benchmarks/coordinator_load.py``):
 
-    metric at 4096 ranks (K=3, 50 windows)             | before        | after
-    leader: boundary -> plan held p50 / p99 ms          | 366 / 765     | 202 / 343
-    PLAN PHASE p50 / p99 ms                             | 378 / 777     | 227 / 368
-    coordinator CPU ms per window                       | 336           | 139
-    coordinator RSS end / HWM MiB                       | 218 / 241     | 180 / 206
-    replay ms: decision (observations/decide/announce)  | 253 (146/53/54) | 83 (2.6/56/25)
-    replay ms: total in handle and the leader           | 398           | 136
+    metric at 4096 ranks (K=3, 50 windows)             | before           | after
+    leader: boundary -> plan held p50 / p99 ms          | 366 / 765        | 128 / 242
+    PLAN PHASE p50 / p99 ms                             | 378 / 777        | 147 / 260
+    coordinator CPU ms per window                       | 336              | 99
+    coordinator RSS end / HWM MiB                       | 218 / 241        | 180 / 206
+    replay ms: decision (observations/decide/announce)  | 253 (146/53/54)  | 61 (1.6/45/15)
+    replay ms: total in handle and the leader           | 398              | 100
     records sent / counted; lost; bytes exponent in k   | 614,400; 0; 1.00 | 614,400; 0; 1.00
 
-(256 / 1024 ranks: plan phase p50 35 / 94 -> 33 / 52 ms.) The decision at 4096 ranks now costs
-~83 ms in the replay, most of it the policy itself (``decide``, 56 ms). The full history
+(256 / 1024 ranks: plan phase p50 35 / 94 -> 30 / 55 ms.) The decision at 4096 ranks now costs
+~61 ms in the replay, most of it the policy itself (``decide``, 45 ms); under a load average of
+4-6 the same run gave plan phase p50 / p99 227 / 368 ms and a 83 ms decision. The full history
 (``--ranks 4096 --windows 130 --steps-per-window 4 --no-breakdown --gloo-worlds ""``, before
 load 2.9-5.8, after 1.5-3.1): RSS end / HWM 624 / 717 -> 184 / 281 MiB, coordinator CPU 727 ->
 223 ms per window, leader p50 / p99 717 / 4239 -> 285 / 448 ms (16,384 records a window),
-2,129,920 records, 0 lost. 2048 ranks, K=10 (``--shape both ... --reply-timeout 120``, load 11-13): the
-leader shape's plan phase 921 -> 133 ms p50, and nothing lags any more: each rank may send
-``_RECORDS_PER_ROUND // k`` = 136 records a round (was 8), the overflow going in one
-``records`` message a window (2 messages each way), 204,800 of 204,800 counted (before:
+2,129,920 records, 0 lost. 2048 ranks, K=10 (``--shape both ... --reply-timeout 120``, load
+6-13): the leader shape's plan phase 921 -> 133 ms p50, and nothing lags any more: each
+rank may send ``_RECORDS_PER_ROUND // k`` = 136 records a round (was 8), the overflow going in
+one ``records`` message a window (2 messages each way), 204,800 of 204,800 counted (before:
 143,360 of 163,840 counted, 40,960 carried to the close). The per-rank shape at 2048 in the
 same runs: plan phase 12.7 s / 7.4 s wall median (load-bound both times).
 
