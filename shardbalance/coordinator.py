@@ -196,6 +196,23 @@ def _before(epochs: np.ndarray, steps: np.ndarray, epoch: int, step: int) -> np.
     return (epochs < epoch) | ((epochs == epoch) & (steps < step))
 
 
+#: A log line lists per-rank figures in full up to this many ranks (the journal always does).
+_LOG_RANKS = 16
+
+
+def _brief(values) -> str:
+    """Per-rank figures for a log line: all of them for a small world; for a large one the
+    first and last four and their spread, so a decision at 4096 ranks stays one readable line."""
+    values = list(values)
+    if len(values) <= _LOG_RANKS:
+        return str(values)
+    ordered = sorted(values)
+    head = ", ".join(str(v) for v in values[:4])
+    tail = ", ".join(str(v) for v in values[-4:])
+    return (f"[{head}, ..., {tail}] ({len(values)} ranks: min {ordered[0]}, "
+            f"median {ordered[len(ordered) // 2]}, max {ordered[-1]})")
+
+
 def _row_medians(table: np.ndarray) -> np.ndarray:
     """Each row's median over its non-NaN values (NaN for a row without any), by one sort."""
     ordered = np.sort(table, axis=1)  # NaNs sort last
@@ -936,9 +953,9 @@ class Coordinator:
             "plan": plan.to_dict(),
         }
         line = (f"run {state.run_id} gen {state.generation} epoch {plan.epoch} "
-                f"step {plan.window}: plan {list(plan.batch_sizes)} ({state.config.policy}: {reason})")
+                f"step {plan.window}: plan {_brief(plan.batch_sizes)} ({state.config.policy}: {reason})")
         if imbalance is not None:
-            line += f" | busy ms/step {busy_ms} | imbalance {imbalance:.2f}"
+            line += f" | busy ms/step {_brief(busy_ms)} | imbalance {imbalance:.2f}"
         if model is not None:
             equal = state.equal_split()
             predicted_ms = plan.predicted_step_s * 1e3

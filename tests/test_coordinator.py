@@ -271,3 +271,16 @@ def test_embedded_coordinator_binds_the_interface_that_routes_to_the_master():
     finally:
         coordinator.stop()
         assert coordinator.process.poll() is not None
+
+
+def test_a_decision_log_line_stays_one_readable_line_at_thousands_of_ranks():
+    from shardbalance.coordinator import _LOG_RANKS, _brief
+
+    small = [28, 54, 110]
+    assert _brief(small) == str(small)
+    assert _brief(list(range(_LOG_RANKS))) == str(list(range(_LOG_RANKS)))
+    large = [7] * 4095 + [3]
+    line = _brief(large)
+    assert line.startswith("[7, 7, 7, 7, ..., 7, 7, 7, 3]") and "4096 ranks" in line
+    assert "min 3" in line and "median 7" in line and "max 7" in line
+    assert len(line) < 120
