@@ -143,7 +143,7 @@ not met, before or after, and not for the policy: its settled plans are 0.97-1.0
 oracle, but each plan lands a window after the one it was decided for (the journal: the plan
 decided for epoch 0 step 8 is trained from step 16, the try decided for epoch 1 step 8 from
 step 16), so window 4, the first one counted, still trains the first move ([20, 38, 38],
-0.72 of the oracle) and the try of the fast rank's flat top arrives in window 5. Meeting it
+0.80 of the oracle) and the try of the fast rank's flat top arrives in window 5. Meeting it
 needs plans that land on their window (the planner's lead), not a different policy. The
 filled try (``_fill_tries``) fixes the policy's own near-tie ([16, 33, 47] held within the
 band, 3 % off) in the in-process closed loop; on this benchmark the unfilled try already
