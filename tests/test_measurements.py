@@ -245,5 +245,9 @@ def test_refused_records_messages_are_kept_and_the_plan_request_still_goes(runni
         history = running.coordinator.runs["run-a"].history
         assert sorted((r, *k) for r in range(3) for k in history[r]) == \
             sorted((r[0], r[1], r[2]) for r in ROWS)
+        # The refused (older) records take their places by step: each rank's rows stay in step
+        # order, so its newest rows are its newest steps.
+        for rank in range(3):
+            assert list(history[rank]) == [(r[1], r[2]) for r in ROWS if r[0] == rank]
     finally:
         client.close()
