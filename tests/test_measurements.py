@@ -251,3 +251,30 @@ def test_refused_records_messages_are_kept_and_the_plan_request_still_goes(runni
             assert list(history[rank]) == [(r[1], r[2]) for r in ROWS if r[0] == rank]
     finally:
         client.close()
+
+
+def kept_events(running):
+    """The journal's records but the count of refused messages."""
+    with open(running.coordinator.journal_path) as fh:
+        return [line for line in fh if json.loads(line)["event"] != "rejected"]
+
+
+def test_a_new_generation_with_a_bad_record_is_refused_before_it_replaces_the_run(running):
+    """The batch-size check against the run's global batch comes before the request creates a
+    generation: a refused request leaves the run, its history and its journal as they were."""
+    client = CoordinatorClient(running.endpoint, SECRET, timeout_s=3)
+    try:
+        client.plan(**plan_fields(records=ROWS))
+        before = state_of(running)
+        journal = kept_events(running)
+        bad = columns(ROWS[:2])
+        bad["batch_size"][1] = 500
+        for extra in ({"record_columns": bad}, {"records": [[0, 0, 9, 500, 0.1]]}):
+            with pytest.raises(CoordinatorError, match="batch size 500 exceeds the global"):
+                client.plan(**plan_fields(generation=1, **extra))
+            state = running.coordinator.runs["run-a"]
+            assert state.generation == 0
+            assert state_of(running) == before
+            assert kept_events(running) == journal  # no new run, generation or plan
+    finally:
+        client.close()
