@@ -167,7 +167,8 @@ class RankHistory:
         new = np.ones(n, dtype=bool)
         if not n:
             return new
-        order = np.argsort(records.rank, kind="stable")
+        # By rank, then key; stable, so a key's records keep their order.
+        order = np.lexsort((records.step, records.epoch, records.rank))
         rec = records.take(order)
         ranks = rec.rank
         first = np.ones(n, dtype=bool)
@@ -176,21 +177,30 @@ class RankHistory:
         group = np.cumsum(first) - 1
         counts = np.diff(np.append(starts, n))
         granks = ranks[starts]
-        # The vectorised path takes a rank's records when they are in step order (so no key
-        # twice) and each is either after everything it holds (appended) or a key it holds (a
-        # resend: overwritten in place, not new); anything else (a record older than the
-        # rank's newest that it does not hold) goes through the per-record rules.
-        increasing = np.ones(n, dtype=bool)
-        increasing[1:] = _after(rec.epoch[1:], rec.step[1:], rec.epoch[:-1], rec.step[:-1])
-        increasing[first] = True
+        # A key several times (the members of one model replica report its rank, gathered in
+        # one request): one record, the slowest, when they agree on the batch size (what the
+        # rules leave); the first of them is the new one.
+        lead = first.copy()
+        lead[1:] |= (rec.epoch[1:] != rec.epoch[:-1]) | (rec.step[1:] != rec.step[:-1])
+        busy, mixed = rec.busy, np.zeros(n, dtype=bool)
+        if not lead.all():
+            heads = np.flatnonzero(lead)
+            per_key = np.cumsum(lead) - 1
+            busy = np.maximum.reduceat(rec.busy, heads)[per_key]
+            mixed = (np.minimum.reduceat(rec.batch, heads)
+                     != np.maximum.reduceat(rec.batch, heads))[per_key]
+        # The vectorised path takes a rank's records when each key is either after everything
+        # the rank holds (appended) or a key it holds (a resend: overwritten in place, not
+        # new); anything else (a record older than the rank's newest that it does not hold,
+        # a key repeated with different batch sizes) goes through the per-record rules.
         fresh = _after(rec.epoch, rec.step, self.top[ranks, 0], self.top[ranks, 1])
         at = np.full(n, -1, dtype=np.int64)
         if not fresh.all():
-            old = np.flatnonzero(~fresh)
+            old = np.flatnonzero(~fresh & lead)
             at[old] = self._find(ranks[old], rec.epoch[old], rec.step[old])
         known = at >= 0
-        appended = np.add.reduceat(fresh.astype(np.int64), starts)
-        fast = (np.logical_and.reduceat(increasing & (fresh | known), starts)
+        appended = np.add.reduceat((fresh & lead).astype(np.int64), starts)
+        fast = (np.logical_and.reduceat((fresh | known | ~lead) & ~mixed, starts)
                 & (appended <= self.slack))
         for g in np.flatnonzero(~fast).tolist():
             lo = starts[g]
@@ -199,11 +209,12 @@ class RankHistory:
         mine = fast[group]
         if not mine.any():
             return new
+        new[order[mine & ~lead]] = False
         resent = np.flatnonzero(known & mine)
         if len(resent):
-            self._overwrite(ranks[resent], at[resent], rec.batch[resent], rec.busy[resent])
+            self._overwrite(ranks[resent], at[resent], rec.batch[resent], busy[resent])
             new[order[resent]] = False
-        rows = np.flatnonzero(fresh & mine)
+        rows = np.flatnonzero(fresh & lead & mine)
         if not len(rows):
             return new
         fg, fcounts = np.unique(ranks[rows], return_counts=True)
@@ -215,7 +226,7 @@ class RankHistory:
         rank_of = np.repeat(fg, fcounts)
         at = self.end[rank_of] + offset
         self.obs[rank_of, at, 0] = rec.batch[rows]
-        self.obs[rank_of, at, 1] = rec.busy[rows]
+        self.obs[rank_of, at, 1] = busy[rows]
         self.keys[rank_of, at, _GEN] = self.generation
         self.keys[rank_of, at, _EPOCH] = rec.epoch[rows]
         self.keys[rank_of, at, _STEP] = rec.step[rows]

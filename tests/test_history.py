@@ -147,6 +147,14 @@ def test_resent_records_of_every_rank_take_the_vectorised_path(monkeypatch):
         assert list(ring[rank]) == [(0, s) for s in range(6, 14)]
         assert ring[rank][(0, 8)] == (8, 0.03) and ring[rank][(0, 10)] == (8, 0.03)
         assert ring[rank][(0, 12)] == (8, 0.01)
+    # Two members of each model replica report its rank, gathered into one request (member
+    # 0's steps, then member 1's): the slowest kept, each step new once.
+    members = Records.concat([batch(14, 0.01), batch(14, 0.05)])
+    new = ring.add(members)
+    assert new.sum() == world * 4 and new[:world * 4].all()
+    for rank in range(world):
+        assert list(ring[rank])[-4:] == [(0, s) for s in range(14, 18)]
+        assert ring[rank][(0, 15)] == (8, 0.05)
 
 
 def test_capacity_must_be_positive():
