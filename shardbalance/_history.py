@@ -202,10 +202,16 @@ class RankHistory:
         appended = np.add.reduceat((fresh & lead).astype(np.int64), starts)
         fast = (np.logical_and.reduceat((fresh | known | ~lead) & ~mixed, starts)
                 & (appended <= self.slack))
-        for g in np.flatnonzero(~fast).tolist():
+        # The rest: merged with the rank's rows in numpy, but a key repeated with different
+        # batch sizes (whose outcome depends on the order): the per-record rules.
+        slow = np.logical_or.reduceat(mixed, starts)
+        for g in np.flatnonzero(slow).tolist():
             lo = starts[g]
             new[order[lo:lo + counts[g]]] = self._add_slowly(int(granks[g]), rec, lo,
                                                              lo + counts[g])
+        merged = (~fast & ~slow)[group]
+        if merged.any():
+            self._merge(rec, busy, lead, known, at, merged, order, new)
         mine = fast[group]
         if not mine.any():
             return new
@@ -235,6 +241,40 @@ class RankHistory:
         self.end[fg] += fcounts
         self.start[fg] = np.maximum(self.start[fg], self.end[fg] - self.capacity)
         return new
+
+    def _merge(self, rec: Records, busy, lead, known, at, mine, order, new) -> None:
+        """Records ``rec[mine]`` (whole ranks, keys in order, ``busy`` the slowest of a
+        repeated key) merged with their ranks' rows by key, the newest ``capacity`` kept."""
+        resent = np.flatnonzero(known & mine)
+        if len(resent):
+            self._overwrite(rec.rank[resent], at[resent], rec.batch[resent], busy[resent])
+            new[order[resent]] = False
+        new[order[mine & ~lead]] = False
+        add = np.flatnonzero(mine & lead & ~known)
+        if not len(add):
+            return
+        ranks = np.unique(rec.rank[add])
+        lo, length = self.start[ranks], self.end[ranks] - self.start[ranks]
+        held = np.repeat(ranks, length)
+        row = np.repeat(lo - (np.cumsum(length) - length), length) + np.arange(length.sum())
+        keys = np.concatenate([self.keys[held, row], np.column_stack(
+            [np.full(len(add), self.generation), rec.epoch[add], rec.step[add]])])
+        obs = np.concatenate([self.obs[held, row],
+                              np.column_stack([rec.batch[add], busy[add]])])
+        owner = np.concatenate([held, rec.rank[add]])
+        by_key = np.lexsort((keys[:, _STEP], keys[:, _EPOCH], keys[:, _GEN], owner))
+        keys, obs, owner = keys[by_key], obs[by_key], owner[by_key]
+        total = np.bincount(owner, minlength=self.world_size)[ranks]
+        kept = np.minimum(total, self.capacity)
+        place = np.arange(len(owner)) - np.repeat(np.cumsum(total) - total, total) \
+            - np.repeat(total - kept, total)
+        keep = place >= 0
+        self.obs[owner[keep], place[keep]] = obs[keep]
+        self.keys[owner[keep], place[keep]] = keys[keep]
+        self.start[ranks], self.end[ranks] = 0, kept
+        newest = keys[np.cumsum(total) - 1]
+        ours = newest[:, _GEN] == self.generation
+        self.top[ranks] = np.where(ours[:, None], newest[:, 1:], -1)
 
     def _find(self, ranks: np.ndarray, epochs: np.ndarray, steps: np.ndarray) -> np.ndarray:
         """Where each rank holds ``(generation, epoch, step)`` in its buffer, -1 where it does

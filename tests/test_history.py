@@ -157,6 +157,34 @@ def test_resent_records_of_every_rank_take_the_vectorised_path(monkeypatch):
         assert ring[rank][(0, 15)] == (8, 0.05)
 
 
+def test_held_back_records_of_every_rank_are_merged_by_key_without_the_fallback(monkeypatch):
+    """A restarted coordinator gets the plan request's newest records first, then the older
+    ones refused records messages held back: merged into every rank's rows by key."""
+    world = 32
+    ring = RankHistory(world, 1, capacity=6)
+    ring.carry(3, np.array([[8.0, 0.5]]), np.array([[0, 0, 99]]))  # an earlier generation's
+
+    def steps(*numbers, busy=0.01):
+        ranks = np.repeat(np.arange(world), len(numbers))
+        return Records(ranks, np.zeros_like(ranks), np.tile(numbers, world),
+                       np.full_like(ranks, 8), np.full(len(ranks), busy))
+
+    def slowly(*args):
+        raise AssertionError("the per-record rules ran")
+
+    monkeypatch.setattr(RankHistory, "_add_slowly", slowly)
+    assert ring.add(steps(8, 9)).all()
+    new = ring.add(steps(2, 3, 9, 5, busy=0.02)).reshape(world, 4)  # 9: held, resent
+    assert new.tolist() == [[True, True, False, True]] * world
+    for rank in range(world):
+        assert list(ring[rank]) == ([(0, 0, 99)] if rank == 3 else []) + \
+            [(0, 2), (0, 3), (0, 5), (0, 8), (0, 9)]
+        assert ring[rank][(0, 9)] == (8, 0.02)
+    assert ring.add(steps(0, 1, 4)).all()  # beyond capacity: the oldest keys go
+    assert [list(ring[r]) for r in (0, 3)] == [[(0, s) for s in (1, 2, 3, 4, 5, 8, 9)][-6:]] * 2
+    assert ring.add(steps(10)).all() and list(ring[0])[-1] == (0, 10)
+
+
 def test_capacity_must_be_positive():
     with pytest.raises(ValueError, match="capacity 0"):
         RankHistory(2, 0, capacity=0)
