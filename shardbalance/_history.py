@@ -6,16 +6,19 @@ Each rank holds at most ``capacity`` rows ``(batch_size, busy_s)``, oldest first
 - a record whose ``(epoch, step)`` this generation already holds overwrites it in place when its
   batch size differs or its busy time is larger (a resent report counts once; the members of
   one model replica all report its data-parallel rank, which is as busy as its slowest member);
-- otherwise it is appended; beyond ``capacity`` rows the oldest go (after a whole batch of
-  records is in, so records of one batch see each other);
+- otherwise it is new (a key repeated within one batch counts once) and takes its place in
+  key order (``(generation, epoch, step)``: a record that arrives after newer ones, e.g. one
+  a refused ``records`` message held back, goes before them); beyond ``capacity`` rows the
+  oldest go (after a whole batch of records is in, so records of one batch see each other);
 - rows carried over from an earlier generation come first and keep their generation, so they
   never match a record of this one.
 
 A rank's rows live in one contiguous stretch of a buffer ``capacity + slack`` rows long, moved
 to the front when it reaches the end, so :meth:`RankHistory.observations` hands out read-only
-views without copying. Records that arrive in step order (every sender's case) are ingested in
-a few numpy operations for a whole request; any other order falls back to the per-record rules
-for that rank alone.
+views without copying. Records that arrive in step order (every sender's case), each either
+after everything its rank holds or a resend of a row it holds (a request retried after a
+timeout), are ingested in a few numpy operations for a whole request; anything else falls back
+to the per-record rules for that rank alone.
 """
 
 from __future__ import annotations
@@ -81,6 +84,11 @@ class Records:
 def _after(e1, s1, e0, s0):
     """Elementwise ``(e1, s1) > (e0, s0)``."""
     return (e1 > e0) | ((e1 == e0) & (s1 > s0))
+
+
+def _before(e1, s1, e0, s0):
+    """Elementwise ``(e1, s1) < (e0, s0)``."""
+    return (e1 < e0) | ((e1 == e0) & (s1 < s0))
 
 
 class RankHistory:
@@ -152,13 +160,15 @@ class RankHistory:
         """Ingest ``records`` (any ranks, each rank's in the order they were measured).
 
         Returns a mask over ``records``: those whose ``(epoch, step)`` the rank did not hold
-        before this call (the ones to count as new measurements).
+        before them (the ones to count as new measurements; a key repeated within ``records``
+        counts once).
         """
         n = len(records)
         new = np.ones(n, dtype=bool)
         if not n:
             return new
-        order = np.argsort(records.rank, kind="stable")
+        # By rank, then key; stable, so a key's records keep their order.
+        order = np.lexsort((records.step, records.epoch, records.rank))
         rec = records.take(order)
         ranks = rec.rank
         first = np.ones(n, dtype=bool)
@@ -167,26 +177,53 @@ class RankHistory:
         group = np.cumsum(first) - 1
         counts = np.diff(np.append(starts, n))
         granks = ranks[starts]
-        # In order: each record after the previous one of its rank, the first after the top.
-        ordered = np.ones(n, dtype=bool)
-        ordered[1:] = _after(rec.epoch[1:], rec.step[1:], rec.epoch[:-1], rec.step[:-1])
-        ordered[first] = _after(rec.epoch[starts], rec.step[starts],
-                                self.top[granks, 0], self.top[granks, 1])
-        fast = np.logical_and.reduceat(ordered, starts) & (counts <= self.slack)
-        for g in np.flatnonzero(~fast).tolist():
+        # A key several times (the members of one model replica report its rank, gathered in
+        # one request): one record, the slowest, when they agree on the batch size (what the
+        # rules leave); the first of them is the new one.
+        lead = first.copy()
+        lead[1:] |= (rec.epoch[1:] != rec.epoch[:-1]) | (rec.step[1:] != rec.step[:-1])
+        busy, mixed = rec.busy, np.zeros(n, dtype=bool)
+        if not lead.all():
+            heads = np.flatnonzero(lead)
+            per_key = np.cumsum(lead) - 1
+            busy = np.maximum.reduceat(rec.busy, heads)[per_key]
+            mixed = (np.minimum.reduceat(rec.batch, heads)
+                     != np.maximum.reduceat(rec.batch, heads))[per_key]
+        # The vectorised path takes a rank's records when each key is either after everything
+        # the rank holds (appended) or a key it holds (a resend: overwritten in place, not
+        # new); anything else (a record older than the rank's newest that it does not hold,
+        # a key repeated with different batch sizes) goes through the per-record rules.
+        fresh = _after(rec.epoch, rec.step, self.top[ranks, 0], self.top[ranks, 1])
+        at = np.full(n, -1, dtype=np.int64)
+        if not fresh.all():
+            old = np.flatnonzero(~fresh & lead)
+            at[old] = self._find(ranks[old], rec.epoch[old], rec.step[old])
+        known = at >= 0
+        appended = np.add.reduceat((fresh & lead).astype(np.int64), starts)
+        fast = (np.logical_and.reduceat((fresh | known | ~lead) & ~mixed, starts)
+                & (appended <= self.slack))
+        # The rest: merged with the rank's rows in numpy, but a key repeated with different
+        # batch sizes (whose outcome depends on the order): the per-record rules.
+        slow = np.logical_or.reduceat(mixed, starts)
+        for g in np.flatnonzero(slow).tolist():
             lo = starts[g]
             new[order[lo:lo + counts[g]]] = self._add_slowly(int(granks[g]), rec, lo,
                                                              lo + counts[g])
-        if fast.all():
-            fg = granks
-            rows = np.arange(n)
-            fcounts = counts
-        else:
-            fg = granks[fast]
-            fcounts = counts[fast]
-            rows = np.flatnonzero(fast[group])
-        if not len(fg):
+        merged = (~fast & ~slow)[group]
+        if merged.any():
+            self._merge(rec, busy, lead, known, at, merged, order, new)
+        mine = fast[group]
+        if not mine.any():
             return new
+        new[order[mine & ~lead]] = False
+        resent = np.flatnonzero(known & mine)
+        if len(resent):
+            self._overwrite(ranks[resent], at[resent], rec.batch[resent], busy[resent])
+            new[order[resent]] = False
+        rows = np.flatnonzero(fresh & lead & mine)
+        if not len(rows):
+            return new
+        fg, fcounts = np.unique(ranks[rows], return_counts=True)
         # Move a rank's rows to the front of its buffer when the new ones would pass its end.
         full = self.end[fg] + fcounts > self.obs.shape[1]
         if full.any():
@@ -195,7 +232,7 @@ class RankHistory:
         rank_of = np.repeat(fg, fcounts)
         at = self.end[rank_of] + offset
         self.obs[rank_of, at, 0] = rec.batch[rows]
-        self.obs[rank_of, at, 1] = rec.busy[rows]
+        self.obs[rank_of, at, 1] = busy[rows]
         self.keys[rank_of, at, _GEN] = self.generation
         self.keys[rank_of, at, _EPOCH] = rec.epoch[rows]
         self.keys[rank_of, at, _STEP] = rec.step[rows]
@@ -204,6 +241,70 @@ class RankHistory:
         self.end[fg] += fcounts
         self.start[fg] = np.maximum(self.start[fg], self.end[fg] - self.capacity)
         return new
+
+    def _merge(self, rec: Records, busy, lead, known, at, mine, order, new) -> None:
+        """Records ``rec[mine]`` (whole ranks, keys in order, ``busy`` the slowest of a
+        repeated key) merged with their ranks' rows by key, the newest ``capacity`` kept."""
+        resent = np.flatnonzero(known & mine)
+        if len(resent):
+            self._overwrite(rec.rank[resent], at[resent], rec.batch[resent], busy[resent])
+            new[order[resent]] = False
+        new[order[mine & ~lead]] = False
+        add = np.flatnonzero(mine & lead & ~known)
+        if not len(add):
+            return
+        ranks = np.unique(rec.rank[add])
+        lo, length = self.start[ranks], self.end[ranks] - self.start[ranks]
+        held = np.repeat(ranks, length)
+        row = np.repeat(lo - (np.cumsum(length) - length), length) + np.arange(length.sum())
+        keys = np.concatenate([self.keys[held, row], np.column_stack(
+            [np.full(len(add), self.generation), rec.epoch[add], rec.step[add]])])
+        obs = np.concatenate([self.obs[held, row],
+                              np.column_stack([rec.batch[add], busy[add]])])
+        owner = np.concatenate([held, rec.rank[add]])
+        by_key = np.lexsort((keys[:, _STEP], keys[:, _EPOCH], keys[:, _GEN], owner))
+        keys, obs, owner = keys[by_key], obs[by_key], owner[by_key]
+        total = np.bincount(owner, minlength=self.world_size)[ranks]
+        kept = np.minimum(total, self.capacity)
+        place = np.arange(len(owner)) - np.repeat(np.cumsum(total) - total, total) \
+            - np.repeat(total - kept, total)
+        keep = place >= 0
+        self.obs[owner[keep], place[keep]] = obs[keep]
+        self.keys[owner[keep], place[keep]] = keys[keep]
+        self.start[ranks], self.end[ranks] = 0, kept
+        newest = keys[np.cumsum(total) - 1]
+        ours = newest[:, _GEN] == self.generation
+        self.top[ranks] = np.where(ours[:, None], newest[:, 1:], -1)
+
+    def _find(self, ranks: np.ndarray, epochs: np.ndarray, steps: np.ndarray) -> np.ndarray:
+        """Where each rank holds ``(generation, epoch, step)`` in its buffer, -1 where it does
+        not: one binary search over every rank's rows at once (they are in key order)."""
+        lo, hi = self.start[ranks], self.end[ranks].copy()
+        last = self.keys.shape[1] - 1
+        gen = self.generation
+        while True:
+            active = lo < hi
+            if not active.any():
+                break
+            mid = np.minimum((lo + hi) // 2, last)
+            k = self.keys[ranks, mid]
+            less = (k[:, _GEN] < gen) | ((k[:, _GEN] == gen) & _before(
+                k[:, _EPOCH], k[:, _STEP], epochs, steps))
+            lo = np.where(active & less, mid + 1, lo)
+            hi = np.where(active & ~less, mid, hi)
+        k = self.keys[ranks, np.minimum(lo, last)]
+        found = ((lo < self.end[ranks]) & (k[:, _GEN] == gen) & (k[:, _EPOCH] == epochs)
+                 & (k[:, _STEP] == steps))
+        return np.where(found, lo, -1)
+
+    def _overwrite(self, ranks, at, batch, busy) -> None:
+        """A resend of rows held at ``at``: it wins if its batch size differs or its busy time
+        is larger."""
+        held = self.obs[ranks, at]
+        wins = (held[:, 0] != batch) | (held[:, 1] < busy)
+        if wins.any():
+            self.obs[ranks[wins], at[wins], 0] = batch[wins]
+            self.obs[ranks[wins], at[wins], 1] = busy[wins]
 
     def _compact(self, ranks: np.ndarray) -> None:
         """Move the rows of ``ranks`` to the front of their buffers."""
@@ -218,10 +319,11 @@ class RankHistory:
         table = self._table(rank)
         gen = self.generation
         keys = list(zip(rec.epoch[lo:hi].tolist(), rec.step[lo:hi].tolist()))
-        new = np.array([(gen, *k) not in table for k in keys], dtype=bool)
-        for (epoch, step), batch, busy in zip(keys, rec.batch[lo:hi].tolist(),
-                                             rec.busy[lo:hi].tolist()):
+        new = np.zeros(hi - lo, dtype=bool)
+        for i, ((epoch, step), batch, busy) in enumerate(zip(keys, rec.batch[lo:hi].tolist(),
+                                                              rec.busy[lo:hi].tolist())):
             seen = table.get((gen, epoch, step))
+            new[i] = seen is None  # a key repeated in one request counts once
             if seen is None or seen[0] != batch or seen[1] < busy:
                 table[(gen, epoch, step)] = (batch, busy)
         self._store(rank, table)
@@ -233,8 +335,10 @@ class RankHistory:
                                ((int(b), s) for b, s in obs.tolist())))
 
     def _store(self, rank: int, table: OrderedDict) -> None:
-        """Replace a rank's rows with ``table``'s newest ``capacity`` (oldest first)."""
-        items = list(table.items())[-self.capacity:]
+        """Replace a rank's rows with ``table``'s newest ``capacity``, in key order (a record
+        that arrives after newer ones, e.g. one a refused message held back, takes its place
+        by step, not the newest's)."""
+        items = sorted(table.items())[-self.capacity:]
         n = len(items)
         if n:
             self.keys[rank, :n] = [k for k, _ in items]
@@ -249,8 +353,10 @@ class RankHistory:
         """Put an earlier generation's rows (``obs``/``keys`` as :meth:`rows` gives) before
         ``rank``'s own, keeping the newest ``capacity``."""
         mine_obs, mine_keys = self.rows(rank)
-        all_obs = np.concatenate([obs, mine_obs])[-self.capacity:]
-        all_keys = np.concatenate([keys, mine_keys])[-self.capacity:]
+        all_obs, all_keys = np.concatenate([obs, mine_obs]), np.concatenate([keys, mine_keys])
+        # In key order (a rank that takes over a second member's rows), as lookups need.
+        by_key = np.lexsort(all_keys.T[::-1])
+        all_obs, all_keys = all_obs[by_key][-self.capacity:], all_keys[by_key][-self.capacity:]
         n = len(all_obs)
         self.obs[rank, :n], self.keys[rank, :n] = all_obs, all_keys
         self.start[rank], self.end[rank] = 0, n

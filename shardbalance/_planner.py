@@ -461,8 +461,10 @@ class BackgroundPlanner:
         epoch, window = (self.epoch + 1, 0) if rnd.kind == "next" else (self.epoch, rnd.target)
         self.stats["requests"] += 1
         self.source.outgoing, self.source.undelivered = self.pending, []
+        self.source.delivered, fetched = 0, False
         try:
             plan = self.source.fetch(epoch, window)
+            fetched = True
             # Delivered with the request (the coordinator counted them), but for what a
             # refused ``records`` message held.
             kept = list(self.source.undelivered)
@@ -470,6 +472,11 @@ class BackgroundPlanner:
             self.pending = kept
             self.source._check(plan)
         except (CoordinatorError, PlanError) as exc:
+            # What ``records`` messages delivered before the failure is counted: not resent
+            # (a resend of a row the coordinator no longer holds would count twice).
+            if not fetched and self.source.delivered:
+                self.stats["records_sent"] += self.source.delivered
+                self.pending = self.pending[self.source.delivered:]
             self._streak += 1
             self._skip = min(2 ** (self._streak - 1), _BACKOFF_MAX)
             self.stats["failed"] += 1

@@ -87,6 +87,9 @@ class CoordinatedPlans(LocalPlans):
         self.record_messages = 0
         #: Of ``outgoing``, what the last request could not deliver (kept for the next).
         self.undelivered: list[list] = []
+        #: Of ``outgoing``, how many leading records the last request's ``records`` messages
+        #: delivered (acknowledged) before it failed, if it did: not to be sent again.
+        self.delivered = 0
 
     def restart(self, settings: SamplerSettings) -> None:
         super().restart(settings)
@@ -101,6 +104,7 @@ class CoordinatedPlans(LocalPlans):
             cap = protocol.MAX_RECORDS_PER_PLAN
             head, tail = self.outgoing[:-cap], self.outgoing[-cap:]
             world = self.settings.run_config().world_size
+            self.delivered = 0
             for begin in range(0, len(head), cap):
                 try:
                     self.session.client.records(
@@ -114,6 +118,7 @@ class CoordinatedPlans(LocalPlans):
                     self.undelivered = head[begin:]
                     break
                 self.record_messages += 1
+                self.delivered = min(begin + cap, len(head))
             extra = {"record_columns": _columns(tail)}
         return self.session.client.plan(
             run=self.run_id, generation=self.generation, rank=self.rank, epoch=epoch,

@@ -656,7 +656,7 @@ class Coordinator:
         if report.world_size != state.config.world_size:
             raise ProtocolError(f"world_size {report.world_size} differs from the run's "
                                 f"{state.config.world_size}")
-        records = self._records(state, report)
+        records = self._records(state.config.global_batch_size, report)
         state.ingest(records)
         return len(records)
 
@@ -843,7 +843,7 @@ class Coordinator:
         return len(report.records)
 
     @staticmethod
-    def _records(state: RunState, req) -> Records:
+    def _records(global_batch_size: int, req) -> Records:
         """A request's ranked measurements (rows and columns) as columns, checked against the
         run's global batch."""
         columns = req.record_columns
@@ -852,10 +852,10 @@ class Coordinator:
             Records.empty() if columns is None else
             Records(*(columns[name] for name in protocol.RECORD_COLUMNS))])
         if len(records):
-            big = records.batch > state.config.global_batch_size
+            big = records.batch > global_batch_size
             if big.any():
                 raise ProtocolError(f"batch size {int(records.batch[big][0])} exceeds the "
-                                    f"global batch {state.config.global_batch_size}")
+                                    f"global batch {global_batch_size}")
         return records
 
     def _remember(self, state: RunState, plan: Plan,
@@ -892,8 +892,10 @@ class Coordinator:
 
     def _plan(self, req: protocol.PlanRequest) -> tuple[RunState, Plan]:
         """The run and the plan of the request's window, decided now if it is new."""
+        # Checked against the request's configuration (the run's, or _state refuses it) before
+        # _state may create a generation: a refused request changes nothing.
+        records = self._records(req.config.global_batch_size, req)
         state = self._state(req.run, req.generation, req)
-        records = self._records(state, req)
         if len(records):
             # Every rank's measurements, gathered by the job's leader: counted per rank,
             # before the decision, as stats messages would be.

@@ -19,11 +19,14 @@ class DictHistory:
 
     def add(self, rank: int, records) -> list[bool]:
         hist = self.hist[rank]
-        new = [(self.generation, e, s) not in hist for e, s, _, _ in records]
+        new = []
         for epoch, step, batch, busy in records:
             seen = hist.get((self.generation, epoch, step))
+            new.append(seen is None)  # a key twice in one request counts once
             if seen is None or seen[0] != batch or seen[1] < busy:
                 hist[(self.generation, epoch, step)] = (batch, busy)
+        # Rows in key order: a late record takes its place by step, not the newest's.
+        hist = self.hist[rank] = OrderedDict(sorted(hist.items()))
         while len(hist) > self.capacity:
             hist.popitem(last=False)
         return new
@@ -99,6 +102,87 @@ def test_a_resend_with_a_larger_busy_time_wins_and_is_not_new():
     new = ring.add(Records.of_rank(0, [(0, 1, 8, 0.04), (0, 0, 8, 0.01), (0, 2, 8, 0.02)]))
     assert new.tolist() == [False, False, True]
     assert dict(ring[0]) == {(0, 0): (8, 0.05), (0, 1): (8, 0.04), (0, 2): (8, 0.02)}
+
+
+def test_a_record_held_back_takes_its_place_by_step_and_a_repeat_counts_once():
+    """Steps 4..7 arrive before 0..3 (a refused records message, delivered a round later):
+    the rows stay in step order, so the newest rows are the newest steps."""
+    ring = RankHistory(1, 0, capacity=6)
+    assert ring.add(Records.of_rank(0, [(0, s, 8, 0.01 * s + 0.01) for s in range(4, 8)])).all()
+    new = ring.add(Records.of_rank(0, [(0, s, 8, 0.01 * s + 0.01) for s in range(4)]))
+    assert new.all()
+    assert list(ring[0]) == [(0, s) for s in range(2, 8)]
+    assert ring.tail(1).tolist() == [[pytest.approx(0.08)]]
+    new = ring.add(Records.of_rank(0, [(0, 9, 8, 0.1), (0, 9, 8, 0.2), (0, 8, 8, 0.1)]))
+    assert new.tolist() == [True, False, True]
+    assert list(ring[0])[-2:] == [(0, 8), (0, 9)] and ring[0][(0, 9)] == (8, 0.2)
+
+
+def test_resent_records_of_every_rank_take_the_vectorised_path(monkeypatch):
+    """A request retried after a timeout resends what the coordinator holds, for every rank:
+    found by one batched search, not the per-record rules (seconds at 4096 ranks)."""
+    world = 64
+    ring = RankHistory(world, 0, capacity=8)
+    ranks = np.repeat(np.arange(world), 4)
+
+    def batch(first, busy):
+        steps = np.tile(np.arange(first, first + 4), world)
+        return Records(ranks, np.zeros_like(ranks), steps, np.full_like(ranks, 8),
+                       np.full(len(ranks), busy))
+
+    for first in (0, 4, 8):
+        assert ring.add(batch(first, 0.01)).all()
+
+    def slowly(*args):
+        raise AssertionError("the per-record rules ran for a resend")
+
+    monkeypatch.setattr(RankHistory, "_add_slowly", slowly)
+    assert not ring.add(batch(8, 0.01)).any()
+    assert not ring.add(batch(8, 0.03)).any()  # larger: wins, still not new
+    # Half resent, half new, in one request (the tail a failed plan request carried).
+    resent_and_new = Records.concat([batch(10, 0.01)])
+    new = ring.add(resent_and_new).reshape(world, 4)
+    assert not new[:, :2].any() and new[:, 2:].all()
+    for rank in range(world):
+        assert list(ring[rank]) == [(0, s) for s in range(6, 14)]
+        assert ring[rank][(0, 8)] == (8, 0.03) and ring[rank][(0, 10)] == (8, 0.03)
+        assert ring[rank][(0, 12)] == (8, 0.01)
+    # Two members of each model replica report its rank, gathered into one request (member
+    # 0's steps, then member 1's): the slowest kept, each step new once.
+    members = Records.concat([batch(14, 0.01), batch(14, 0.05)])
+    new = ring.add(members)
+    assert new.sum() == world * 4 and new[:world * 4].all()
+    for rank in range(world):
+        assert list(ring[rank])[-4:] == [(0, s) for s in range(14, 18)]
+        assert ring[rank][(0, 15)] == (8, 0.05)
+
+
+def test_held_back_records_of_every_rank_are_merged_by_key_without_the_fallback(monkeypatch):
+    """A restarted coordinator gets the plan request's newest records first, then the older
+    ones refused records messages held back: merged into every rank's rows by key."""
+    world = 32
+    ring = RankHistory(world, 1, capacity=6)
+    ring.carry(3, np.array([[8.0, 0.5]]), np.array([[0, 0, 99]]))  # an earlier generation's
+
+    def steps(*numbers, busy=0.01):
+        ranks = np.repeat(np.arange(world), len(numbers))
+        return Records(ranks, np.zeros_like(ranks), np.tile(numbers, world),
+                       np.full_like(ranks, 8), np.full(len(ranks), busy))
+
+    def slowly(*args):
+        raise AssertionError("the per-record rules ran")
+
+    monkeypatch.setattr(RankHistory, "_add_slowly", slowly)
+    assert ring.add(steps(8, 9)).all()
+    new = ring.add(steps(2, 3, 9, 5, busy=0.02)).reshape(world, 4)  # 9: held, resent
+    assert new.tolist() == [[True, True, False, True]] * world
+    for rank in range(world):
+        assert list(ring[rank]) == ([(0, 0, 99)] if rank == 3 else []) + \
+            [(0, 2), (0, 3), (0, 5), (0, 8), (0, 9)]
+        assert ring[rank][(0, 9)] == (8, 0.02)
+    assert ring.add(steps(0, 1, 4)).all()  # beyond capacity: the oldest keys go
+    assert [list(ring[r]) for r in (0, 3)] == [[(0, s) for s in (1, 2, 3, 4, 5, 8, 9)][-6:]] * 2
+    assert ring.add(steps(10)).all() and list(ring[0])[-1] == (0, 10)
 
 
 def test_capacity_must_be_positive():

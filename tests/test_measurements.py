@@ -2,6 +2,7 @@
 of a plan request, late records counted, and the leader's overflow path on real gloo ranks."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch.nn.functional as F
@@ -216,25 +217,35 @@ def test_the_leader_overflow_reaches_the_coordinator_over_gloo(tmp_path):
     assert counted == [measured0, measured1] and measured0 >= 12
 
 
-def test_refused_records_messages_are_kept_and_the_plan_request_still_goes(running,
-                                                                          monkeypatch):
-    """A coordinator that does not know the run (restarted without it) refuses the records
-    messages; the plan request creates the run, and the refused records go with the next."""
+def leader_plans(client):
+    """The leader's CoordinatedPlans of run-a (3 ranks) asking through ``client``."""
     from types import SimpleNamespace
 
-    from shardbalance import protocol
     from shardbalance._plans import CoordinatedPlans
 
-    monkeypatch.setattr(protocol, "MAX_RECORDS_PER_PLAN", 2)
-    client = CoordinatorClient(running.endpoint, SECRET, timeout_s=3)
     config = {k: v for k, v in plan_fields().items()
               if k not in ("run", "generation", "rank", "epoch", "window")}
     plans = CoordinatedPlans.__new__(CoordinatedPlans)
     plans.run_id, plans.generation, plans.rank = "run-a", 0, 0
     plans.session = SimpleNamespace(client=client)
     plans.settings = SimpleNamespace(run_config=lambda: SimpleNamespace(
-        world_size=3, to_dict=lambda: config))
-    plans.record_messages, plans.undelivered, plans.outgoing = 0, [], list(ROWS)
+        world_size=3, to_dict=lambda: config), min_sizes=config["min_sizes"],
+        max_sizes=config["max_sizes"], batch_size_multiple=config["quantum"])
+    plans.record_messages, plans.undelivered, plans.outgoing, plans.delivered = 0, [], [], 0
+    plans.fetch = plans._request
+    return plans
+
+
+def test_refused_records_messages_are_kept_and_the_plan_request_still_goes(running,
+                                                                          monkeypatch):
+    """A coordinator that does not know the run (restarted without it) refuses the records
+    messages; the plan request creates the run, and the refused records go with the next."""
+    from shardbalance import protocol
+
+    monkeypatch.setattr(protocol, "MAX_RECORDS_PER_PLAN", 2)
+    client = CoordinatorClient(running.endpoint, SECRET, timeout_s=3)
+    plans = leader_plans(client)
+    plans.outgoing = list(ROWS)
     try:
         plans._request(0, 0)
         assert plans.undelivered == ROWS[:-2] and plans.record_messages == 0
@@ -245,5 +256,76 @@ def test_refused_records_messages_are_kept_and_the_plan_request_still_goes(runni
         history = running.coordinator.runs["run-a"].history
         assert sorted((r, *k) for r in range(3) for k in history[r]) == \
             sorted((r[0], r[1], r[2]) for r in ROWS)
+        # The refused (older) records take their places by step: each rank's rows stay in step
+        # order, so its newest rows are its newest steps.
+        for rank in range(3):
+            assert list(history[rank]) == [(r[1], r[2]) for r in ROWS if r[0] == rank]
+    finally:
+        client.close()
+
+
+def kept_events(running):
+    """The journal's records but the count of refused messages."""
+    with open(running.coordinator.journal_path) as fh:
+        return [line for line in fh if json.loads(line)["event"] != "rejected"]
+
+
+def test_a_new_generation_with_a_bad_record_is_refused_before_it_replaces_the_run(running):
+    """The batch-size check against the run's global batch comes before the request creates a
+    generation: a refused request leaves the run, its history and its journal as they were."""
+    client = CoordinatorClient(running.endpoint, SECRET, timeout_s=3)
+    try:
+        client.plan(**plan_fields(records=ROWS))
+        before = state_of(running)
+        journal = kept_events(running)
+        bad = columns(ROWS[:2])
+        bad["batch_size"][1] = 500
+        for extra in ({"record_columns": bad}, {"records": [[0, 0, 9, 500, 0.1]]}):
+            with pytest.raises(CoordinatorError, match="batch size 500 exceeds the global"):
+                client.plan(**plan_fields(generation=1, **extra))
+            state = running.coordinator.runs["run-a"]
+            assert state.generation == 0
+            assert state_of(running) == before
+            assert kept_events(running) == journal  # no new run, generation or plan
+    finally:
+        client.close()
+
+
+def test_records_acknowledged_before_a_timeout_midway_are_not_sent_again(running, monkeypatch):
+    """The coordinator stops answering at the third of a round's records messages: the two it
+    acknowledged are delivered (counted once), the rest and the request's own go next round."""
+    from shardbalance import protocol
+    from shardbalance._exceptions import CoordinatorUnavailable
+    from shardbalance._planner import BackgroundPlanner
+
+    monkeypatch.setattr(protocol, "MAX_RECORDS_PER_PLAN", 2)
+    client = CoordinatorClient(running.endpoint, SECRET, timeout_s=3)
+    client.plan(**plan_fields())
+    sent, real = [], client.records
+
+    def records(**fields):
+        if len(sent) == 2 and not sent[-1] == "timeout":
+            sent.append("timeout")
+            raise CoordinatorUnavailable("no answer in time (test)")
+        sent.append(list(zip(*fields["record_columns"].values())))
+        return real(**fields)
+
+    client.records = records
+    leader = BackgroundPlanner.__new__(BackgroundPlanner)
+    leader.source, leader.pending, leader.epoch = leader_plans(client), list(ROWS), 0
+    leader._skip = leader._streak = 0
+    leader.stats = {"requests": 0, "records_sent": 0, "failed": 0}
+    try:
+        rnd = SimpleNamespace(kind="window", target=2)
+        assert leader._ask(rnd)[0] != 1.0  # failed
+        assert leader.pending == ROWS[4:] and leader.stats["records_sent"] == 4
+        leader._skip = 0
+        assert leader._ask(SimpleNamespace(kind="window", target=4))[0] == 1.0
+        assert leader.pending == [] and leader.stats["records_sent"] == len(ROWS)
+        delivered = [tuple(r) for batch in sent if batch != "timeout" for r in batch]
+        assert len(delivered) == len(set(delivered)) == len(ROWS) - 2  # 2 with the request
+        state = running.coordinator.runs["run-a"]
+        assert sum(w.steps.sum() for w in state.windows) == len(ROWS)
+        assert sum(len(h) for h in state.history) == len(ROWS)
     finally:
         client.close()
