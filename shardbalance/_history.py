@@ -15,10 +15,13 @@ Each rank holds at most ``capacity`` rows ``(batch_size, busy_s)``, oldest first
 
 A rank's rows live in one contiguous stretch of a buffer ``capacity + slack`` rows long, moved
 to the front when it reaches the end, so :meth:`RankHistory.observations` hands out read-only
-views without copying. Records that arrive in step order (every sender's case), each either
-after everything its rank holds or a resend of a row it holds (a request retried after a
-timeout), are ingested in a few numpy operations for a whole request; anything else falls back
-to the per-record rules for that rank alone.
+views without copying. A whole request is ingested in a few numpy operations: records after
+everything their rank holds are appended, resends of held rows (a request retried after a
+timeout) found by one batched binary search, the members of one model replica reporting the
+same step collapsed to the slowest, and records older than a rank's newest that it does not
+hold (held back by a refused ``records`` message) merged into its rows by key; only a rank
+with one step reported at different batch sizes in one request (whose outcome depends on the
+order) goes through the per-record rules.
 """
 
 from __future__ import annotations
