@@ -435,8 +435,9 @@ class Coordinator:
         self.runs: OrderedDict[str, RunState] = OrderedDict()
         self.pull_runs: OrderedDict[str, PullRun] = OrderedDict()
         self.bindings: dict[str, Binding] = {}
-        #: The decision a request :meth:`handle` deferred waits for.
+        #: The decision a request :meth:`handle` deferred waits for, and that request opened.
         self.deferred_key: tuple | None = None
+        self.deferred_opened: tuple | None = None
         self.rejected = 0
         self._rejected_logged = 0
         self._last_reject_log = 0.0
@@ -578,15 +579,19 @@ class Coordinator:
 
     # -- requests ------------------------------------------------------------------------
 
-    def handle(self, frames: list[bytes], defer: bool = False) -> list[bytes] | None:
+    def handle(self, frames: list[bytes], defer: bool = False,
+               opened: tuple | None = None) -> list[bytes] | None:
         """Answer one request (without its routing frame): a reply, or an error reply.
 
         With ``defer``, a request that needs a new decision returns None untouched (the loop
-        answers it after the cheap requests received with it).
+        answers it after the cheap requests received with it), leaving its opened envelope and
+        parsed request in :attr:`deferred_opened`: pass them back as ``opened`` with the same
+        frames to answer it without decoding them again (signature and sequence are checked
+        again).
         """
         msg_id, key, binding, created = 0, self.secret, None, False
         try:
-            msg, body, mac = protocol.open_envelope(frames)
+            msg, body, mac, req = opened or (*protocol.open_envelope(frames), None)
             msg_id = msg["id"]
             if msg.get("type") == "status" or not isinstance(msg.get("run"), str):
                 # Read-only requests (ping, status: what an operator holding the token may
@@ -605,11 +610,13 @@ class Coordinator:
                     raise ProtocolError(f"the reply to request {msg_id} was too large to keep "
                                         "for a resend; send it again as a new request")
                 return protocol.encode_reply(sender[2], msg_id, sender[3], key)
-            req = protocol.parse_request(msg)
+            if req is None:
+                req = protocol.parse_request(msg)
             if defer and self._needs_decision(req):
                 if created:
                     del self.bindings[binding.run_id]
                 self.deferred_key = (req.run, req.generation, req.epoch, req.window)
+                self.deferred_opened = (msg, body, mac, req)
                 return None
             try:
                 kind, fields = self._dispatch(req)
@@ -1155,7 +1162,8 @@ class Coordinator:
                         continue
                     reply = self.handle(frames[1:], defer=waiting < MAX_DEFERRED)
                     if reply is None:
-                        deferred.setdefault(self.deferred_key, []).append(frames)
+                        deferred.setdefault(self.deferred_key, []).append(
+                            (frames, self.deferred_opened))
                         waiting += 1
                     else:
                         self._send(frames[0], reply)
@@ -1163,8 +1171,8 @@ class Coordinator:
                 # One decision, then every request that waited for it (now a cached plan).
                 _, group = deferred.popitem(last=False)
                 waiting -= len(group)
-                for frames in group:
-                    self._send(frames[0], self.handle(frames[1:]))
+                for frames, opened in group:
+                    self._send(frames[0], self.handle(frames[1:], opened=opened))
             self._housekeeping()
 
     def _send(self, peer: bytes, reply: list[bytes]) -> None:

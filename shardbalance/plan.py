@@ -257,6 +257,11 @@ def apportion(weights: Sequence[float], total: int, min_sizes: Sequence[int],
         raise PlanError(f"Weights must be finite, non-negative and not all zero, got {w.tolist()}")
     if total % quantum:
         raise PlanError(f"total={total} is not a multiple of quantum={quantum}")
+    if _whole_split(weights, total, min_sizes, max_sizes, quantum):
+        # Weights that already are such integers (a policy keeping or moving to a plan of
+        # batch sizes): proportional to themselves, so they are the answer (the path below
+        # returns them too, at the cost of a water fill).
+        return tuple(int(x) for x in weights)
     lo = np.asarray(min_sizes, dtype=np.int64) // quantum
     hi = np.asarray(max_sizes, dtype=np.int64) // quantum
     units = total // quantum
@@ -293,6 +298,18 @@ def apportion(weights: Sequence[float], total: int, min_sizes: Sequence[int],
         if not moved:
             raise PlanError(f"Cannot apportion {total}: every rank is at its minimum")
     return tuple(int(b) * quantum for b in base)
+
+
+def _whole_split(weights, total: int, min_sizes, max_sizes, quantum: int) -> bool:
+    """Whether ``weights`` are positive whole multiples of ``quantum`` within the bounds that
+    sum to ``total`` (checked in plain Python: a handful of ranks per decision)."""
+    count = 0
+    for w, lo, hi in zip(weights, min_sizes, max_sizes):
+        w = float(w)
+        if not (w > 0 and w.is_integer() and lo <= w <= hi and w % quantum == 0):
+            return False
+        count += int(w)
+    return count == total
 
 
 def initial_plan(config, run_id: str = "local", generation: int = 0, epoch: int = 0,

@@ -284,3 +284,34 @@ def test_a_decision_log_line_stays_one_readable_line_at_thousands_of_ranks():
     assert line.startswith("[7, 7, 7, 7, ..., 7, 7, 7, 3]") and "4096 ranks" in line
     assert "min 3" in line and "median 7" in line and "max 7" in line
     assert len(line) < 120
+
+
+def test_a_deferred_plan_request_is_answered_from_its_opened_envelope_once_decided(tmp_path):
+    from shardbalance.coordinator import Coordinator
+
+    coordinator = Coordinator("tcp://127.0.0.1:0", str(tmp_path / "journal.jsonl"), SECRET)
+    try:
+        sender = protocol.Sender(SECRET)
+        frames = sender.encode({"type": "plan", "id": 1, **plan_fields()})
+        # Deferred: nothing decided yet, the opened request kept for the answer.
+        assert coordinator.handle(frames, defer=True) is None
+        assert coordinator.deferred_key == ("run-a", 0, 0, 0)
+        opened = coordinator.deferred_opened
+        assert opened[0]["id"] == 1 and opened[3].window == 0
+        assert not coordinator.runs
+        reply = sender.decode(coordinator.handle(frames, opened=opened), {"type": "plan"})
+        assert reply["plan"]["batch_sizes"] == [32, 32, 32]
+        # The same request again is an exact resend: the same plan, not a second decision.
+        again = sender.decode(coordinator.handle(frames), {"type": "plan"})
+        assert again["plan"] == reply["plan"]
+        plans = [json.loads(line) for line in open(tmp_path / "journal.jsonl")]
+        assert sum(1 for r in plans if r.get("event") == "plan") == 1
+        # The sequence is still checked on the answer: once the sender moved on, the old
+        # request (opened or not) is refused as a replay.
+        newer = sender.decode(coordinator.handle(
+            sender.encode({"type": "plan", "id": 2, **plan_fields()})), {"type": "plan"})
+        assert newer["plan"] == reply["plan"]
+        refused = sender.decode(coordinator.handle(frames, opened=opened), {"type": "plan"})
+        assert refused["type"] == "error" and "replayed" in refused["error"], refused
+    finally:
+        coordinator.close()

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from shardbalance import plan as plan_module
 from shardbalance._exceptions import ConfigError, PlanError
 from shardbalance.plan import (Plan, apportion, equal_plan, memory_cap, normalize_bounds,
                                static_plan, water_fill)
@@ -164,6 +165,29 @@ def test_equal_weights_without_bounds_give_the_distributed_sampler_split(k, q, d
     assert sizes == expected
     assert max(sizes) - min(sizes) <= q
     assert equal_plan(k, total, lo, hi, q).batch_sizes == expected
+
+
+@FAST
+@given(st.integers(1, 12), st.sampled_from([1, 2, 4, 8]), st.data())
+def test_weights_that_are_a_valid_split_come_back_unchanged_as_the_water_fill_gives(k, q, data):
+    # A policy's decision is a split already (decide() apportions it again): the shortcut for
+    # such weights returns exactly what the water fill returns for them.
+    units = data.draw(st.lists(st.integers(1, 60), min_size=k, max_size=k))
+    sizes = [u * q for u in units]
+    lo = [q * data.draw(st.integers(1, u)) for u in units]
+    hi = [q * (u + data.draw(st.integers(0, 20))) for u in units]
+    weights = [float(s) for s in sizes] if data.draw(st.booleans()) else sizes
+    total = sum(sizes)
+    assert plan_module._whole_split(weights, total, lo, hi, q)
+    shortcut = apportion(weights, total, lo, hi, q)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(plan_module, "_whole_split", lambda *args: False)
+        filled = apportion(weights, total, lo, hi, q)
+    assert shortcut == filled == tuple(sizes)
+    # Not a split (a fraction, a size off by one, out of bounds): the water fill decides.
+    assert not plan_module._whole_split([w + 0.5 for w in weights], total, lo, hi, q)
+    assert not plan_module._whole_split(sizes[:-1] + [sizes[-1] + q], total, lo, hi, q)
+    assert not plan_module._whole_split(sizes, total, [h + q for h in hi], [h + q for h in hi], q)
 
 
 def test_apportion_handles_extreme_weight_ratios():
