@@ -68,6 +68,10 @@ _STATUS = {_PLAN: "plan", _FAILED: "failed", _SKIPPED: "skipped", _NOT_READY: "n
 _BACKOFF_MAX = 8
 #: ``L`` before any round measured it.
 _INITIAL_LEAD = 3
+#: A round's duration in steps until one was measured: a round's result only reaches the
+#: next round's lead, so a run's first round must not count its own duration as nothing (its
+#: lead then lacked a step, and the rounds it set late landed their plans a window late).
+_INITIAL_PHASE_STEPS = 1.0
 #: ``records`` messages the leader may send ahead of one plan request, each as many records
 #: as a plan request carries: a round delivers at most this plus one requests' worth.
 RECORD_MESSAGES = 16
@@ -144,7 +148,7 @@ class BackgroundPlanner:
         self.lead = _INITIAL_LEAD
         #: The largest prefetch depth (steps yielded but not trained), agreed in the last round.
         self.depth = 0
-        self._phase_steps = 0.0
+        self._phase_steps = _INITIAL_PHASE_STEPS
         self._step_marks: collections.deque[float] = collections.deque(maxlen=16)
         # -- leader backoff ------------------------------------------------------------
         self._streak = 0
