@@ -59,6 +59,10 @@ from .protocol import MAX_RECORDS_PER_PLAN, PlanStats
 
 __all__ = ["BackgroundPlanner", "EARLY_MAX_STEPS"]
 
+#: Installed plans whose coordinator figures are kept: this many beyond those the lead may hold
+#: ahead of the step being trained, and never more than the maximum.
+_STATS_KEPT, _STATS_KEPT_MAX = 8, 256
+
 #: Early re-plans (per-epoch plans, first iterator) only while the switch falls before this.
 EARLY_MAX_STEPS = 64
 #: Round results broadcast by the leader.
@@ -148,6 +152,8 @@ class BackgroundPlanner:
         self.lead = _INITIAL_LEAD
         #: The largest prefetch depth (steps yielded but not trained), agreed in the last round.
         self.depth = 0
+        # What the coordinator measured with each installed plan, by digest (metrics()).
+        self.plan_stats: collections.OrderedDict[str, PlanStats] = collections.OrderedDict()
         self._phase_steps = _INITIAL_PHASE_STEPS
         self._step_marks: collections.deque[float] = collections.deque(maxlen=16)
         # -- leader backoff ------------------------------------------------------------
@@ -365,6 +371,18 @@ class BackgroundPlanner:
             if step_s > 0:
                 self._phase_steps = min((time.monotonic() - started) / step_s, 1e6)
 
+    def _keep_stats(self, digest: str, stats: PlanStats) -> None:
+        """File what the coordinator measured with an installed plan. Every rank installs the
+        same plans in the same order, so this store (unlike the client's cache, which the
+        leader's own requests also fill) is the same on every rank; it keeps every plan that
+        may still be ahead of the step being trained (the lead over the window, plus margin)."""
+        self.plan_stats[digest] = stats
+        self.plan_stats.move_to_end(digest)
+        keep = min(_STATS_KEPT_MAX,
+                   _STATS_KEPT + -(-max(self.lead, 0) // max(self.window or 1, 1)))
+        while len(self.plan_stats) > keep:
+            self.plan_stats.popitem(last=False)
+
     def _settle(self, rnd: _Round, status: float, plan: Plan | None, switch: int | None,
                 lead: int, stats: PlanStats | None = None, depth: int = 0) -> None:
         """Install the round's result and compute the next round (from agreed figures only)."""
@@ -383,10 +401,9 @@ class BackgroundPlanner:
             if switch is not None:
                 plan = plan.moved_to(self.epoch, switch)
             self.source.agreed = plan  # (switch None: the next iterator's)
-            client = getattr(getattr(self.source, "session", None), "client", None)
-            if stats is not None and client is not None:
+            if stats is not None:
                 # Under the digest every rank trains it with: metrics() the same on every rank.
-                client.remember(plan.digest, stats)
+                self._keep_stats(plan.digest, stats)
             if switch is not None:
                 self._last_switch = switch
                 if switch < self.steps:

@@ -867,5 +867,9 @@ class WeightedDistributedSampler(Sampler[list[int]]):
 
         entry = self._last_step
         plan = entry.plan if entry is not None else self.plan
-        client = None if self.session is None else self.session.client
-        return plan_metrics(plan, None if client is None else client.reported.get(plan.digest))
+        stats = None
+        if self.planner is not None:
+            stats = self.planner.plan_stats.get(plan.digest)
+        if stats is None and self.session is not None and self.session.client is not None:
+            stats = self.session.client.reported.get(plan.digest)
+        return plan_metrics(plan, stats)
