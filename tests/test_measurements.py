@@ -2,6 +2,7 @@
 of a plan request, late records counted, and the leader's overflow path on real gloo ranks."""
 
 import json
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -232,6 +233,7 @@ def leader_plans(client):
         world_size=3, to_dict=lambda: config), min_sizes=config["min_sizes"],
         max_sizes=config["max_sizes"], batch_size_multiple=config["quantum"])
     plans.record_messages, plans.undelivered, plans.outgoing, plans.delivered = 0, [], [], 0
+    plans.timeout_s = 3.0
     plans.fetch = plans._request
     return plans
 
@@ -327,5 +329,35 @@ def test_records_acknowledged_before_a_timeout_midway_are_not_sent_again(running
         state = running.coordinator.runs["run-a"]
         assert sum(w.steps.sum() for w in state.windows) == len(ROWS)
         assert sum(len(h) for h in state.history) == len(ROWS)
+    finally:
+        client.close()
+
+
+def test_records_messages_stop_at_their_share_of_the_time_and_the_request_still_goes(
+        running, monkeypatch):
+    """A coordinator that answers every records message slowly: the leader stops sending them
+    after half of one request's time (the other ranks wait in the broadcast meanwhile), asks
+    for the plan, and keeps the rest for the next round."""
+    from shardbalance import protocol
+
+    monkeypatch.setattr(protocol, "MAX_RECORDS_PER_PLAN", 2)
+    client = CoordinatorClient(running.endpoint, SECRET, timeout_s=3)
+    client.plan(**plan_fields())
+    real = client.records
+
+    def slow_records(**fields):
+        time.sleep(0.25)
+        return real(**fields)
+
+    client.records = slow_records
+    plans = leader_plans(client)
+    plans.timeout_s = 0.8  # records messages get 0.4 s: two of them, not all eight
+    plans.outgoing = list(ROWS)
+    try:
+        plan = plans._request(0, 2)
+        assert plan.batch_sizes and plans.record_messages == 2
+        assert plans.undelivered == ROWS[4:-2]
+        state = running.coordinator.runs["run-a"]
+        assert sum(len(h) for h in state.history) == 4 + 2  # two messages and the request's
     finally:
         client.close()
