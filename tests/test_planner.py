@@ -323,17 +323,24 @@ def test_a_report_busy_loop_with_different_prefetch_depths_does_not_hang(tmp_pat
     assert bg0 and bg1
 
 
-def _short_windows(rank, world, journal):
-    """Windows of 2 steps, a real coordinator, rank 1 loading 12 batches ahead: the prefetch
-    depth is longer than a window."""
-    data = _data()
-    sampler = WeightedDistributedSampler(data, B, rebalance_every=2, seed=3, timeout_s=20,
+def _two_step_windows(data, batch, rank, journal):
+    """Windows of 2 steps on a real (embedded) coordinator, each rank's loader as LOADERS
+    says (rank 1's runs 12 batches ahead), rank 1 twice as fast; attached."""
+    sampler = WeightedDistributedSampler(data, batch, rebalance_every=2, seed=3, timeout_s=20,
                                          coordinator_log=journal)
     loader = DataLoader(data, batch_sampler=sampler, **LOADERS[rank])
     model = DDP(torch.nn.Sequential(EmulatedSpeed(1.0 + rank, per_sample_s=0.0002,
                                                   overhead_s=0.002),
                                     torch.nn.Linear(DIM, CLASSES)))
     sampler.attach(model)
+    return sampler, loader, model
+
+
+def _short_windows(rank, world, journal):
+    """Windows of 2 steps, a real coordinator, rank 1 loading 12 batches ahead: the prefetch
+    depth is longer than a window."""
+    data = _data()
+    sampler, loader, model = _two_step_windows(data, B, rank, journal)
     metrics, switches = [], []
     for epoch in range(2):
         sampler.set_epoch(epoch)
@@ -396,13 +403,7 @@ def _metrics_every_step(rank, world, journal):
     gen = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(n, DIM, generator=gen),
                          torch.randint(0, CLASSES, (n,), generator=gen))
-    sampler = WeightedDistributedSampler(data, 16, rebalance_every=2, seed=3, timeout_s=20,
-                                         coordinator_log=journal)
-    loader = DataLoader(data, batch_sampler=sampler, **LOADERS[rank])
-    model = DDP(torch.nn.Sequential(EmulatedSpeed(1.0 + rank, per_sample_s=0.0002,
-                                                  overhead_s=0.002),
-                                    torch.nn.Linear(DIM, CLASSES)))
-    sampler.attach(model)
+    sampler, loader, model = _two_step_windows(data, 16, rank, journal)
     seen = []
     for x, y in loader:
         F.cross_entropy(model(x), y).backward()
