@@ -623,7 +623,7 @@ def test_the_first_epoch_is_rebalanced_early_without_a_probe(group, warmup_steps
     measured = (2 if warmup_steps is None else warmup_steps) + 1
     replans = [r for r in rounds if r[1] == "early" and r[4] == "plan"]
     assert replans, (rounds, sizes0)
-    epoch, kind, trigger, target, status, switch, lead = replans[0]
+    epoch, kind, trigger, target, status, switch, lead, depth = replans[0]
     for busy in (busy0, busy1):
         assert sum(1 for (e, step, b, _) in busy if step < trigger and b == 8) >= \
             measured * group, (rounds, busy)
