@@ -378,8 +378,8 @@ class BackgroundPlanner:
         may still be ahead of the step being trained (the lead over the window, plus margin)."""
         self.plan_stats[digest] = stats
         self.plan_stats.move_to_end(digest)
-        keep = min(_STATS_KEPT_MAX,
-                   _STATS_KEPT + -(-max(self.lead, 0) // max(self.window or 1, 1)))
+        ahead = math.ceil(max(self.lead, 0) / max(self.window or 1, 1))
+        keep = min(_STATS_KEPT_MAX, _STATS_KEPT + ahead)
         while len(self.plan_stats) > keep:
             self.plan_stats.popitem(last=False)
 

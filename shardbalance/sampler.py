@@ -28,7 +28,6 @@ from ._ledger import LedgerEntry, StepLedger
 from ._peers import PeerGroup, data_parallel_layout
 from ._planner import EARLY_MAX_STEPS, BackgroundPlanner
 from ._plans import CoordinatedPlans, LocalPlans
-from .policies import measured_steps_to_first_clean
 from ._probe import probe_settings
 from ._session import CoordinatorSession
 from ._settings import SamplerSettings, check_int
@@ -37,6 +36,7 @@ from ._weighting import (OutputWeighting, WeightedCommHook, attach_hook,
 from ._wrappers import refuse_rewrapping
 from .order import _CHUNK, EpochOrder
 from .plan import Plan
+from .policies import measured_steps_to_first_clean
 
 __all__ = ["WeightedDistributedSampler"]
 

@@ -30,7 +30,7 @@ import distributed
 from distributed import free_port, run_ranks, stop_process
 from shardbalance import WeightedDistributedSampler
 from shardbalance._exceptions import CoordinatorUnavailable
-from shardbalance._planner import _BACKOFF_MAX, _INITIAL_LEAD
+from shardbalance._planner import _BACKOFF_MAX
 from shardbalance.emulate import EmulatedSpeed
 
 N, B, DIM, CLASSES = 384, 16, 6, 3  # 24 steps an epoch
