@@ -248,7 +248,7 @@ class Sim:
         self.steps = steps
         self.global_batch = PER_RANK_BATCH * ranks
         self.min_sizes = [1] * ranks
-        self.max_sizes = [MAX_PER_RANK] * ranks
+        self.max_sizes = [min(MAX_PER_RANK, self.global_batch)] * ranks
         jitter = np.random.default_rng(SEED).uniform(0.9, 1.1, ranks)
         self.betas = BETA_S * jitter * np.where(np.arange(ranks) % 4 == 3, 2.0, 1.0)
 

@@ -6,7 +6,17 @@ trigger step of the current iterator. Training is lockstep across ranks, so ever
 the same trigger whatever its DataLoader's prefetch depth, and the generator (which runs at
 prefetch time, inside ``next(loader)``) never joins a collective. The training thread only
 notes its progress; every collective of a round runs in the planner thread, on the planner's
-own gloo group (used by no other thread):
+own gloo group (used by no other thread).
+
+With a model attached (``gated``), a rank starts its part of a round once the *next* step's
+forward has begun, not as soon as the trigger step's forward returned: between the two lie the
+step's backward (the gradient all-reduce every rank waits on), the optimizer and the loader's
+fetch, the busiest stretch of a training thread and the one the whole job waits on, while the
+forward that follows is device (or emulated) compute. The round's Python work, its collectives
+and the coordinator's decision then overlap compute instead of lengthening the step boundary
+(on a 2-core machine the difference was 0.96 → 0.995 of the oracle at K = 3). Only the start
+moves: every rank still runs the same rounds in the same order, and a trigger at an iterator's
+last step (no next forward in it) or one being drained starts at once.
 
 a. one all-reduce (MAX) of small per-rank figures: the prefetch depth (steps yielded but not
    yet trained), the last round's duration in steps, whether this rank has measured enough
@@ -134,6 +144,8 @@ class BackgroundPlanner:
         self.accumulation = 1
         self.early = 0  # early re-plans still allowed in this iterator
         self._trained = -1
+        self._trained_at = 0.0  # when ``_trained`` was reached (time.monotonic)
+        self._started = False  # a forward began after the newest trained step (gated)
         self._claimed = -1
         self._frozen = False
         #: ``(switch step, plan)`` installed for the current iterator, in order.
@@ -160,6 +172,10 @@ class BackgroundPlanner:
         self._streak = 0
         self._skip = 0
         self._warned_streak = False
+        #: Start a due round only once the next step's forward began (see the module
+        #: docstring); set when a model is attached (its forward pre-hook calls
+        #: :meth:`forward_started`).
+        self.gated = False
         # -- outcome -------------------------------------------------------------------
         self.error: BaseException | None = None
         #: Counters for tests and benchmarks: rounds run, plans installed, rounds without a
@@ -258,11 +274,21 @@ class BackgroundPlanner:
         """This rank trained ``entry`` (the training thread; cheap)."""
         if entry.serial != self.serial:
             return
-        self._step_marks.append(time.monotonic())
+        now = time.monotonic()
+        self._step_marks.append(now)
         if entry.step > self._trained:
             with self._cv:
-                self._trained = entry.step
-                if self._round is not None and entry.step >= self._round.trigger:
+                self._trained, self._trained_at, self._started = entry.step, now, False
+                if self._due():
+                    self._cv.notify_all()
+
+    def forward_started(self) -> None:
+        """A training forward began on this rank (the training thread; cheap): a gated round
+        whose trigger is the newest trained step may start."""
+        with self._cv:
+            if not self._started:
+                self._started = True
+                if self._due():
                     self._cv.notify_all()
 
     def record(self, record: tuple[int, int, int, float]) -> None:
@@ -297,8 +323,14 @@ class BackgroundPlanner:
 
     def _due(self) -> bool:
         r = self._round
-        return r is not None and (r.trigger <= self._trained or
-                                  (self._ending is not None and r.trigger <= self._ending))
+        if r is None:
+            return False
+        if self._ending is not None and r.trigger <= self._ending:
+            return True  # drained: every rank trained it, no forward to wait for
+        if r.trigger > self._trained:
+            return False
+        return not self.gated or r.trigger < self._trained or self._started or \
+            r.trigger >= self.steps - 1
 
     def _run(self) -> None:
         try:
@@ -310,11 +342,15 @@ class BackgroundPlanner:
                         return
                     register, self._registering = self._registering, None
                     rnd, self._inflight = self._round, register is None
+                    # The phase counts from the trigger step's training (a gated start's wait
+                    # included), so the next round's lead covers it.
+                    started = self._trained_at if rnd is not None and \
+                        rnd.trigger == self._trained else time.monotonic()
                 if register is not None:
                     self._register(register)
                     continue
                 try:
-                    self._play(rnd)
+                    self._play(rnd, started)
                 finally:
                     with self._cv:
                         self._inflight = False
@@ -325,8 +361,7 @@ class BackgroundPlanner:
                 self._frozen = False
                 self._cv.notify_all()
 
-    def _play(self, rnd: _Round) -> None:
-        started = time.monotonic()
+    def _play(self, rnd: _Round, started: float) -> None:
         self.stats["rounds"] += 1
         # (a) prefetch depth, phase steps, readiness and how many new measurements: one
         # all-reduce (MAX; readiness as -min), then the measurements gathered at the leader.

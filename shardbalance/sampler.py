@@ -599,6 +599,15 @@ class WeightedDistributedSampler(Sampler[list[int]]):
                               "the plan will not move", RuntimeWarning, stacklevel=2)
         self.ledger.consumed = True
         self._weighting = hook
+        # The background planner starts a round's work once the next step's forward began
+        # (off the step boundary the whole job waits on).
+        model.register_forward_pre_hook(self._forward_started)
+        if self.planner is not None:
+            self.planner.gated = True
+
+    def _forward_started(self, module: torch.nn.Module, args: tuple) -> None:
+        if self.planner is not None and module.training and torch.is_grad_enabled():
+            self.planner.forward_started()
 
     @property
     def attached(self) -> bool:
@@ -629,6 +638,7 @@ class WeightedDistributedSampler(Sampler[list[int]]):
                 self.plan_source, self.ledger, self.peers, self.rank,
                 self._early_ready, self.policy, self.peer_timeout_s, self._early_warmup)
             self.ledger.on_trained = self.planner.trained
+            self.planner.gated = self._weighting is not None
         return self.planner.begin(serial, epoch, steps, self.rebalance_every,
                                   self.accumulation_steps,
                                   self._early_replans if early else 0, through)
