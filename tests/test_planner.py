@@ -30,7 +30,7 @@ import distributed
 from distributed import free_port, run_ranks, stop_process
 from shardbalance import WeightedDistributedSampler
 from shardbalance._exceptions import CoordinatorUnavailable
-from shardbalance._planner import _BACKOFF_MAX
+from shardbalance._planner import _BACKOFF_MAX, BackgroundPlanner
 from shardbalance.emulate import EmulatedSpeed
 
 N, B, DIM, CLASSES = 384, 16, 6, 3  # 24 steps an epoch
@@ -78,6 +78,19 @@ def _train(rank, world, weighting, epochs, fail_windows, log_path):
     model = DDP(torch.nn.Sequential(EmulatedSpeed(1.0 + rank, per_sample_s=0.0002,
                                                   overhead_s=0.002),
                                     torch.nn.Linear(DIM, CLASSES)))
+    # When each round starts against the newest step whose forward began (a pre-hook
+    # registered before attach's runs first): a round starts once the step after its trigger
+    # is being trained, not at the step boundary.
+    forwards, starts = {"begun": -1}, []
+    model.register_forward_pre_hook(
+        lambda module, args: forwards.update(begun=sampler.ledger.peek().step))
+    play = BackgroundPlanner._play
+
+    def spy(self, rnd, started):
+        starts.append((rnd.trigger, self.steps, self._ending is not None, forwards["begun"]))
+        return play(self, rnd, started)
+
+    BackgroundPlanner._play = spy
     sampler.attach(model, weighting=weighting)
     steps, seen = [], []
     with warnings.catch_warnings(record=True) as caught:
@@ -96,7 +109,7 @@ def _train(rank, world, weighting, epochs, fail_windows, log_path):
     if sampler.planner.group is not None:
         dist.all_reduce(check, group=sampler.planner.group)
     history = list(sampler.planner.history)
-    stats = dict(sampler.planner.stats, sender=sampler.session.sender.sent)
+    stats = dict(sampler.planner.stats, sender=sampler.session.sender.sent, starts=starts)
     del model
     dist.barrier()
     sampler.close()
@@ -136,6 +149,11 @@ def test_different_prefetch_depths_switch_to_the_same_plan_at_the_same_step(tmp_
     first_lead, first_depth = history[0][6], history[0][7]
     assert first_lead == first_depth + 2, history
     assert stats["plans"] >= 2 and stats.get("failed", 0) == 0
+    # Every round that fired during training (not at an iterator's last step, not drained at
+    # the next one's start) started once the step after its trigger began its forward.
+    during = [s for s in stats["starts"] if not s[2] and s[0] < s[1] - 1]
+    assert len(during) >= 5 and all(begun > trigger for trigger, _, _, begun in during), \
+        stats["starts"]
     # Measurements reached the coordinator with the leader's requests, none by stats messages.
     assert stats["records_sent"] >= 2 * 24 and stats["sender"] == 0, stats
 
