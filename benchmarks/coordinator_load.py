@@ -839,7 +839,7 @@ def run_leader(args, attack: bool, bcast: dict | None) -> tuple[dict, list, bool
     res.update({
         "ranks": k, "windows": w_n, "steps_per_window": steps, "records_cap_per_rank": cap,
         "leader_plan_p50_ms": pct(phase, 50), "leader_plan_p99_ms": pct(phase, 99),
-        "leader_plan_max_ms": float(phase.max()),
+        "leader_plan_max_ms": float(phase.max()), "leader_plan_ms": [float(v) for v in phase],
         "broadcast_log2_ms": b_ms, "broadcast_linear_ms": b_lin,
         "plan_phase_p50_ms": pct(phase, 50) + b_ms, "plan_phase_p99_ms": pct(phase, 99) + b_ms,
         "msgs_in_per_window": per_window.get("in_msgs", 0) / w_n,

@@ -343,9 +343,11 @@ class BackgroundPlanner:
                     register, self._registering = self._registering, None
                     rnd, self._inflight = self._round, register is None
                     # The phase counts from the trigger step's training (a gated start's wait
-                    # included), so the next round's lead covers it.
-                    started = self._trained_at if rnd is not None and \
-                        rnd.trigger == self._trained else time.monotonic()
+                    # included), so the next round's lead covers it; not for a round drained
+                    # at the next iterator's start (the loop left the iterator early: the
+                    # time since, a validation pass perhaps, is no part of the round).
+                    started = self._trained_at if rnd is not None and self._ending is None \
+                        and rnd.trigger == self._trained else time.monotonic()
                 if register is not None:
                     self._register(register)
                     continue
