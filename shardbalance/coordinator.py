@@ -948,7 +948,10 @@ class Coordinator:
         medians = _row_medians(state.history.tail(32))
         busy_ms = _rounded(medians * 1e3, 2)
         last_batch = state.history.tail(1, column=0)[:, 0]
-        busy_batch = [None if np.isnan(b) else int(b) for b in last_batch.tolist()]
+        missing = np.isnan(last_batch)
+        busy_batch = np.where(missing, 0, last_batch).astype(np.int64).tolist()
+        if missing.any():
+            busy_batch = [None if m else b for b, m in zip(busy_batch, missing.tolist())]
         measured = [b for b in busy_ms if b is not None]
         imbalance = (max(measured) / (sum(measured) / len(measured))
                      if len(measured) == len(busy_ms) and measured and sum(measured) > 0

@@ -111,6 +111,7 @@ def test_every_rank_is_told_the_same_stats_with_the_plan(short_run):
         stats = told[0]
         if key == (0, 0):
             assert stats.busy_ms == (None,) * WORLD  # nothing measured before the first plan
+            assert stats.busy_batch_sizes == (None,) * WORLD
         else:
             # Each rank's median of its newest 32 busy times, at the batch of its newest step.
             assert stats.busy_ms == tuple(round(statistics.median(x[3] for x in h[-32:]) * 1e3, 2)
