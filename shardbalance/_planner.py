@@ -144,7 +144,6 @@ class BackgroundPlanner:
         self.accumulation = 1
         self.early = 0  # early re-plans still allowed in this iterator
         self._trained = -1
-        self._trained_at = 0.0  # when ``_trained`` was reached (time.monotonic)
         self._started = False  # a forward began after the newest trained step (gated)
         self._claimed = -1
         self._frozen = False
@@ -274,11 +273,10 @@ class BackgroundPlanner:
         """This rank trained ``entry`` (the training thread; cheap)."""
         if entry.serial != self.serial:
             return
-        now = time.monotonic()
-        self._step_marks.append(now)
+        self._step_marks.append(time.monotonic())
         if entry.step > self._trained:
             with self._cv:
-                self._trained, self._trained_at, self._started = entry.step, now, False
+                self._trained, self._started = entry.step, False
                 if self._due():
                     self._cv.notify_all()
 
@@ -342,17 +340,11 @@ class BackgroundPlanner:
                         return
                     register, self._registering = self._registering, None
                     rnd, self._inflight = self._round, register is None
-                    # The phase counts from the trigger step's training (a gated start's wait
-                    # included), so the next round's lead covers it; not for a round drained
-                    # at the next iterator's start (the loop left the iterator early: the
-                    # time since, a validation pass perhaps, is no part of the round).
-                    started = self._trained_at if rnd is not None and self._ending is None \
-                        and rnd.trigger == self._trained else time.monotonic()
                 if register is not None:
                     self._register(register)
                     continue
                 try:
-                    self._play(rnd, started)
+                    self._play(rnd)
                 finally:
                     with self._cv:
                         self._inflight = False
@@ -363,7 +355,12 @@ class BackgroundPlanner:
                 self._frozen = False
                 self._cv.notify_all()
 
-    def _play(self, rnd: _Round, started: float) -> None:
+    def _play(self, rnd: _Round) -> None:
+        # The phase counts from the round's own start: a gated start waits at most for the
+        # rest of a step (the lead's "+ 1" covers that), and a wait for a forward that does
+        # not come (a checkpoint, a validation pass, a loop that left the iterator and is
+        # drained at the next one's start) is no part of the round.
+        started = time.monotonic()
         self.stats["rounds"] += 1
         # (a) prefetch depth, phase steps, readiness and how many new measurements: one
         # all-reduce (MAX; readiness as -min), then the measurements gathered at the leader.
