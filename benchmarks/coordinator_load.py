@@ -207,7 +207,6 @@ with the live per-window wall time.
 from __future__ import annotations
 
 import argparse
-import collections
 import itertools
 import json
 import logging
@@ -227,7 +226,7 @@ import numpy as np
 from _launch import stop_process
 from shardbalance import protocol
 from shardbalance._planner import _RECORDS_PER_ROUND
-from shardbalance._plans import _columns
+from shardbalance._plans import RecordRows, _columns
 from shardbalance.plan import Plan
 
 RUN_ID = "bench-load"
@@ -262,11 +261,29 @@ class Sim:
                 "min_sizes": self.min_sizes, "max_sizes": self.max_sizes, "quantum": 1,
                 "initial_weights": None, "options": {}}
 
-    def records(self, rank: int, w: int, b: int) -> list[list]:
+    def record_array(self, rank: int, w: int, b: int) -> np.ndarray:
+        """Rank ``rank``'s records of window ``w`` at batch ``b``: ``(steps, 4)`` rows of
+        ``epoch, step, batch_size, busy_s``."""
         noise = np.random.default_rng([SEED, rank, w]).normal(0.0, NOISE, self.steps)
         busy = (ALPHA_S + self.betas[rank] * b) * np.maximum(1.0 + noise, 0.5)
         first = self.window_start(w)
-        return [[0, first + i, b, float(t)] for i, t in enumerate(busy)]
+        return np.column_stack([np.zeros(self.steps), first + np.arange(self.steps),
+                                np.full(self.steps, b), busy])
+
+    def records(self, rank: int, w: int, b: int) -> list[list]:
+        return [[0, int(step), b, float(t)] for _, step, _, t in
+                self.record_array(rank, w, b).tolist()]
+
+    def gather(self, w: int, sizes, backlog: list, cap: int) -> RecordRows:
+        """What the planner's gather hands the leader after window ``w``: each rank's new
+        records, at most ``cap`` a rank (the rest stay in ``backlog`` for the next round),
+        held as the planner holds them (one array, no Python list per record)."""
+        parts = []
+        for r in range(self.ranks):
+            q = np.concatenate([backlog[r], self.record_array(r, w, sizes[r])])
+            take, backlog[r] = q[:cap], q[cap:]
+            parts.append(np.column_stack([np.full(len(take), r), take]))
+        return RecordRows(np.concatenate(parts))
 
     def stats_msg(self, rank: int, w: int, b: int) -> dict:
         return {"type": "stats", "run": RUN_ID, "generation": 0, "rank": rank,
@@ -688,7 +705,7 @@ def window_counts(journal: list[dict]) -> dict[tuple[int, int], int]:
     return {key: sum(rec["steps"]) + sum(rec.get("late", [])) for key, rec in last.items()}
 
 
-def leader_messages(sim: "Sim", w: int, records: list) -> list[dict]:
+def leader_messages(sim: "Sim", w: int, records: RecordRows) -> list[dict]:
     """What the planner's leader sends for window ``w + 1`` (``_plans.CoordinatedPlans``):
     the records beyond one request's cap in ``records`` messages first, then the plan request
     with the newest as ``record_columns``."""
@@ -775,20 +792,14 @@ def run_leader(args, attack: bool, bcast: dict | None) -> tuple[dict, list, bool
             once = {key: traffic[key] - once.get(key, 0) for key in traffic}
             traffic.clear()
             rss_connected = proc_rss_kib(pid)["VmRSS"]
-            backlog = [collections.deque() for _ in range(k)]
+            backlog = [np.empty((0, 4)) for _ in range(k)]
             sent = 0
             carried = []
             phase_ms, bytes_in, bytes_out, heard = [], [], [], []
             cpu0, t0 = proc_cpu_s(pid), time.perf_counter()
             rss_trace = []
             for w in range(args.windows):
-                for r in range(k):  # window w trained: each rank's new records
-                    backlog[r].extend(sim.records(r, w, sizes[r]))
-                records = []
-                for r in range(k):
-                    q = backlog[r]
-                    for _ in range(min(cap, len(q))):
-                        records.append([r, *q.popleft()])
+                records = sim.gather(w, sizes, backlog, cap)  # window w trained
                 carried.append(sum(map(len, backlog)))
                 before = dict(traffic)
                 tb = time.perf_counter()
@@ -810,10 +821,10 @@ def run_leader(args, attack: bool, bcast: dict | None) -> tuple[dict, list, bool
             # journals the windows (the coordinator writes them before each decision).
             leftover_msgs = leftover_sent = leftover_accepted = 0
             for r in range(k):
-                q = list(backlog[r])
+                q = [[int(e), int(st), int(b), t] for e, st, b, t in backlog[r].tolist()]
                 for i in range(0, len(q), protocol.MAX_RECORDS_PER_MESSAGE):
                     chunk = q[i:i + protocol.MAX_RECORDS_PER_MESSAGE]
-                    reply = ask({**sim.stats_msg(r, 0, 1), "records": [list(c) for c in chunk]})
+                    reply = ask({**sim.stats_msg(r, 0, 1), "records": chunk})
                     leftover_sent += len(chunk)
                     leftover_accepted += int(reply.get("accepted", 0))
                     leftover_msgs += 1
@@ -953,13 +964,9 @@ def replay_leader(args, k: int) -> dict:
             msg = sim.plan_msg(0, 0)
             sizes = check_plan(sender.decode(coord.handle(sender.encode({**msg, "id": 0})),
                                              msg), sim, 0).batch_sizes
-            backlog = [collections.deque() for _ in range(k)]
+            backlog = [np.empty((0, 4)) for _ in range(k)]
             for w in range(args.windows):
-                records = []
-                for r in range(k):
-                    backlog[r].extend(sim.records(r, w, sizes[r]))
-                    for _ in range(min(cap, len(backlog[r]))):
-                        records.append([r, *backlog[r].popleft()])
+                records = sim.gather(w, sizes, backlog, cap)
                 timers.clear()
                 spent = Counter()
                 for msg in leader_messages(sim, w, records):

@@ -58,12 +58,14 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from ._exceptions import CoordinatorError, PlanError
 from ._ledger import LedgerEntry, StepLedger
 from ._peers import PeerGroup
+from ._plans import RecordRows
 from .plan import Plan
 from .protocol import MAX_RECORDS_PER_PLAN, PlanStats
 
@@ -126,7 +128,7 @@ class BackgroundPlanner:
                  early_warmup: int) -> None:
         self.source = source
         self.ledger = ledger
-        self.size = size = peers.size
+        self.size = peers.size
         self.peers = peers
         self.rank = rank
         self.early_ready = early_ready
@@ -183,7 +185,9 @@ class BackgroundPlanner:
         #: This rank's measurements not yet gathered (appended by the training side).
         self._records: collections.deque[tuple[int, int, int, float]] = collections.deque()
         #: The leader's gathered ``[rank, epoch, step, batch_size, busy_s]`` not yet delivered.
-        self.pending: list[list] = []
+        self.pending = RecordRows()
+        #: Each planner-group rank's data-parallel index (model-parallel peers share one).
+        self._replicas: np.ndarray | None = None
         #: Records one rank contributes per round (the rest wait for the next): one round's
         #: requests stay within the protocol's cap whatever the world size.
         self._per_round = max(1, _RECORDS_PER_ROUND // (
@@ -522,7 +526,7 @@ class BackgroundPlanner:
             fetched = True
             # Delivered with the request (the coordinator counted them), but for what a
             # refused ``records`` message held.
-            kept = list(self.source.undelivered)
+            kept = RecordRows.of(self.source.undelivered)
             self.stats["records_sent"] += len(self.pending) - len(kept)
             self.pending = kept
             self.source._check(plan)
@@ -531,7 +535,7 @@ class BackgroundPlanner:
             # (a resend of a row the coordinator no longer holds would count twice).
             if not fetched and self.source.delivered:
                 self.stats["records_sent"] += self.source.delivered
-                self.pending = self.pending[self.source.delivered:]
+                self.pending = RecordRows.of(self.pending[self.source.delivered:])
             self._streak += 1
             self._skip = min(2 ** (self._streak - 1), _BACKOFF_MAX)
             self.stats["failed"] += 1
@@ -598,14 +602,16 @@ class BackgroundPlanner:
             self.group.gather([gathered] if self.leader else [], [tensor], options).wait()
         if not self.leader:
             return
-        for index, block in enumerate(gathered):
-            rank = self.peers.replica_of(index)
-            for epoch, step, batch, busy in block.tolist():
-                if busy > 0:
-                    self.pending.append([rank, int(epoch), int(step), int(batch), busy])
+        if self._replicas is None or len(self._replicas) != len(gathered):
+            self._replicas = np.array([self.peers.replica_of(i) for i in range(len(gathered))],
+                                      dtype=np.float64)
+        blocks = torch.stack(gathered).numpy().reshape(-1, 4)  # rank-major, each rank's in order
+        real = blocks[:, 3] > 0  # a zero busy time pads
+        new = np.column_stack([np.repeat(self._replicas, rows)[real], blocks[real]])
+        self.pending = RecordRows.of(self.pending) + RecordRows(new)
         overflow = len(self.pending) - _RECORDS_PER_ROUND
         if overflow > 0:  # the coordinator has been unreachable for long: the oldest go
-            del self.pending[:overflow]
+            self.pending = self.pending[overflow:]
             self.stats["records_dropped"] += overflow
 
     def _all_reduce_max(self, values: list[float]) -> list[float]:

@@ -7,6 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
@@ -14,6 +16,7 @@ import distributed
 from distributed import free_port, run_ranks, stop_process
 from shardbalance import WeightedDistributedSampler
 from shardbalance._exceptions import CoordinatorError
+from shardbalance._plans import RecordRows, _columns
 from shardbalance.client import CoordinatorClient
 from shardbalance.emulate import EmulatedSpeed
 from test_coordinator import SECRET, Running, plan_fields, running  # noqa: F401 (fixture)
@@ -361,3 +364,23 @@ def test_records_messages_stop_at_their_share_of_the_time_and_the_request_still_
         assert sum(len(h) for h in state.history) == 4 + 2  # two messages and the request's
     finally:
         client.close()
+
+
+_ROW = st.tuples(st.integers(0, 4095), st.integers(0, 10**6), st.integers(0, 2**40),
+                 st.integers(1, 10**6), st.floats(1e-9, 1e5)).map(list)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(_ROW, max_size=40), st.lists(_ROW, max_size=10), st.integers(-45, 45),
+       st.integers(-45, 45))
+def test_record_rows_are_the_rows_the_leader_gathered(rows, more, a, b):
+    """The leader's array of records sends, slices and extends exactly as the list of rows it
+    replaces: the same columns (integers stay integers, busy times bit for bit)."""
+    held = RecordRows.of(rows)
+    assert held == rows and held.tolist() == rows and len(held) == len(rows)
+    assert _columns(held) == (_columns(rows) if rows else {name: [] for name in _columns(
+        [[0, 0, 0, 1, 1.0]])})
+    assert all(type(v) is int for name, col in _columns(held).items() if name != "busy_s"
+               for v in col)
+    assert held[a:b] == rows[a:b] and held[-5:] == rows[-5:]
+    assert held + more == rows + more and RecordRows.of(held) is held
