@@ -113,6 +113,15 @@ one ``records`` message a window (2 messages each way), 204,800 of 204,800 count
 143,360 of 163,840 counted, 40,960 carried to the close). The per-rank shape at 2048 in the
 same runs: plan phase 12.7 s / 7.4 s wall median (load-bound both times).
 
+The leader's gathered records as one array (``_plans.RecordRows``; this script's leader holds
+them the same way, ``Sim.gather``), measured 2026-12-08 (two default runs, load 2.9-5.0): plan
+phase at 4096 ranks p50 / p99 124 / 178 and 110 / 144 ms (256: 19 / 21; 1024: 37-47 / 50-82),
+coordinator CPU 77-81 ms a window, decision ~59 ms (policy 47, announce 10). Before it, in the
+same session, the 4096 column's p99 ranged 193-326 ms over eight runs at p50 101-163: per-window
+times (``--json-out`` keeps them, ``leader_plan_ms``) showed spikes every few windows, gone with
+the garbage collector off in the leader's process (p99 176-205 ms) but not in the
+coordinator's: twelve thousand Python lists a round filled the leader's young generation.
+
 **Per-rank shape** (``--shape per-rank``, before issue 10): every rank sends its stats and asks
 for the plan itself. ``--shape both`` runs both shapes per column and prints before -> after.
 The load runs twice, quiet and under attack, and the table shows both side by side. With the
