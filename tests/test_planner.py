@@ -325,8 +325,10 @@ def _report_busy_loop(rank, world, journal):
             dist.all_reduce(torch.ones(1))
             sampler.report_busy(0.001 * len(batch) * (4 if rank == 0 else 1))
             plans.append(len(batch))
-    in_background = sampler.planner is not None and sampler.planner.stats["rounds"] > 0
     sampler.close()
+    # After close(), which ran every round the ranks triggered (read before it, a round the
+    # planner thread had not begun yet under load was missed).
+    in_background = sampler.planner is not None and sampler.planner.stats["rounds"] > 0
     return plans, in_background
 
 
