@@ -95,6 +95,12 @@ class _StepWeighting:
         """A backward of the open step ran with its weight already applied."""
         return False
 
+    @property
+    def starts_batch(self) -> bool:
+        """Whether the next training forward takes a new batch (not a micro-batch of the
+        newest one, nor a probe's)."""
+        return not self.paused and not self._reuse
+
     def reset(self) -> None:
         """Forget the open step (a new iterator started, the old one's batches are gone)."""
         self.group = []

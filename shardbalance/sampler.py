@@ -606,7 +606,10 @@ class WeightedDistributedSampler(Sampler[list[int]]):
             self.planner.gated = True
 
     def _forward_started(self, module: torch.nn.Module, args: tuple) -> None:
-        if self.planner is not None and module.training and torch.is_grad_enabled():
+        # The forward of the next batch: not one of a batch's later micro-batches
+        # (accumulate()), which still belong to the step just trained.
+        if self.planner is not None and module.training and torch.is_grad_enabled() and \
+                self._weighting.starts_batch:
             self.planner.forward_started()
 
     @property

@@ -325,8 +325,10 @@ def _report_busy_loop(rank, world, journal):
             dist.all_reduce(torch.ones(1))
             sampler.report_busy(0.001 * len(batch) * (4 if rank == 0 else 1))
             plans.append(len(batch))
-    in_background = sampler.planner is not None and sampler.planner.stats["rounds"] > 0
     sampler.close()
+    # After close(), which ran every round the ranks triggered (read before it, a round the
+    # planner thread had not begun yet under load was missed).
+    in_background = sampler.planner is not None and sampler.planner.stats["rounds"] > 0
     return plans, in_background
 
 
@@ -451,13 +453,26 @@ def test_metrics_are_the_same_on_every_rank_however_far_plans_are_agreed_ahead(t
 def _pause_at_waiting_rounds(rank, world):
     """One rank: leave the first epoch right after training the trigger of a round that waits
     for the next forward and spend a second elsewhere (a validation pass); in the second, stay
-    a second after such a trigger (a checkpoint); train a third."""
+    a second after such a trigger (a checkpoint); train a third, and a fourth in micro-batches
+    (each step's batch in four forwards), noting the step and micro-batch being trained as each
+    round starts."""
     data = _data()
-    sampler = WeightedDistributedSampler(data, B, rebalance_every=2, seed=4, timeout_s=10)
+    sampler = WeightedDistributedSampler(data, B, rebalance_every=2, seed=4, timeout_s=10,
+                                         micro_batch_size=B // 4)
     loader = DataLoader(data, batch_sampler=sampler)
     model = DDP(torch.nn.Sequential(EmulatedSpeed(1.0, per_sample_s=0.0002, overhead_s=0.002),
                                     torch.nn.Linear(DIM, CLASSES)))
     sampler.attach(model)
+    training, starts = {"step": -1, "micro": 0}, []
+    play = BackgroundPlanner._play
+
+    def spy(self, rnd):
+        if self.epoch == 3:
+            starts.append((rnd.trigger, self.steps, self._ending is not None,
+                           training["step"], training["micro"]))
+        return play(self, rnd)
+
+    BackgroundPlanner._play = spy
     paused = []
     for epoch in range(3):
         sampler.set_epoch(epoch)
@@ -475,15 +490,28 @@ def _pause_at_waiting_rounds(rank, world):
                 time.sleep(1.0)
         if epoch == 0:
             time.sleep(1.0)
+    sampler.set_epoch(3)
+    for micro, scale, last in sampler.accumulate(loader, model):
+        x, y, _ = micro
+        (F.cross_entropy(model(x), y) * scale).backward()
+        training["micro"] = 0 if last else training["micro"] + 1
+        if last:
+            training["step"] += 1
+            model.zero_grad()
     history = list(sampler.planner.history)
     del model
     sampler.close()
-    return paused, history
+    return paused, history, starts
 
 
 def test_a_round_waiting_through_a_pause_does_not_count_the_pause(tmp_path):
-    ((paused, history),) = run_ranks(_pause_at_waiting_rounds, 1, timeout_s=60)
+    ((paused, history, starts),) = run_ranks(_pause_at_waiting_rounds, 1, timeout_s=60)
     assert [epoch for epoch, _ in paused] == [0, 1], (paused, history)
+    # Micro-batches: a round waits for the next step's forward, not for its trigger step's
+    # next micro-batch (each round noted the step trained since, and that step's micro-batch).
+    during = [s for s in starts if not s[2] and s[0] < s[1] - 1]
+    assert len(during) >= 5 and all(step >= trigger for trigger, _, _, step, _ in during), \
+        starts
     # The rounds that waited (one drained at the next epoch's start, one through a second
     # without a forward) ran after the pause; the second is not their duration: the leads
     # agreed after them stay a few steps (~3 ms steps: counting the second made them hundreds).
