@@ -130,9 +130,10 @@ to the millisecond: it is neither preempted nor paused by its garbage collector 
 collection over the 50 windows, none of any generation over 3 ms), and the leader's times
 follow it. Two things make the slowest windows, both in the coordinator's work itself:
 the FIRST plan (leader 269-300 ms; in the replay ``count records`` is 158 ms in window 0 and
-4-6 ms after it; ``RankHistory.add`` alone takes 22-32 ms for the first rows of 4096 ranks
-and 2.4 ms after them, the first touch of its zeroed pages; the rest of window 0's cost is
-not located), and ``policies.decide`` growing with the history it fits (replay,
+4-6 ms after it; cProfile puts it all in ``RankHistory.add``'s own lines, the writes of the
+first rows of 4096 ranks into its zeroed buffers, i.e. first touch of their pages: 22-32 ms
+standalone at load 4.4, 289 ms for the replay's first two ingests at load 5.4; 2.4 ms a
+window after them), and ``policies.decide`` growing with the history it fits (replay,
 per window: 33-50 ms in windows 0-4, ~60 by window 20, 100-178 ms in windows 34-49 at 3 to
 150 steps per rank). The plan phase's p99 at 50 windows is therefore set by window 0 and
 the last windows, not by noise; at the history's cap (512 steps per rank) the decision
