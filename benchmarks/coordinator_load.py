@@ -122,6 +122,24 @@ times (``--json-out`` keeps them, ``leader_plan_ms``) showed spikes every few wi
 the garbage collector off in the leader's process (p99 176-205 ms) but not in the
 coordinator's: twelve thousand Python lists a round filled the leader's young generation.
 
+Where the 4096 column's tail comes from now (measured 2026-12-08, load 1.1-4.4): two default
+runs gave plan phase p50 / p99 121 / 198 and 134 / 252 ms (leader max 183 and 300 ms). The
+coordinator's own time per request (``Coordinator.handle`` timed inside the coordinator
+process, ``--ranks 4096 --no-attack --gloo-worlds "" --no-breakdown``) equals its CPU time
+to the millisecond: it is neither preempted nor paused by its garbage collector (no gen-2
+collection over the 50 windows, none of any generation over 3 ms), and the leader's times
+follow it. Two things make the slowest windows, both in the coordinator's work itself:
+the FIRST plan (leader 269-300 ms; in the replay ``count records`` is 158 ms in window 0 and
+4-6 ms after it; cProfile puts it all in ``RankHistory.add``'s own lines, the writes of the
+first rows of 4096 ranks into its zeroed buffers, i.e. first touch of their pages: 22-32 ms
+standalone at load 4.4, 289 ms for the replay's first two ingests at load 5.4; 2.4 ms a
+window after them), and ``policies.decide`` growing with the history it fits (replay,
+per window: 33-50 ms in windows 0-4, ~60 by window 20, 100-178 ms in windows 34-49 at 3 to
+150 steps per rank). The plan phase's p99 at 50 windows is therefore set by window 0 and
+the last windows, not by noise; at the history's cap (512 steps per rank) the decision
+grows further, so a bound on the policy's cost per window (a fit over a bounded or
+incrementally kept summary of the history) is what holds the target there.
+
 **Per-rank shape** (``--shape per-rank``, before issue 10): every rank sends its stats and asks
 for the plan itself. ``--shape both`` runs both shapes per column and prints before -> after.
 The load runs twice, quiet and under attack, and the table shows both side by side. With the
