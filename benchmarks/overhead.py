@@ -28,8 +28,10 @@ that says what "+1 %" means on this machine). Its own parts cost microseconds a 
 default comm hook (b) costs what any Python comm hook costs ((b) vs (a'): +0.5 %): one pass
 over the gradient buckets, which DDP's built-in all-reduce avoids by dividing while it copies
 gradients into the bucket. On this CPU that pass is ~0.5 ms over 8 MiB, 2-3 % of a 25 ms
-step; on a GPU, at HBM bandwidth, it is microseconds. (c) adds a plan fetch of ~6.5 ms per
-window (here every 10 steps); with per-epoch plans it amortises away. The sampler is ~10 µs
+step; on a GPU, at HBM bandwidth, it is microseconds. (c) added a plan fetch of ~6.5 ms per
+window (here every 10 steps) while plans were agreed at each window's first step; they are now
+agreed by a background planner thread, rounds starting inside a forward, and its line reports
+the rounds and requests instead. The sampler is ~10 µs
 a step more than DistributedSampler. (The "hook alone" microbenchmark below times the hook in
 front of an averaging stand-in, i.e. the user-hook path with its extra pass.)
 
@@ -50,9 +52,9 @@ its own DDP copy of the same initial weights:
 (b') ``output``: as (b) with ``attach(model, weighting="output")``: no comm hook (DDP's
     built-in all-reduce), one autograd node on the output, busy time from autograd callbacks.
 (c) ``affine``: as (b) with policy="affine" and ``rebalance_every=--rebalance-every``: also the
-    embedded coordinator (a child process of rank 0), the stats sender thread and, at each
-    window's first step, a plan fetch (sender flush, gloo barrier, ZeroMQ request, digest
-    all-reduce). Its no-change band is huge by default (``--affine-band``), so the plan stays
+    embedded coordinator (a child process of rank 0) and the background planner's rounds
+    (per window: two small all-reduces, a gather, rank 0's ZeroMQ request and a broadcast,
+    in a thread of their own). Its no-change band is huge by default (``--affine-band``), so the plan stays
     the equal split and (c) measures the machinery; with the library's band (0.02) noise on
     these equal CPU ranks moved the plan as far as [110, 18] in one run, which then measures a
     different workload, not overhead.
@@ -229,6 +231,7 @@ def _worker(args: argparse.Namespace, out_path: str, journal: str) -> None:
     recording["on"] = False
     dist.barrier()
     samplers = [runs[v]["sampler"] for v in VARIANTS]
+    planner = runs["affine"]["sampler"].planner
     runs.clear()  # drop the DDP models before closing and tearing down
     dist.barrier()
     for s in samplers:
@@ -244,8 +247,9 @@ def _worker(args: argparse.Namespace, out_path: str, journal: str) -> None:
                 if event.get("event") == "plan":
                     decisions.append({k: event.get(k) for k in (
                         "epoch", "window", "batch_sizes", "busy_ms", "reason")})
-        Path(out_path).write_text(json.dumps({"times": times, "plans": plans, "fetch": fetch,
-                                              "decisions": decisions}), encoding="utf-8")
+        Path(out_path).write_text(json.dumps({
+            "times": times, "plans": plans, "fetch": fetch, "decisions": decisions,
+            "planner": {} if planner is None else dict(planner.stats)}), encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,6 +454,7 @@ def summarize(data: dict, args) -> dict:
         [e[i] for e in aff for i in range(len(e)) if i % K])
     out["fetch_ms"] = {k: 1e3 * statistics.median(v) for k, v in data["fetch"].items() if v}
     out["fetches"] = len(data["fetch"]["total"])
+    out["planner"] = data.get("planner") or {}
     return out
 
 
@@ -482,7 +487,17 @@ def report(args, s: dict, micro: dict | None, wall_s: float, load: tuple) -> Non
     print("paired over (a') (any Python comm hook -> shardbalance's part): " + "; ".join(
         f"{TAGS[v]} {s[v]['round_overhead_vs_hooked_pct']:+.2f} %" for v in ("equal", "output", "affine")))
     f = s["fetch_ms"]
-    if f:
+    if s["planner"].get("rounds"):
+        # The background planner (the default with attach()): no step fetches a plan; the
+        # rounds run in a thread of their own, the leader's request among them.
+        p = s["planner"]
+        print(f"(c) plans agreed in the background: {p.get('rounds', 0)} rounds, "
+              f"{p.get('requests', 0)} coordinator requests (median "
+              f"{f.get('request', 0):.2f} ms each, in the planner thread), "
+              f"{p.get('waits', 0)} generator waits at a switch step; each window's first step "
+              f"median {s['affine']['fetch_step_ms']:.2f} ms vs "
+              f"{s['affine']['other_step_ms']:.2f} ms for other steps")
+    elif f:
         print(f"(c) plan fetch (each window's first step): step median "
               f"{s['affine']['fetch_step_ms']:.2f} ms vs {s['affine']['other_step_ms']:.2f} ms for "
               f"other steps; {s['fetches']} fetches, median {f.get('total', 0):.2f} ms each = "
