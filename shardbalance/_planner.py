@@ -287,6 +287,8 @@ class BackgroundPlanner:
     def forward_started(self) -> None:
         """A training forward began on this rank (the training thread; cheap): a gated round
         whose trigger is the newest trained step may start."""
+        if self._started:  # set and cleared by the training thread alone: no lock to read it
+            return
         with self._cv:
             if not self._started:
                 self._started = True
@@ -602,7 +604,7 @@ class BackgroundPlanner:
             self.group.gather([gathered] if self.leader else [], [tensor], options).wait()
         if not self.leader:
             return
-        if self._replicas is None or len(self._replicas) != len(gathered):
+        if self._replicas is None:  # the group's layout is fixed
             self._replicas = np.array([self.peers.replica_of(i) for i in range(len(gathered))],
                                       dtype=np.float64)
         blocks = torch.stack(gathered).numpy().reshape(-1, 4)  # rank-major, each rank's in order

@@ -89,7 +89,7 @@ class CoordinatedPlans(LocalPlans):
         #: ``records`` messages sent ahead of plan requests (tests and benchmarks read it).
         self.record_messages = 0
         #: Of ``outgoing``, what the last request could not deliver (kept for the next).
-        self.undelivered: list[list] = []
+        self.undelivered: list[list] | RecordRows = []
         #: Of ``outgoing``, how many leading records the last request's ``records`` messages
         #: delivered (acknowledged) before it failed, if it did: not to be sent again.
         self.delivered = 0

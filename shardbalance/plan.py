@@ -257,7 +257,7 @@ def apportion(weights: Sequence[float], total: int, min_sizes: Sequence[int],
         raise PlanError(f"Weights must be finite, non-negative and not all zero, got {w.tolist()}")
     if total % quantum:
         raise PlanError(f"total={total} is not a multiple of quantum={quantum}")
-    if _whole_split(weights, total, min_sizes, max_sizes, quantum):
+    if _whole_split(w, total, min_sizes, max_sizes, quantum):
         # Weights that already are such integers (a policy keeping or moving to a plan of
         # batch sizes): proportional to themselves, so they are the answer (the path below
         # returns them too, at the cost of a water fill).
@@ -302,14 +302,11 @@ def apportion(weights: Sequence[float], total: int, min_sizes: Sequence[int],
 
 def _whole_split(weights, total: int, min_sizes, max_sizes, quantum: int) -> bool:
     """Whether ``weights`` are positive whole multiples of ``quantum`` within the bounds that
-    sum to ``total`` (checked in plain Python: a handful of ranks per decision)."""
-    count = 0
-    for w, lo, hi in zip(weights, min_sizes, max_sizes):
-        w = float(w)
-        if not (w > 0 and w.is_integer() and lo <= w <= hi and w % quantum == 0):
-            return False
-        count += int(w)
-    return count == total
+    sum to ``total`` (whole numbers below 2**53 add up exactly in float64)."""
+    w = np.asarray(weights, dtype=np.float64)
+    return bool(np.all(w > 0) and np.all(w == np.floor(w)) and np.all(w % quantum == 0)
+                and np.all(w >= np.asarray(min_sizes)) and np.all(w <= np.asarray(max_sizes))
+                and w.sum() == total)
 
 
 def initial_plan(config, run_id: str = "local", generation: int = 0, epoch: int = 0,
